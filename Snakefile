@@ -1,0 +1,25 @@
+# The upcycling scaling-law pipeline. Stages and contracts: README.md and docs/.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/dense.smk"
+include: "workflow/rules/upcycle.smk"
+include: "workflow/rules/moe.smk"
+include: "workflow/rules/results.smk"
+
+
+rule all:
+    input:
+        R / "losses.zarr",
+        R / "fits" / "summary.json",
+        R / "report" / "summary.md",
+    default_target: True

@@ -1,0 +1,218 @@
+"""`upcycling`: the pipeline's stages as commands. The Snakefile's rules call these.
+
+    upcycling check-config   validate a sweep config (schema + semantic checks)
+    upcycling tokenize       corpus -> tokenizer.json, train/val token memmaps, meta.json
+    upcycling train          one training job (dense, upcycled or scratch MoE; WSD stable or final)
+    upcycling upcycle        dense checkpoint -> MoE initial checkpoint (HF Mixtral layout)
+    upcycling aggregate      every metrics JSON -> results/losses.zarr
+    upcycling fit            losses.zarr -> results/fits/*.json
+    upcycling report         fits + store -> results/report/ (summary.md + figures)
+    upcycling predict        planning: predicted loss and upcycle-or-scratch advice
+    upcycling plan           the admin's view: jobs per rule, resources, GPU-hours
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("upcycling")
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def _load(args) -> dict:
+    from .config import load_config
+
+    return load_config(args.config, base_dir=args.workdir)
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="config/config.yaml", help="sweep config YAML")
+    parser.add_argument("--workdir", default=".", help="directory that relative paths in the config start from")
+
+
+def cmd_check_config(args) -> int:
+    cfg = _load(args)
+    from .sweep import all_metrics
+
+    print(f"{args.config}: valid; {len(all_metrics(cfg))} runs")
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    cfg = _load(args)
+    from .sweep import tokens_dir
+    from .tokenize import tokenize_corpus
+
+    corpus = dict(cfg["corpus"])
+    base = Path(args.workdir)
+    corpus["paths"] = [p if os.path.isabs(p) else str(base / p) for p in corpus["paths"]]
+    tokenizer = dict(cfg["tokenizer"])
+    if tokenizer.get("path") and not os.path.isabs(tokenizer["path"]):
+        tokenizer["path"] = str(base / tokenizer["path"])
+    out = Path(args.out) if args.out else tokens_dir(cfg)
+    meta = tokenize_corpus(corpus, tokenizer, out)
+    log.info("tokens in %s: %d train, %d val (vocab %d)", out, meta["train_tokens"], meta["val_tokens"],
+             meta["vocab_size"])
+    return 0
+
+
+def _lineage(args):
+    from .sweep import Lineage
+
+    if args.family == "dense":
+        return Lineage("dense", args.size, args.seed)
+    return Lineage(args.family, args.size, args.seed, args.d1 if args.family == "upcycled" else 0,
+                   args.experts, args.top_k, args.granularity)
+
+
+def build_train_job(cfg: dict, args):
+    """The TrainJob for one (lineage, stable point | final budget), from the config alone."""
+    import json
+
+    from . import sweep
+    from .flops import count_params
+    from .model import model_config_from, moe_options_from
+    from .train import Schedule, TrainJob
+
+    lineage = _lineage(args)
+    training = cfg["training"]
+    meta = json.loads((sweep.tokens_dir(cfg) / "meta.json").read_text())
+    is_moe = lineage.family != "dense"
+    model = model_config_from(cfg, lineage.size, meta["vocab_size"], lineage.experts if is_moe else 1,
+                              lineage.top_k, lineage.granularity)
+    dense_model = model_config_from(cfg, lineage.size, meta["vocab_size"])
+    wsd = training["schedule"] == "wsd"
+
+    if args.stable is not None:  # a WSD stable job
+        if not wsd:
+            raise SystemExit("--stable needs training.schedule: wsd")
+        point = args.stable
+        if point not in sweep.stable_points(cfg, lineage.family):
+            raise SystemExit(f"--stable {point} is not a stable point of {lineage.family}: "
+                             f"{sweep.stable_points(cfg, lineage.family)}")
+        previous = sweep.previous_stable_point(cfg, lineage.family, point)
+        end_tokens, job_name = point, f"stable_{point}"
+        schedule_end = None
+        state_out, metrics_out = sweep.stable_state_path(cfg, lineage, point), None
+    else:
+        budget = args.budget
+        if budget not in sweep.budgets(cfg, lineage.family):
+            raise SystemExit(f"--budget {budget} is not a {lineage.family} budget of the config: "
+                             f"{sweep.budgets(cfg, lineage.family)}")
+        previous = sweep.decay_start(cfg, budget) if wsd else None
+        end_tokens, job_name, schedule_end = budget, sweep.run_dir(cfg, lineage, budget).name, budget
+        state_out, metrics_out = None, sweep.metrics_path(cfg, lineage, budget)
+
+    resume_from = sweep.checkpoint_dir(cfg, lineage, f"stable_{previous}") if previous is not None else None
+    init_weights = sweep.upcycled_init_dir(cfg, lineage) if lineage.family == "upcycled" and resume_from is None else None
+    schedule = Schedule(peak_lr=training["lr"], warmup_tokens=training["warmup_tokens"],
+                        min_lr_ratio=training["min_lr_ratio"], kind=training["schedule"],
+                        decay_start=sweep.decay_start(cfg, schedule_end) if (wsd and schedule_end) else None,
+                        decay_end=schedule_end)
+    coords = {"size": lineage.size, "init": lineage.family, "seed": lineage.seed,
+              "d1_tokens": end_tokens if lineage.family == "dense" else lineage.d1,
+              "d2_tokens": 0 if lineage.family == "dense" else end_tokens,
+              "experts": lineage.experts, "top_k": lineage.top_k, "granularity": lineage.granularity}
+    export_out = None
+    if lineage.family == "dense" and metrics_out is not None:
+        export_out = sweep.dense_export_dir(cfg, lineage.size, lineage.seed, end_tokens)
+    return TrainJob(
+        run_id=f"{lineage.name}/{job_name}", model=model, moe=moe_options_from(cfg),
+        tokens_dir=sweep.tokens_dir(cfg), checkpoint_dir=sweep.checkpoint_dir(cfg, lineage, job_name),
+        end_tokens=end_tokens, schedule=schedule, seed=lineage.seed, training=training,
+        resume_from=resume_from, init_weights=init_weights, state_out=state_out, metrics_out=metrics_out,
+        export_out=export_out, coords=coords, dense_params=count_params(dense_model).total,
+    )
+
+
+def cmd_train(args) -> int:
+    if (args.stable is None) == (args.budget is None):
+        raise SystemExit("give exactly one of --stable POINT (a WSD stable job) or --budget D (a run's final job)")
+    if args.family == "upcycled" and args.d1 is None:
+        raise SystemExit("--family upcycled needs --d1 (the dense budget it was upcycled from)")
+    cfg = _load(args)
+    os.chdir(args.workdir)
+    from .train import main_guarded
+
+    return main_guarded(build_train_job(cfg, args))
+
+
+def cmd_upcycle(args) -> int:
+    cfg = _load(args)
+    from . import sweep
+    from .export import load_hf, save_hf
+    from .upcycle import upcycle_state
+
+    dense_dir = Path(args.dense) if args.dense else sweep.dense_export_dir(cfg, args.size, args.seed, args.d1)
+    dense_state, dense_cfg, _ = load_hf(dense_dir)
+    moe_state, moe_cfg = upcycle_state(dense_state, dense_cfg, args.experts, args.top_k, args.granularity,
+                                       router_init_std=cfg["moe"]["router_init_std"], seed=args.seed)
+    lineage = _lineage(argparse.Namespace(**{**vars(args), "family": "upcycled"}))
+    out = Path(args.out) if args.out else sweep.upcycled_init_dir(cfg, lineage)
+    save_hf(moe_state, moe_cfg, out, extra={"upcycled_from": str(dense_dir)})
+    log.info("upcycled %s -> %s (E=%d, k=%d, G=%d)", dense_dir, out, args.experts, args.top_k, args.granularity)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="upcycling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    p = commands.add_parser("check-config", help="validate a sweep config")
+    _add_config(p)
+    p.set_defaults(func=cmd_check_config)
+
+    p = commands.add_parser("tokenize", help="train/load the tokenizer and write token memmaps")
+    _add_config(p)
+    p.add_argument("--out", help="output directory (default: <results_dir>/tokens)")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = commands.add_parser("train", help="one training job of a dense, upcycled or scratch MoE run")
+    _add_config(p)
+    p.add_argument("--family", choices=["dense", "upcycled", "scratch"], required=True)
+    p.add_argument("--size", required=True, help="dense model label (config dense_models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--d1", type=int, help="upcycled: the dense budget D1 it starts from")
+    p.add_argument("--experts", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--granularity", type=int, default=1)
+    p.add_argument("--stable", type=int, help="WSD: train the stable phase up to this many tokens")
+    p.add_argument("--budget", type=int, help="train the run of this budget D to its end (metrics JSON)")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("upcycle", help="dense checkpoint -> MoE initial checkpoint")
+    _add_config(p)
+    p.add_argument("--size", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--d1", type=int, required=True)
+    p.add_argument("--experts", type=int, required=True)
+    p.add_argument("--top-k", type=int, required=True)
+    p.add_argument("--granularity", type=int, default=1)
+    p.add_argument("--dense", help="HF Llama export to upcycle (default: the pipeline's dense run)")
+    p.add_argument("--out", help="output directory (default: the pipeline's layout)")
+    p.set_defaults(func=cmd_upcycle)
+
+    args = parser.parse_args(argv)
+    _setup_logging()
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Sparse upcycling (Komatsuzaki et al., arXiv 2212.05055), with granular upcycling (He et al.,
+"Upcycling Large Language Models into Mixture of Experts", arXiv 2410.07524).
+
+Every layer's SwiGLU FFN becomes E experts; attention, norms and embeddings are copied; routers
+are freshly drawn. With granularity G the dense FFN's hidden units are cut into G equal slices and
+E = G x m experts hold m copies of each slice: expert ``j * G + g`` is copy j of slice g.
+
+Function preservation (tested in tests/test_upcycle.py): all experts of copy j share one router
+row (a "virtual group"), so their logits tie and top-k with k = G x k' picks whole groups. The
+top-k gate weights are renormalised to sum to 1 over the k chosen experts, so the G slices of a
+group together get weight 1/G of their group's share; scaling every expert's down projection by G
+restores the dense output exactly. With top-1 gating DeepSpeed scales the expert output by the
+(unnormalised) gate probability, so the upcycled model starts as p * FFN(x), not FFN(x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .flops import ModelConfig
+
+
+def moe_config(dense_cfg: ModelConfig, experts: int, top_k: int, granularity: int) -> ModelConfig:
+    if dense_cfg.is_moe:
+        raise ValueError("upcycling needs a dense checkpoint, got an MoE (num_local_experts > 1)")
+    if experts % granularity or dense_cfg.ffn_hidden % granularity:
+        raise ValueError(f"granularity {granularity} must divide experts ({experts}) and ffn_hidden "
+                         f"({dense_cfg.ffn_hidden})")
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"top_k={top_k} must be between 1 and experts={experts}")
+    return dataclasses.replace(dense_cfg, experts=experts, top_k=top_k, granularity=granularity)
+
+
+def router_weights(cfg: ModelConfig, std: float, generator: torch.Generator) -> torch.Tensor:
+    """One router (experts x d_model): a draw per virtual group, shared by its G slices."""
+    groups = cfg.experts // cfg.granularity
+    group_rows = torch.randn(groups, cfg.d_model, generator=generator) * std
+    return group_rows.repeat_interleave(cfg.granularity, dim=0)
+
+
+def upcycle_state(dense_state: dict[str, torch.Tensor], dense_cfg: ModelConfig, experts: int, top_k: int,
+                  granularity: int = 1, router_init_std: float = 0.02, seed: int = 0,
+                  ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Dense state dict (our names, see model.py) -> the upcycled MoE's state dict and config."""
+    cfg = moe_config(dense_cfg, experts, top_k, granularity)
+    generator = torch.Generator().manual_seed(seed)
+    slice_hidden = cfg.expert_hidden
+    moe_state: dict[str, torch.Tensor] = {}
+    for name, tensor in dense_state.items():
+        if ".ffn." not in name:
+            moe_state[name] = tensor.clone()
+    for layer in range(cfg.n_layers):
+        dense_ffn = f"blocks.{layer}.ffn"
+        gate, up = dense_state[f"{dense_ffn}.gate_up.weight"].split(cfg.ffn_hidden, dim=0)
+        down = dense_state[f"{dense_ffn}.down.weight"]
+        moe = f"{dense_ffn}.moe.deepspeed_moe"
+        moe_state[f"{moe}.gate.wg.weight"] = router_weights(cfg, router_init_std, generator).to(down.dtype)
+        for expert in range(cfg.experts):
+            hidden = slice((expert % granularity) * slice_hidden, (expert % granularity + 1) * slice_hidden)
+            prefix = f"{moe}.experts.deepspeed_experts.{expert}"
+            moe_state[f"{prefix}.gate_up.weight"] = torch.cat([gate[hidden], up[hidden]]).clone()
+            moe_state[f"{prefix}.down.weight"] = (down[:, hidden] * granularity).clone()
+    return moe_state, cfg

@@ -1,0 +1,49 @@
+rule aggregate:
+    """Every run's metrics JSON -> one xarray/zarr store (NaN where a combination was not run)."""
+    input:
+        lambda wildcards: [str(path) for path in sweep.all_metrics(config)],
+    output:
+        directory(R / "losses.zarr"),
+    log:
+        LOGS / "aggregate.log",
+    conda:
+        "../../envs/cpu.yml"
+    shell:
+        "upcycling aggregate {CONFIG_ARGS} --out {output} {input} > {log} 2>&1"
+
+
+rule fit:
+    """The scaling laws and their baselines, fitted with lmfit (Huber on log loss, bootstrap)."""
+    input:
+        rules.aggregate.output,
+    output:
+        summary=R / "fits" / "summary.json",
+    log:
+        LOGS / "fit.log",
+    threads: 2
+    conda:
+        "../../envs/cpu.yml"
+    shell:
+        "upcycling fit {CONFIG_ARGS} --store {input} --out-dir $(dirname {output.summary}) > {log} 2>&1"
+
+
+rule report:
+    """Markdown summary and figures: law fits, residuals, the a3 effect, the break-even curve."""
+    input:
+        store=rules.aggregate.output,
+        fits=rules.fit.output.summary,
+    output:
+        summary=R / "report" / "summary.md",
+        figures=report(
+            directory(R / "report" / "figures"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Scaling laws",
+        ),
+    log:
+        LOGS / "report.log",
+    conda:
+        "../../envs/cpu.yml"
+    shell:
+        "upcycling report {CONFIG_ARGS} --store {input.store} --fits $(dirname {input.fits})"
+        " --out-dir $(dirname {output.summary}) > {log} 2>&1"

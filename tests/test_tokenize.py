@@ -87,6 +87,8 @@ def test_shakespeare_round_trip_and_sidecar(shakespeare_tokens):
     val_text = gzip.open(SHAKESPEARE / VAL_PLAY).read().decode()
     assert tokenizer.decode(tokenizer.encode(val_text).ids) == val_text
     assert decoded_documents(np.asarray(val), tokenizer, meta["eot_id"]) == [val_text]
+    # Encoded in pieces, yet the same ids as the whole play in one call.
+    assert val[:-1].tolist() == tokenizer.encode(val_text).ids
     train_text = gzip.open(SHAKESPEARE / TRAIN_PLAY).read().decode()
     assert decoded_documents(np.asarray(train), tokenizer, meta["eot_id"]) == [train_text]
 
@@ -172,6 +174,7 @@ def test_big_plain_text_file_becomes_documents_at_blank_lines(tmp_path, monkeypa
     text = "".join(PARAGRAPHS * 6)
     (tmp_path / "big.txt").write_text(text, newline="")
     pieces = list(iter_documents([tmp_path / "big.txt"]))
+    assert max(len(p.text) for p in pieces) <= 128
     documents: dict[int, str] = {}
     for piece in pieces:
         documents[piece.index] = documents.get(piece.index, "") + piece.text
@@ -286,3 +289,13 @@ def test_load_tokens_refuses_files_that_do_not_match(tmp_path):
     (out / "meta.json").unlink()
     with pytest.raises(TokenFilesError, match="meta.json does not exist"):
         load_tokens(out)
+
+
+def test_long_jsonl_document_is_cut_into_pieces(tmp_path, monkeypatch):
+    monkeypatch.setattr(tk, "PIECE_CHARS", 50)
+    text = "".join(PARAGRAPHS) * 3
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    pieces = list(iter_documents(tmp_path / "one.jsonl"))
+    assert len(pieces) > 5 and all(len(p.text) <= 50 and p.index == 0 for p in pieces)
+    assert [p.last for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert "".join(p.text for p in pieces) == text

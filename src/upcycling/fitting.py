@@ -217,42 +217,46 @@ def _grid(law: Law) -> np.ndarray:
 
 
 def _optimize(law: Law, problem: _LogProblem, candidates: np.ndarray, n_starts: int,
-              extra_starts: list[np.ndarray] = ()) -> _Optimum:
-    """Best of L-BFGS-B runs from the n_starts best candidates (and extra starts), polished."""
+              extra_starts: list[np.ndarray] = (), verify: bool = True) -> _Optimum:
+    """Best local optimum from the n_starts best candidates (and the extra starts).
+
+    Each start is refined by trust-region least squares with the Huber loss; with ``verify``,
+    L-BFGS-B (a different algorithm on the same objective) is restarted from the best point and
+    the two alternate until neither improves on the other by more than 1e-6 relative.
+    """
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         ranked = candidates[np.argsort(problem.objectives(candidates), kind="stable")]
     starts = [*extra_starts, *ranked[:n_starts]]
-    runs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for theta0 in starts:
-            runs.append(_lbfgsb(law, problem, np.asarray(theta0, dtype=float)))
-        runs.sort(key=lambda run: run[1])
-        theta, objective, lbfgsb_message = runs[0]
-        # Alternate the two solvers until they agree: the polish only helps if L-BFGS-B had
-        # stopped early, and L-BFGS-B from a polished point checks that point is a minimum.
+        runs = sorted((_least_squares(law, problem, np.asarray(theta0, dtype=float))
+                       for theta0 in starts), key=lambda run: run[1])
+        theta, objective, lsq_message = runs[0]
+        details = {
+            "starts": len(starts),
+            # starts reaching the best objective to 1e-6 relative: few of them flag a rugged
+            # landscape (informative, not a requirement)
+            "agreeing_starts": int(sum(
+                abs(run[1] - objective) <= _AGREEMENT * (abs(objective) + problem.objective_floor)
+                for run in runs)),
+            "least_squares_message": lsq_message,
+        }
+        if not verify:
+            return _Optimum(theta, objective, details)
         for rounds in range(1, 4):
-            polished = _least_squares(law, problem, theta)
-            gain = (objective - polished[1]) / (abs(objective) + problem.objective_floor)
-            if polished[1] <= objective:
-                theta, objective = polished[0], polished[1]
+            check = _lbfgsb(law, problem, theta)
+            gain = (objective - check[1]) / (abs(objective) + problem.objective_floor)
             if gain <= _AGREEMENT:
                 break
-            theta, objective, lbfgsb_message = _lbfgsb(law, problem, theta)
-    scale = abs(runs[0][1]) + problem.objective_floor
-    details = {
-        "starts": len(starts),
-        # starts whose L-BFGS-B optimum matches the best to 1e-6 relative: few agreeing starts
-        # flag a rugged landscape (informative, not a requirement)
-        "agreeing_starts": int(sum(abs(run[1] - runs[0][1]) <= _AGREEMENT * scale
-                                   for run in runs)),
-        "lbfgsb_message": lbfgsb_message,
-        "least_squares_message": polished[2],
-        "polish_rounds": rounds,
-        # relative gain of the last polish over L-BFGS-B: ~0 when both found the same minimum
-        "polish_relative_gain": gain,
+            theta, objective, lsq_message = _least_squares(law, problem, check[0])
+    details.update({
+        "lbfgsb_message": check[2],
+        "least_squares_message": lsq_message,
+        "verify_rounds": rounds,
+        # relative gain of L-BFGS-B over the least-squares optimum: ~0 at a true minimum
+        "lbfgsb_relative_gain": gain,
         "converged": bool(gain <= _AGREEMENT),
-    }
+    })
     return _Optimum(theta, objective, details)
 
 
@@ -447,7 +451,7 @@ def fit_law(law: str | Law, data: Mapping[str, Any], *,
 
     def refit(index: np.ndarray) -> np.ndarray:
         sub = problem.subset(index)
-        return _optimize(law, sub, pool, n_starts=2, extra_starts=[theta]).theta
+        return _optimize(law, sub, pool, n_starts=2, extra_starts=[theta], verify=False).theta
 
     log_residuals = problem.residuals(theta)
     predicted = np.exp(log_residuals) * loss

@@ -47,6 +47,8 @@ import tempfile
 import time
 import uuid
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -59,8 +61,8 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 EOT_TOKEN = "<|endoftext|>"
 READ_BLOCK_BYTES = 1 << 20  # bytes read from disk at a time
-PIECE_CHARS = 1 << 18  # most characters handed to the tokenizer as one batch item
-BATCH_CHARS = 1 << 22  # characters per encode_batch call: enough items to keep every core busy
+PIECE_CHARS = 1 << 16  # most characters handed to the tokenizer as one batch item
+BATCH_CHARS = 1 << 21  # characters per encode_batch call: 32+ pieces for the cores, ~170 MB peak RSS
 DOCUMENT_SPLIT_CHARS = 1 << 20  # a longer plain-text file becomes several documents
 LOG_EVERY_S = 10.0
 
@@ -98,12 +100,14 @@ class DocumentPiece(NamedTuple):
 # Reading the corpus
 
 
-def resolve_sources(paths_or_globs: str | os.PathLike | Iterable, base_dir: str | os.PathLike | None = None) -> list[Source]:
-    """Expand the paths and globs (each glob's matches sorted) into sources, in a fixed order."""
+def resolve_sources(paths_or_globs, base_dir: str | os.PathLike | None = None) -> list[Source]:
+    """Expand paths and globs (one or a list) into sources: each glob's matches sorted, the
+    patterns in the order given, a file matched twice read once. Relative ones start at base_dir
+    (default: the working directory)."""
     if isinstance(paths_or_globs, (str, os.PathLike)):
         paths_or_globs = [paths_or_globs]
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    files: dict[Path, str] = {}  # file -> label, in order; a file matched twice is read once
+    files: dict[Path, str] = {}  # file -> label, in order
     for pattern in map(str, paths_or_globs):
         full = pattern if os.path.isabs(pattern) else str(base / pattern)
         if glob.has_magic(full):
@@ -141,7 +145,9 @@ def _unreadable(source: Source, exc: BaseException) -> CorpusError:
             f"{source.path}: cannot read it as gzip ({exc}): the file is corrupt or truncated "
             f"('gzip -t {source.path}' checks it); re-create it or remove it from corpus.paths"
         )
-    return CorpusError(f"{source.path}: cannot read it ({exc}): fix its permissions or remove it from corpus.paths")
+    return CorpusError(
+        f"{source.path}: cannot read it ({exc}): fix its permissions or remove it from corpus.paths"
+    )
 
 
 def _invalid_utf8(source: Source, offset: int, line: int, exc: UnicodeDecodeError) -> CorpusError:
@@ -180,26 +186,29 @@ def _read_text_blocks(source: Source, digest=None) -> Iterator[str]:
         raise _unreadable(source, exc) from exc
 
 
-def _safe_cut(text: str, limit: int) -> int:
-    """Where to end a piece: the largest i <= limit with text[i] a newline (else a space) and
-    text[i - 1] not whitespace; no byte-level pre-token spans such a point. limit if none."""
+def _safe_cut(text: str, limit: int, start: int = 0) -> int:
+    """Where to end a piece that starts at start: the largest i <= limit with text[i] a newline
+    (else a space) and text[i - 1] not whitespace. No byte-level pre-token spans such a point, so
+    the ids do not change. limit if there is none (a hard cut)."""
     for separator in ("\n", " "):
-        i = text.rfind(separator, 1, limit + 1)
-        for _ in range(256):  # runs of whitespace: look a little further left, then give up
-            if i <= 0:
+        i = text.rfind(separator, start + 1, limit + 1)
+        for _ in range(256):  # inside a run of whitespace: look a little further left, then give up
+            if i <= start:
                 break
             if not text[i - 1].isspace():
                 return i
-            i = text.rfind(separator, 1, i)
+            i = text.rfind(separator, start + 1, i)
     return limit
 
 
-def _split_text(text: str) -> Iterator[str]:
-    while len(text) > PIECE_CHARS:
-        cut = _safe_cut(text, PIECE_CHARS)
-        yield text[:cut]
-        text = text[cut:]
-    yield text
+def _piece_ends(text: str) -> list[int]:
+    """End offsets of consecutive pieces of text, each at most PIECE_CHARS long; the last is len(text)."""
+    ends, start = [], 0
+    while len(text) - start > PIECE_CHARS:
+        start = _safe_cut(text, start + PIECE_CHARS, start)
+        ends.append(start)
+    ends.append(len(text))
+    return ends
 
 
 def _iter_plain_text(source: Source, digest=None) -> Iterator[DocumentPiece]:
@@ -211,21 +220,24 @@ def _iter_plain_text(source: Source, digest=None) -> Iterator[DocumentPiece]:
         read_any = True
         has_text = has_text or not block.isspace()
         pending += block
-        while True:
-            if document_chars + len(pending) > DOCUMENT_SPLIT_CHARS:
-                # Long enough: the document ends at the next blank line, the next one starts at text.
-                boundary = _NEW_PARAGRAPH.search(pending, max(0, DOCUMENT_SPLIT_CHARS - document_chars))
-                if boundary:
-                    yield DocumentPiece(source.name, index, pending[: boundary.end()], True)
-                    pending = pending[boundary.end() :]
-                    index, document_chars = index + 1, 0
-                    continue
-            if len(pending) <= PIECE_CHARS:
+        # Past DOCUMENT_SPLIT_CHARS a document ends at the next blank line; the next starts at text.
+        while document_chars + len(pending) > DOCUMENT_SPLIT_CHARS:
+            boundary = _NEW_PARAGRAPH.search(pending, max(0, DOCUMENT_SPLIT_CHARS - document_chars))
+            if boundary is None:
                 break
-            cut = _safe_cut(pending, PIECE_CHARS)
-            yield DocumentPiece(source.name, index, pending[:cut], False)
-            pending = pending[cut:]
-            document_chars += cut
+            start = 0
+            for end in _piece_ends(pending[: boundary.end()]):
+                yield DocumentPiece(source.name, index, pending[start:end], end == boundary.end())
+                start = end
+            pending = pending[boundary.end() :]
+            index, document_chars = index + 1, 0
+        # Yield all but the last piece: the document may go on in the next block.
+        start = 0
+        for end in _piece_ends(pending)[:-1]:
+            yield DocumentPiece(source.name, index, pending[start:end], False)
+            start = end
+        pending = pending[start:]
+        document_chars += start
     if not has_text:
         what = "holds only whitespace" if read_any else "is empty"
         raise CorpusError(f"{source.path}: the file {what}: add text to it or remove it from corpus.paths")
@@ -284,9 +296,10 @@ def _iter_jsonl(source: Source, text_field: str, digest=None) -> Iterator[Docume
                 if not text:
                     continue
                 documents += 1
-                pieces = list(_split_text(text)) if len(text) > PIECE_CHARS else [text]
-                for i, piece in enumerate(pieces):
-                    yield DocumentPiece(source.name, line_index, piece, i == len(pieces) - 1)
+                start = 0
+                for end in _piece_ends(text):
+                    yield DocumentPiece(source.name, line_index, text[start:end], end == len(text))
+                    start = end
     except (OSError, EOFError, zlib.error) as exc:
         raise _unreadable(source, exc) from exc
     if documents == 0:
@@ -322,7 +335,9 @@ def is_validation_document(split_seed: int, source_name: str, index: int, val_fr
     return draw < val_fraction
 
 
-def _with_split(pieces: Iterable[DocumentPiece], val_fraction: float, split_seed: int) -> Iterator[tuple[bool, DocumentPiece]]:
+def _with_split(
+    pieces: Iterable[DocumentPiece], val_fraction: float, split_seed: int
+) -> Iterator[tuple[bool, DocumentPiece]]:
     """Tag each piece with whether its document is held out (one hash per document)."""
     document, held_out = None, False
     for piece in pieces:
@@ -332,21 +347,25 @@ def _with_split(pieces: Iterable[DocumentPiece], val_fraction: float, split_seed
         yield held_out, piece
 
 
-def _batches(tagged_pieces: Iterable[tuple[bool, DocumentPiece]]) -> Iterator[tuple[str, list[str], list[bool]]]:
-    """Group pieces per split into (split, texts, ends_document) batches of about BATCH_CHARS."""
-    pending = {"train": ([], [], [0]), "val": ([], [], [0])}
-    for held_out, piece in tagged_pieces:
+def iter_batches(
+    sources: list[Source], text_field: str, val_fraction: float, split_seed: int
+) -> Iterator[tuple[str, list[str], list[bool]]]:
+    """What the stage hands to encode_batch: (split, texts, ends_document), the pieces of each
+    split grouped into batches of about BATCH_CHARS characters, in corpus order."""
+    texts: dict[str, list[str]] = {"train": [], "val": []}
+    ends: dict[str, list[bool]] = {"train": [], "val": []}  # the piece ends its document
+    chars = {"train": 0, "val": 0}
+    for held_out, piece in _with_split(_iter_pieces(sources, text_field), val_fraction, split_seed):
         split = "val" if held_out else "train"
-        texts, ends, chars = pending[split]
-        texts.append(piece.text)
-        ends.append(piece.last)
-        chars[0] += len(piece.text)
-        if chars[0] >= BATCH_CHARS:
-            yield split, texts, ends
-            pending[split] = ([], [], [0])
-    for split, (texts, ends, _) in pending.items():
-        if texts:
-            yield split, texts, ends
+        texts[split].append(piece.text)
+        ends[split].append(piece.last)
+        chars[split] += len(piece.text)
+        if chars[split] >= BATCH_CHARS:
+            yield split, texts[split], ends[split]
+            texts[split], ends[split], chars[split] = [], [], 0
+    for split in ("train", "val"):
+        if texts[split]:
+            yield split, texts[split], ends[split]
 
 
 @dataclass
@@ -365,7 +384,8 @@ def scan_corpus(sources: list[Source], text_field: str, val_fraction: float, spl
     digest = hashlib.sha256()
     documents = {False: 0, True: 0}
     chars = 0
-    for held_out, piece in _with_split(_iter_pieces(sources, text_field, digest), val_fraction, split_seed):
+    pieces = _iter_pieces(sources, text_field, digest)
+    for held_out, piece in _with_split(pieces, val_fraction, split_seed):
         chars += len(piece.text)
         documents[held_out] += piece.last
     for side, count in (("training", documents[False]), ("validation", documents[True])):
@@ -427,7 +447,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def encode_batch_ids(tokenizer: Tokenizer, texts: list[str], ends: list[bool], eot_id: int, dtype) -> np.ndarray:
+def encode_batch_ids(
+    tokenizer: Tokenizer, texts: list[str], ends: list[bool], eot_id: int, dtype
+) -> np.ndarray:
     """Ids of a batch of pieces, end-of-text after each piece that ends a document, as one array."""
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets
     encodings = encode(texts, add_special_tokens=False)
@@ -442,6 +464,29 @@ def encode_batch_ids(tokenizer: Tokenizer, texts: list[str], ends: list[bool], e
             parts.append(eot)
             total += 1
     return np.fromiter(itertools.chain.from_iterable(parts), dtype=dtype, count=total)
+
+
+def _encode_pipelined(
+    tokenizer: Tokenizer, batches, eot_id: int, dtype
+) -> Iterator[tuple[str, np.ndarray, int, int]]:
+    """(split, ids, documents, characters) per batch, in order. A worker thread encodes (the
+    tokenizer releases the GIL) while this one reads the next batch and writes the previous, so
+    reading and writing hide behind encoding instead of leaving the cores idle."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as encoder:
+        in_flight: deque = deque()
+        try:
+            for split, texts, ends in batches:
+                future = encoder.submit(encode_batch_ids, tokenizer, texts, ends, eot_id, dtype)
+                in_flight.append((split, future, sum(ends), sum(map(len, texts))))
+                if len(in_flight) > 1:  # at most two batches in memory
+                    split, future, documents, chars = in_flight.popleft()
+                    yield split, future.result(), documents, chars
+            while in_flight:
+                split, future, documents, chars = in_flight.popleft()
+                yield split, future.result(), documents, chars
+        finally:
+            for _, future, _, _ in in_flight:
+                future.cancel()
 
 
 def _sha256_file(path: Path) -> str:
@@ -497,7 +542,11 @@ def _publish(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def tokenize_corpus(
-    corpus_cfg: dict, tokenizer_cfg: dict, out_dir: str | os.PathLike, *, base_dir: str | os.PathLike | None = None
+    corpus_cfg: dict,
+    tokenizer_cfg: dict,
+    out_dir: str | os.PathLike,
+    *,
+    base_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Write out_dir/{train.bin, val.bin, tokenizer.json, meta.json}; return the meta.
 
@@ -535,11 +584,9 @@ def tokenize_corpus(
     scan = scan_corpus(sources, text_field, val_fraction, split_seed)
     logger.info(
         "corpus: %d files, %d training and %d validation documents, %.1f M characters (scanned in %.1f s)",
-        len(sources), scan.train_documents, scan.val_documents, scan.chars / 1e6, time.perf_counter() - started,
+        len(sources), scan.train_documents, scan.val_documents, scan.chars / 1e6,
+        time.perf_counter() - started,
     )  # fmt: skip
-
-    def tagged_pieces():
-        return _with_split(_iter_pieces(sources, text_field), val_fraction, split_seed)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not mkdtemp: its 0700 mode would become the published directory's.
@@ -551,8 +598,14 @@ def tokenize_corpus(
             shutil.copyfile(given_path, tokenizer_path)  # byte for byte: same hash as given
         else:
             started = time.perf_counter()
-            training_texts = (piece.text for held_out, piece in tagged_pieces() if not held_out)
-            tokenizer = train_tokenizer(training_texts, vocab_size, int(tokenizer_cfg.get("min_frequency", 2)))
+            training_texts = (
+                text
+                for split, texts, _ in iter_batches(sources, text_field, val_fraction, split_seed)
+                if split == "train"
+                for text in texts
+            )
+            min_frequency = int(tokenizer_cfg.get("min_frequency", 2))
+            tokenizer = train_tokenizer(training_texts, vocab_size, min_frequency)
             tokenizer.save(str(tokenizer_path))
             logger.info(
                 "tokenizer: byte-level BPE, %d tokens, trained in %.1f s",
@@ -570,13 +623,12 @@ def tokenize_corpus(
         progress = _Progress(scan.train_documents + scan.val_documents, scan.chars)
         with open(tmp_dir / "train.bin", "wb") as train_file, open(tmp_dir / "val.bin", "wb") as val_file:
             files = {"train": train_file, "val": val_file}
-            for split, texts, ends in _batches(tagged_pieces()):
-                ids = encode_batch_ids(tokenizer, texts, ends, eot_id, dtype)
+            batches = iter_batches(sources, text_field, val_fraction, split_seed)
+            for split, ids, documents, chars in _encode_pipelined(tokenizer, batches, eot_id, dtype):
                 ids.tofile(files[split])
-                documents = sum(ends)
                 counts[split][0] += len(ids)
                 counts[split][1] += documents
-                progress.update(documents, len(ids), sum(map(len, texts)))
+                progress.update(documents, len(ids), chars)
         progress.update(0, 0, 0, force=True)
 
         meta = {
@@ -624,7 +676,8 @@ def load_tokens(directory: str | os.PathLike) -> tuple[np.memmap, np.memmap, dic
         )
     if meta.get("dtype") not in ("uint16", "uint32") or meta["dtype"] != token_dtype(meta["vocab_size"]).name:
         raise TokenFilesError(
-            f"{meta_path}: dtype {meta.get('dtype')!r} does not fit vocab_size {meta.get('vocab_size')}: {rebuild}"
+            f"{meta_path}: dtype {meta.get('dtype')!r} does not fit vocab_size "
+            f"{meta.get('vocab_size')}: {rebuild}"
         )
     dtype = np.dtype(meta["dtype"])
 

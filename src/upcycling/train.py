@@ -14,6 +14,7 @@ same job again resumes from it. A NaN/inf loss stops the job with an error namin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -319,11 +320,19 @@ def run(job: TrainJob) -> dict | None:
 
     model = Transformer(job.model, job.moe)
     engine = build_engine(model, training)
-    if job.init_weights is not None and not _has_checkpoint(job.checkpoint_dir):
-        full, init_cfg, _ = load_hf(job.init_weights)
-        if init_cfg != job.model:
-            raise ValueError(f"run {job.run_id}: {job.init_weights} holds {init_cfg}, expected {job.model}")
-        engine.module.load_state_dict(local_state_from_full(full, engine.module), strict=True)
+    if not _has_checkpoint(job.checkpoint_dir):
+        full = None
+        if job.init_weights is not None:
+            full, init_cfg, _ = load_hf(job.init_weights)
+            if init_cfg != job.model:
+                raise ValueError(f"run {job.run_id}: {job.init_weights} holds {init_cfg}, expected {job.model}")
+        elif job.moe.ep_size > 1:
+            # Draw the whole MoE as one process would and keep this rank's experts: the
+            # initial weights then do not depend on how the experts are spread over ranks.
+            torch.manual_seed(job.seed)
+            full = Transformer(job.model, dataclasses.replace(job.moe, ep_size=1)).state_dict()
+        if full is not None:
+            engine.module.load_state_dict(local_state_from_full(full, engine.module), strict=True)
 
     # Where to start: this job's own checkpoint (a resumed preemption) > the chain's previous job.
     client_state = {"tokens": 0, "step": 0, "curve": {"tokens": [], "val_loss": []},
@@ -383,9 +392,9 @@ def run(job: TrainJob) -> dict | None:
         for micro_index in range(accum):
             rows = slice(micro_index * micro, (micro_index + 1) * micro)
             _, lm_loss, moe_loss = engine(inputs[rows].to(device), targets[rows].to(device))
-            loss = lm_loss + moe_loss
             if step == fault_nan_step:
-                loss = loss * float("nan")
+                lm_loss = lm_loss * float("nan")
+            loss = lm_loss + moe_loss
             engine.backward(loss)
             engine.step()
             step_loss += lm_loss.detach() / accum

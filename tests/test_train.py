@@ -1,0 +1,199 @@
+"""The trainer on the real DeepSpeed engine: schedules, exact token budgets, preemption and resume,
+divergence, data and expert parallelism under torchrun."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli_env, read_json, run_cli, write_config
+from upcycling.train import EXIT_PREEMPTED, FAULT_NAN_AT_STEP, FAULT_SIGNAL_AT_STEP, Schedule
+
+SEQ, ROWS = 32, 8
+STEP_TOKENS = SEQ * ROWS
+# WSD points of the tiny config: D = 8192 and 16384 tokens, decay over the last 25%.
+STABLE_1, D1_SMALL = 6144, 8192
+
+
+def train(workdir, *args, check=True, **env):
+    return run_cli(["train", "--config", str(workdir / "config.yaml"), *args], cwd=workdir, check=check, **env)
+
+
+def dense(workdir, *args, **kwargs):
+    return train(workdir, "--family", "dense", "--size", "xs", *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- schedules (pure)
+
+
+def test_wsd_schedule_warms_up_holds_and_decays_linearly():
+    schedule = Schedule(peak_lr=1e-3, warmup_tokens=100, min_lr_ratio=0.1, kind="wsd",
+                        decay_start=800, decay_end=1000)
+    assert schedule.lr_at(0) == pytest.approx(1e-5)
+    assert schedule.lr_at(99) == pytest.approx(1e-3)
+    assert schedule.lr_at(500) == schedule.lr_at(799) == 1e-3
+    assert schedule.lr_at(900) == pytest.approx(0.55e-3)
+    assert schedule.lr_at(1000) == pytest.approx(1e-4)
+    # A stable job (no decay) follows the same curve up to the decay: chains equal one long run.
+    stable = Schedule(peak_lr=1e-3, warmup_tokens=100, min_lr_ratio=0.1, kind="wsd", decay_start=None,
+                      decay_end=None)
+    assert all(stable.lr_at(t) == schedule.lr_at(t) for t in range(0, 800, 37))
+
+
+def test_cosine_schedule_ends_at_min_lr():
+    schedule = Schedule(peak_lr=1e-3, warmup_tokens=0, min_lr_ratio=0.1, kind="cosine", decay_start=None,
+                        decay_end=1000)
+    assert schedule.lr_at(0) == pytest.approx(1e-3)
+    assert schedule.lr_at(500) == pytest.approx(0.55e-3)
+    assert schedule.lr_at(1000) == pytest.approx(1e-4)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_dense_run_meets_its_budget_exactly_and_writes_the_contract(tiny_workdir):
+    dense(tiny_workdir, "--stable", str(STABLE_1))
+    state = read_json(tiny_workdir / "results/dense/xs/seed0" / f"stable_{STABLE_1}.json")
+    assert state["tokens"] == STABLE_1 and state["curve"]["tokens"][-1] == STABLE_1
+    dense(tiny_workdir, "--budget", str(D1_SMALL))
+    metrics = read_json(tiny_workdir / "results/dense/xs/seed0/d1_8192/metrics.json")
+    assert metrics["tokens_seen"] == D1_SMALL
+    assert metrics["coords"] == {"size": "xs", "init": "dense", "seed": 0, "d1_tokens": D1_SMALL, "d2_tokens": 0,
+                                 "experts": 1, "top_k": 1, "granularity": 1}
+    assert metrics["curve"]["tokens"][0] == 0 and metrics["curve"]["tokens"][-1] == D1_SMALL
+    # The decay job continues the stable job's curve, and training lowers the held-out loss.
+    assert metrics["curve"]["val_loss"][:len(state["curve"]["val_loss"])] == state["curve"]["val_loss"]
+    assert metrics["final_val_loss"] < metrics["curve"]["val_loss"][0] - 0.5
+    assert metrics["flops"] > 6 * metrics["non_embedding_params"] * D1_SMALL
+    assert (tiny_workdir / "results/dense/xs/seed0/d1_8192/hf/model.safetensors").is_file()
+
+
+def test_budget_that_is_not_a_multiple_of_the_batch_is_met_exactly(tmp_path, tiny_tokens):
+    budget = 5 * STEP_TOKENS + 77
+    write_config(tmp_path, {"training": {"schedule": "cosine"}, "sweep": {"d1_tokens": [budget]}})
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tokens").symlink_to(tiny_tokens)
+    dense(tmp_path, "--budget", str(budget))
+    metrics = read_json(tmp_path / f"results/dense/xs/seed0/d1_{budget}/metrics.json")
+    assert metrics["tokens_seen"] == budget == metrics["train_curve"]["tokens"][-1]
+    assert len(metrics["train_curve"]["tokens"]) == 6
+
+
+def _final_weights(workdir):
+    return load_file(str(workdir / "results/dense/xs/seed0/d1_8192/hf/model.safetensors"))
+
+
+def test_preempted_run_resumes_to_the_same_weights_bitwise(tmp_path, tiny_tokens):
+    runs = {}
+    for name in ("straight", "interrupted"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        write_config(workdir)
+        (workdir / "results").mkdir()
+        (workdir / "results" / "tokens").symlink_to(tiny_tokens)
+        runs[name] = workdir
+    dense(runs["straight"], "--stable", str(STABLE_1))
+    dense(runs["straight"], "--budget", str(D1_SMALL))
+
+    # SIGUSR1 at a random step of the stable job, and at a step of the decay job.
+    stable_steps = STABLE_1 // STEP_TOKENS
+    stop_step = random.Random().randint(1, stable_steps - 1)
+    result = dense(runs["interrupted"], "--stable", str(STABLE_1), check=False,
+                   **{FAULT_SIGNAL_AT_STEP: str(stop_step)})
+    assert result.returncode == EXIT_PREEMPTED, result.stdout[-2000:]
+    assert "SIGUSR1 received" in result.stdout
+    assert not (runs["interrupted"] / f"results/dense/xs/seed0/stable_{STABLE_1}.json").exists()
+    resumed = dense(runs["interrupted"], "--stable", str(STABLE_1))
+    assert f"resumed its own checkpoint at {stop_step * STEP_TOKENS} tokens" in resumed.stdout
+    result = dense(runs["interrupted"], "--budget", str(D1_SMALL), check=False,
+                   **{FAULT_SIGNAL_AT_STEP: str(stable_steps + 2)})
+    assert result.returncode == EXIT_PREEMPTED
+    dense(runs["interrupted"], "--budget", str(D1_SMALL))
+
+    straight, interrupted = _final_weights(runs["straight"]), _final_weights(runs["interrupted"])
+    assert straight.keys() == interrupted.keys()
+    for name in straight:
+        assert torch.equal(straight[name], interrupted[name]), name
+    metrics = [read_json(w / "results/dense/xs/seed0/d1_8192/metrics.json") for w in runs.values()]
+    assert metrics[0]["final_val_loss"] == metrics[1]["final_val_loss"]
+    assert metrics[0]["curve"] == metrics[1]["curve"]
+
+
+def test_divergence_stops_the_run_without_metrics(tiny_workdir):
+    result = dense(tiny_workdir, "--stable", str(STABLE_1), check=False, **{FAULT_NAN_AT_STEP: "3"})
+    assert result.returncode == 3
+    assert "dense/xs/seed0/stable_6144 diverged at step 3" in result.stdout
+    assert not (tiny_workdir / f"results/dense/xs/seed0/stable_{STABLE_1}.json").exists()
+
+
+def test_scratch_moe_preempted_and_resumed_equals_straight_run(tmp_path, tiny_tokens):
+    finals = []
+    for name, fault in (("straight", None), ("interrupted", "5")):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        write_config(workdir, {"training": {"schedule": "cosine"}})
+        (workdir / "results").mkdir()
+        (workdir / "results" / "tokens").symlink_to(tiny_tokens)
+        args = ["--family", "scratch", "--size", "xs", "--experts", "4", "--top-k", "2", "--budget", "8192"]
+        if fault:
+            result = train(workdir, *args, check=False, **{FAULT_SIGNAL_AT_STEP: fault})
+            assert result.returncode == EXIT_PREEMPTED
+        train(workdir, *args)
+        finals.append(read_json(workdir / "results/scratch/xs/seed0/e4_k2_g1/d_8192/metrics.json"))
+    assert finals[0]["final_val_loss"] == finals[1]["final_val_loss"]
+    assert finals[0]["train_curve"] == finals[1]["train_curve"]
+    load = finals[0]["expert_load"]
+    assert len(load) == 2 and all(len(layer) == 4 and abs(sum(layer) - 1) < 1e-6 for layer in load)
+    assert finals[0]["active_params"] < finals[0]["n_params"]
+
+
+def _torchrun(workdir, *args, nproc=2):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "upcycling.cli", "train", "--config", str(workdir / "config.yaml"), *args]
+    result = subprocess.run(command, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _setup(workdir, tiny_tokens, overrides):
+    workdir.mkdir()
+    write_config(workdir, {"training": {"schedule": "cosine", **overrides.get("training", {})},
+                           **{k: v for k, v in overrides.items() if k != "training"}})
+    (workdir / "results").mkdir()
+    (workdir / "results" / "tokens").symlink_to(tiny_tokens)
+    return workdir
+
+
+@pytest.mark.slow
+def test_data_parallel_two_processes_match_one(tmp_path, tiny_tokens):
+    """2 ranks x 4 rows see the same global batch as 1 rank x 8 rows: same losses."""
+    one = _setup(tmp_path / "one", tiny_tokens, {})
+    two = _setup(tmp_path / "two", tiny_tokens, {"training": {"micro_batch_size": ROWS // 2}})
+    dense(one, "--budget", str(D1_SMALL))
+    _torchrun(two, "--family", "dense", "--size", "xs", "--budget", str(D1_SMALL))
+    single, parallel = (read_json(w / "results/dense/xs/seed0/d1_8192/metrics.json") for w in (one, two))
+    assert parallel["tokens_seen"] == single["tokens_seen"] == D1_SMALL
+    assert parallel["train_curve"]["loss"] == pytest.approx(single["train_curve"]["loss"], abs=2e-4)
+    assert parallel["final_val_loss"] == pytest.approx(single["final_val_loss"], abs=2e-4)
+
+
+@pytest.mark.slow
+def test_expert_parallel_two_processes_match_one(tmp_path, tiny_tokens):
+    """ep_size=2 over 2 ranks (each holds 2 of the 4 experts) trains like ep_size=1 on one rank.
+
+    The load-balancing loss is computed over each rank's own tokens (as in GShard and DeepSpeed),
+    so it is not the same function of a batch split over two ranks: it is off here."""
+    one = _setup(tmp_path / "one", tiny_tokens, {"moe": {"aux_loss_coef": 0.0}})
+    two = _setup(tmp_path / "two", tiny_tokens, {"training": {"micro_batch_size": ROWS // 2},
+                                                 "moe": {"ep_size": 2, "aux_loss_coef": 0.0}})
+    args = ["--family", "scratch", "--size", "xs", "--experts", "4", "--top-k", "2", "--budget", "8192"]
+    train(one, *args)
+    _torchrun(two, *args)
+    single, parallel = (read_json(w / "results/scratch/xs/seed0/e4_k2_g1/d_8192/metrics.json") for w in (one, two))
+    assert parallel["train_curve"]["loss"] == pytest.approx(single["train_curve"]["loss"], abs=2e-4)
+    assert parallel["final_val_loss"] == pytest.approx(single["final_val_loss"], abs=2e-4)

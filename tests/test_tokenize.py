@@ -36,9 +36,8 @@ def small_corpus(root: Path, documents: int = 12) -> Path:
     return root
 
 
-def corpus_cfg(paths, val_fraction=0.3, **extra) -> dict:
-    return {"paths": [str(p) for p in paths], "text_field": "text", "val_fraction": val_fraction,
-            "split_seed": 0, **extra}  # fmt: skip
+def corpus_cfg(paths, val_fraction=0.3) -> dict:
+    return {"paths": [str(p) for p in paths], "text_field": "text", "val_fraction": val_fraction, "split_seed": 0}
 
 
 TOKENIZER_CFG = {"vocab_size": 320, "path": None, "min_frequency": 2}

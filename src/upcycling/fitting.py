@@ -52,6 +52,9 @@ INTERVAL_LEVEL = 0.95
 # a sum of Huber losses of order 1e-6..1e-2, so ftol must be far below the default to converge.
 _LBFGSB_OPTIONS = dict(maxiter=20000, maxfun=40000, ftol=1e-16, gtol=1e-13, maxcor=20)
 _LSQ_TOLERANCES = dict(ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=20000)
+# Bootstrap / held-out refits: their coefficients need to be far more precise than their
+# spread across resamples, not at machine precision
+_REFIT_TOLERANCES = dict(ftol=1e-10, xtol=1e-10, gtol=1e-10, max_nfev=5000)
 _AGREEMENT = 1e-6  # relative objective difference at which two solvers "agree"
 _GRID_CHUNK = 2048  # grid points evaluated per vectorised block (bounds memory)
 _BOOTSTRAP_GRID_POOL = 16  # grid points of the full fit kept for bootstrap / held-out refits
@@ -197,7 +200,7 @@ def _lbfgsb(law: Law, problem: _LogProblem, theta0: np.ndarray):
     return theta, problem.objective(theta), str(result.message)
 
 
-def _least_squares(law: Law, problem: _LogProblem, theta0: np.ndarray):
+def _least_squares(law: Law, problem: _LogProblem, theta0: np.ndarray, tolerances=None):
     """Polish: trust-region reflective least squares with scipy's Huber loss.
 
     scipy's cost with loss='huber' and f_scale=delta is sum(huber(r, delta)) exactly, the same
@@ -207,7 +210,7 @@ def _least_squares(law: Law, problem: _LogProblem, theta0: np.ndarray):
                                 _parameters(law, theta0), calc_covar=False)
     result = minimizer.minimize(method="least_squares", loss="huber", f_scale=problem.delta,
                                 jac=lambda p: problem.jacobian(_vector(law, p)),
-                                **_LSQ_TOLERANCES)
+                                **(tolerances or _LSQ_TOLERANCES))
     theta = _vector(law, result.params)
     return theta, problem.objective(theta), str(result.message)
 
@@ -225,11 +228,17 @@ def _optimize(law: Law, problem: _LogProblem, candidates: np.ndarray, n_starts: 
     the two alternate until neither improves on the other by more than 1e-6 relative.
     """
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        ranked = candidates[np.argsort(problem.objectives(candidates), kind="stable")]
+        objectives = problem.objectives(candidates)
+        if len(extra_starts):
+            # refits start from a previous optimum; grid points join only if they start lower
+            threshold = problem.objectives(np.asarray(extra_starts, dtype=float)).min()
+            candidates, objectives = candidates[objectives < threshold], objectives[objectives < threshold]
+    ranked = candidates[np.argsort(objectives, kind="stable")]
     starts = [*extra_starts, *ranked[:n_starts]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        runs = sorted((_least_squares(law, problem, np.asarray(theta0, dtype=float))
+        tolerances = _LSQ_TOLERANCES if verify else _REFIT_TOLERANCES
+        runs = sorted((_least_squares(law, problem, np.asarray(theta0, dtype=float), tolerances)
                        for theta0 in starts), key=lambda run: run[1])
         theta, objective, lsq_message = runs[0]
         details = {
@@ -451,7 +460,7 @@ def fit_law(law: str | Law, data: Mapping[str, Any], *,
 
     def refit(index: np.ndarray) -> np.ndarray:
         sub = problem.subset(index)
-        return _optimize(law, sub, pool, n_starts=2, extra_starts=[theta], verify=False).theta
+        return _optimize(law, sub, pool, n_starts=1, extra_starts=[theta], verify=False).theta
 
     log_residuals = problem.residuals(theta)
     predicted = np.exp(log_residuals) * loss

@@ -28,7 +28,8 @@ that many characters without a space, is cut hard, and only there could ids diff
 Split. A document is held out for validation iff a hash of (split_seed, source name, document
 index) falls below val_fraction, so the split is deterministic, independent of file order, and a
 document keeps its side when other files are added. The source name is the file's path relative
-to the deepest directory holding all sources (so moving the corpus does not reshuffle it).
+to the deepest directory holding all sources, so moving the corpus does not reshuffle the split
+(adding a file outside that directory does: the names change).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -377,11 +378,23 @@ class CorpusScan:
     train_documents: int
     val_documents: int
     chars: int  # decoded characters, for progress
+    bytes: int  # bytes as read (after gunzip)
+
+
+class _CountingSha256:
+    """sha256 of everything fed to it, and how many bytes that was."""
+
+    def __init__(self):
+        self.sha256, self.bytes = hashlib.sha256(), 0
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.bytes += len(data)
 
 
 def scan_corpus(sources: list[Source], text_field: str, val_fraction: float, split_seed: int) -> CorpusScan:
     """Read everything once: decode, parse, hash, count each split's documents. Cheap next to BPE."""
-    digest = hashlib.sha256()
+    digest = _CountingSha256()
     documents = {False: 0, True: 0}
     chars = 0
     pieces = _iter_pieces(sources, text_field, digest)
@@ -396,7 +409,9 @@ def scan_corpus(sources: list[Source], text_field: str, val_fraction: float, spl
                 f"{split_seed}): {'raise' if side == 'validation' else 'lower'} corpus.val_fraction "
                 f"or add documents"
             )
-    return CorpusScan(sources, digest.hexdigest(), documents[False], documents[True], chars)
+    return CorpusScan(
+        sources, digest.sha256.hexdigest(), documents[False], documents[True], chars, digest.bytes
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,8 +517,11 @@ def _sha256_file(path: Path) -> str:
 
 
 class _Progress:
-    def __init__(self, total_documents: int, total_chars: int):
+    """Logs documents, tokens, MB/s and ETA every LOG_EVERY_S seconds."""
+
+    def __init__(self, total_documents: int, total_chars: int, bytes_per_char: float):
         self.total_documents, self.total_chars = total_documents, total_chars
+        self.bytes_per_char = bytes_per_char  # counting characters is free, counting bytes is not
         self.documents = self.tokens = self.chars = 0
         self.start = self.last_log = time.perf_counter()
 
@@ -521,7 +539,7 @@ class _Progress:
         logger.info(
             "tokens: %d/%d documents, %d tokens, %.2f MB/s, %.0f tokens/s, %.0f%% done, ETA %.0f s",
             self.documents, self.total_documents, self.tokens,
-            self.chars / elapsed / 1e6, self.tokens / elapsed, 100 * done, eta,
+            self.chars * self.bytes_per_char / elapsed / 1e6, self.tokens / elapsed, 100 * done, eta,
         )  # fmt: skip
 
 
@@ -566,6 +584,7 @@ def tokenize_corpus(
     if given_path:
         given_path = Path(given_path) if os.path.isabs(given_path) else base / given_path
         tokenizer = load_tokenizer(given_path)
+        logger.info("tokenizer: %s, given", given_path)
         vocab_size = tokenizer.get_vocab_size()
         if tokenizer_cfg.get("vocab_size") not in (None, vocab_size):
             logger.warning(
@@ -583,7 +602,7 @@ def tokenize_corpus(
     started = time.perf_counter()
     scan = scan_corpus(sources, text_field, val_fraction, split_seed)
     logger.info(
-        "corpus: %d files, %d training and %d validation documents, %.1f M characters (scanned in %.1f s)",
+        "corpus: %d files, %d training and %d validation documents, %.1f M characters (scanned in %.2f s)",
         len(sources), scan.train_documents, scan.val_documents, scan.chars / 1e6,
         time.perf_counter() - started,
     )  # fmt: skip
@@ -620,7 +639,8 @@ def tokenize_corpus(
             tokenizer.encode_special_tokens = True
 
         counts = {"train": [0, 0], "val": [0, 0]}  # split -> [tokens, documents]
-        progress = _Progress(scan.train_documents + scan.val_documents, scan.chars)
+        total_documents = scan.train_documents + scan.val_documents
+        progress = _Progress(total_documents, scan.chars, scan.bytes / max(scan.chars, 1))
         with open(tmp_dir / "train.bin", "wb") as train_file, open(tmp_dir / "val.bin", "wb") as val_file:
             files = {"train": train_file, "val": val_file}
             batches = iter_batches(sources, text_field, val_fraction, split_seed)

@@ -1,0 +1,138 @@
+"""Config validation: every bad config fails before any work, with a message naming the key; the
+default config builds the Snakemake DAG."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, cli_env
+from upcycling.config import ConfigError, load_config, validate_config
+
+DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def _check(mutate) -> None:
+    cfg = copy.deepcopy(DEFAULT)
+    mutate(cfg)
+    validate_config(cfg, REPO)
+
+
+def test_default_config_is_valid_and_gets_defaults():
+    cfg = load_config(REPO / "config" / "config.yaml", base_dir=REPO)
+    assert cfg["sweep"]["granularity"] == [1]
+    assert cfg["training"]["zero_stage"] == 0
+
+
+def _set(path: str, value):
+    def mutate(cfg):
+        *parents, leaf = path.split(".")
+        node = cfg
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return mutate
+
+
+def _delete(path: str):
+    def mutate(cfg):
+        *parents, leaf = path.split(".")
+        node = cfg
+        for key in parents:
+            node = node[key]
+        del node[leaf]
+    return mutate
+
+
+BAD_CONFIGS = [
+    ("d1 not increasing", _set("sweep.d1_tokens", [262144, 131072]), "sweep.d1_tokens", "strictly increasing"),
+    ("d2 duplicate", _set("sweep.d2_tokens", [131072, 131072]), "sweep.d2_tokens", "strictly increasing"),
+    ("negative D", _set("sweep.d2_tokens", [-5, 10]), "sweep.d2_tokens.0", "less than or equal to the minimum"),
+    ("k > E", _set("sweep.top_k", [8]), "sweep.top_k", "k <= E"),
+    ("heads do not divide d_model", _set("dense_models.xs.n_heads", 5), "dense_models.xs.n_heads", "divide"),
+    ("odd head size", _set("dense_models.xs.n_heads", 64), "dense_models.xs.n_heads", "even head size"),
+    ("D beyond the corpus", _set("sweep.d2_tokens", [131072, 10**9]), "sweep.d2_tokens", "exceed what the corpus"),
+    ("missing corpus", _set("corpus.paths", ["data/nothing/*.txt"]), "corpus.paths", "matches no file"),
+    ("granularity vs ffn", _set("sweep.granularity", [3]), "sweep.granularity", "does not divide"),
+    ("E not multiple of G", lambda cfg: cfg["sweep"].update(experts=[5], granularity=[2]), "sweep.experts",
+     "not a multiple of granularity"),
+    ("ep_size vs E", _set("moe.ep_size", 3), "moe.ep_size", "does not divide"),
+    ("unknown key", _set("training.learning_rate", 1e-3), "training", "misspelt"),
+    ("missing section", _delete("sweep"), "<top level>", "'sweep' is a required property"),
+    ("bad schedule", _set("training.schedule", "linear"), "training.schedule", "is not one of"),
+    ("warmup too long", _set("training.warmup_tokens", 10**6), "training.warmup_tokens", "lower warmup_tokens"),
+    ("zero-3", _set("training.zero_stage", 3), "training.zero_stage", None),
+    ("missing tokenizer file", _set("tokenizer.path", "no/such/tokenizer.json"), "tokenizer.path", "does not exist"),
+    ("throughput missing a size", _set("slurm.throughput_tokens_per_s", {"xs": 1.0}),
+     "slurm.throughput_tokens_per_s", "no throughput for dense model"),
+    ("repeated seeds", _set("training.seeds", [0, 0]), "training.seeds", "repeat"),
+    ("val_fraction", _set("corpus.val_fraction", 0.9), "corpus.val_fraction", None),
+]
+
+
+@pytest.mark.parametrize("name,mutate,key,phrase", BAD_CONFIGS, ids=[case[0] for case in BAD_CONFIGS])
+def test_bad_config_names_the_key(name, mutate, key, phrase):
+    with pytest.raises(ConfigError) as error:
+        _check(mutate)
+    message = str(error.value)
+    assert f"'{key}" in message, message
+    if phrase:
+        assert phrase in message, message
+
+
+def test_k_not_multiple_of_granularity_is_refused():
+    def mutate(cfg):
+        cfg["sweep"]["granularity"] = [2]
+        cfg["sweep"]["experts"] = [4]
+        cfg["sweep"]["top_k"] = [1]
+    with pytest.raises(ConfigError, match="'sweep.top_k'.*multiple of granularity"):
+        _check(mutate)
+
+
+def test_missing_or_invalid_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("corpus: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def _snakemake(workdir, *args):
+    return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=workdir,
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_snakemake_builds_the_dag_on_the_default_config():
+    result = _snakemake(REPO, "-n", "--forceall", "--quiet", "rules")
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = dict(line.split()[:2] for line in result.stdout.splitlines()
+                  if line.strip() and line.split()[-1].isdigit() and len(line.split()) == 2)
+    cfg = DEFAULT
+    sizes, d1, d2 = len(cfg["dense_models"]), len(cfg["sweep"]["d1_tokens"]), len(cfg["sweep"]["d2_tokens"])
+    moe_shapes = len(cfg["sweep"]["experts"]) * len(cfg["sweep"]["top_k"])
+    assert int(counts["dense_final"]) == sizes * d1
+    assert int(counts["upcycle"]) == sizes * d1 * moe_shapes
+    assert int(counts["upcycled_final"]) == sizes * d1 * moe_shapes * d2
+    assert int(counts["upcycled_stable"]) == sizes * d1 * moe_shapes * d2  # one stable point per D2
+    assert int(counts["scratch_final"]) == sizes * moe_shapes * len(cfg["baselines"]["scratch_d_tokens"])
+
+
+def test_snakemake_refuses_a_bad_config_at_dag_build(tmp_path):
+    workdir = tmp_path / "wf"
+    shutil.copytree(REPO / "workflow", workdir / "workflow")
+    shutil.copy(REPO / "Snakefile", workdir / "Snakefile")
+    shutil.copytree(REPO / "config", workdir / "config")
+    (workdir / "data").symlink_to(REPO / "data")
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["sweep"]["top_k"] = [8]
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result = _snakemake(workdir, "-n")
+    assert result.returncode != 0
+    assert "sweep.top_k" in result.stderr + result.stdout
+    assert not (workdir / "results").exists()

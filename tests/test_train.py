@@ -197,3 +197,26 @@ def test_expert_parallel_two_processes_match_one(tmp_path, tiny_tokens):
     single, parallel = (read_json(w / "results/scratch/xs/seed0/e4_k2_g1/d_8192/metrics.json") for w in (one, two))
     assert parallel["train_curve"]["loss"] == pytest.approx(single["train_curve"]["loss"], abs=2e-4)
     assert parallel["final_val_loss"] == pytest.approx(single["final_val_loss"], abs=2e-4)
+
+
+def test_upcycled_run_starts_at_the_dense_loss_with_copied_adam_moments(tmp_path, tiny_tokens):
+    """dense -> upcycle -> MoE through the CLI: the MoE's first evaluation equals the dense model's
+    last (function preservation end to end), and its optimizer starts from the dense moments."""
+    workdir = _setup(tmp_path / "run", tiny_tokens, {"training": {"precision": "fp32"},
+                                                      "moe": {"copy_optimizer_state": True}})
+    dense(workdir, "--budget", str(D1_SMALL))
+    export = workdir / "results/dense/xs/seed0/d1_8192/hf"
+    assert (export / "optimizer.safetensors").is_file()
+    run_cli(["upcycle", "--config", str(workdir / "config.yaml"), "--size", "xs", "--d1", str(D1_SMALL),
+             "--experts", "4", "--top-k", "2"], cwd=workdir)
+    init = workdir / "results/upcycled/xs/seed0/d1_8192/e4_k2_g1/init"
+    assert (init / "optimizer.safetensors").is_file()
+    result = train(workdir, "--family", "upcycled", "--d1", str(D1_SMALL), "--size", "xs", "--experts", "4",
+                   "--top-k", "2", "--budget", "8192")
+    assert "optimizer starts from copied Adam moments" in result.stdout
+    dense_metrics = read_json(workdir / "results/dense/xs/seed0/d1_8192/metrics.json")
+    moe_metrics = read_json(workdir / "results/upcycled/xs/seed0/d1_8192/e4_k2_g1/d2_8192/metrics.json")
+    assert moe_metrics["curve"]["val_loss"][0] == pytest.approx(dense_metrics["final_val_loss"], abs=1e-5)
+    assert moe_metrics["coords"]["d1_tokens"] == D1_SMALL and moe_metrics["coords"]["d2_tokens"] == 8192
+    assert moe_metrics["dense_params"] == dense_metrics["n_params"]
+    assert moe_metrics["final_val_loss"] < dense_metrics["final_val_loss"]

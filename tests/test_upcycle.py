@@ -110,3 +110,18 @@ def test_upcycling_an_moe_is_refused():
     moe_cfg = dataclasses.replace(DENSE, experts=4, top_k=2)
     with pytest.raises(ValueError, match="dense checkpoint"):
         upcycle_state({}, moe_cfg, 4, 2)
+
+
+def test_adam_moments_follow_the_weights():
+    from upcycling.upcycle import upcycle_adam_moments
+
+    dense = _dense_model()
+    exp_avg = {name: torch.randn_like(t) for name, t in dense.state_dict().items()}
+    exp_avg_sq = {name: torch.rand_like(t) for name, t in dense.state_dict().items()}
+    _, cfg = upcycle_state(dense.state_dict(), DENSE, 4, 2, 2)
+    moe_avg, moe_avg_sq = upcycle_adam_moments(exp_avg, exp_avg_sq, cfg)
+    expert = "blocks.0.ffn.moe.deepspeed_moe.experts.deepspeed_experts.1"
+    assert torch.equal(moe_avg[f"{expert}.down.weight"], exp_avg["blocks.0.ffn.down.weight"][:, 32:] * 2)
+    assert torch.equal(moe_avg_sq[f"{expert}.down.weight"], exp_avg_sq["blocks.0.ffn.down.weight"][:, 32:] * 4)
+    assert torch.count_nonzero(moe_avg["blocks.0.ffn.moe.deepspeed_moe.gate.wg.weight"]) == 0
+    assert torch.equal(moe_avg["embed.weight"], exp_avg["embed.weight"])

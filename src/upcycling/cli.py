@@ -132,6 +132,7 @@ def build_train_job(cfg: dict, args):
         end_tokens=end_tokens, schedule=schedule, seed=lineage.seed, training=training,
         resume_from=resume_from, init_weights=init_weights, state_out=state_out, metrics_out=metrics_out,
         export_out=export_out, coords=coords, dense_params=count_params(dense_model).total,
+        export_adam_moments=export_out is not None and cfg["moe"]["copy_optimizer_state"],
     )
 
 
@@ -150,16 +151,24 @@ def cmd_train(args) -> int:
 def cmd_upcycle(args) -> int:
     cfg = _load(args)
     from . import sweep
-    from .export import load_hf, save_hf
-    from .upcycle import upcycle_state
+    from .config import ConfigError
+    from .export import load_adam_moments, load_hf, save_hf
+    from .upcycle import upcycle_adam_moments, upcycle_state
 
     dense_dir = Path(args.dense) if args.dense else sweep.dense_export_dir(cfg, args.size, args.seed, args.d1)
     dense_state, dense_cfg, _ = load_hf(dense_dir)
     moe_state, moe_cfg = upcycle_state(dense_state, dense_cfg, args.experts, args.top_k, args.granularity,
                                        router_init_std=cfg["moe"]["router_init_std"], seed=args.seed)
+    moments = None
+    if cfg["moe"]["copy_optimizer_state"]:
+        dense_moments = load_adam_moments(dense_dir)
+        if dense_moments is None:
+            raise ConfigError(f"config key 'moe.copy_optimizer_state': {dense_dir} holds no Adam moments "
+                              "(optimizer.safetensors): rerun the dense stage with this config, or set it to false")
+        moments = (*upcycle_adam_moments(dense_moments[0], dense_moments[1], moe_cfg), dense_moments[2])
     lineage = _lineage(argparse.Namespace(**{**vars(args), "family": "upcycled"}))
     out = Path(args.out) if args.out else sweep.upcycled_init_dir(cfg, lineage)
-    save_hf(moe_state, moe_cfg, out, extra={"upcycled_from": str(dense_dir)})
+    save_hf(moe_state, moe_cfg, out, extra={"upcycled_from": str(dense_dir)}, adam_moments=moments)
     log.info("upcycled %s -> %s (E=%d, k=%d, G=%d)", dense_dir, out, args.experts, args.top_k, args.granularity)
     return 0
 

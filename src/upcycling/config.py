@@ -150,6 +150,13 @@ def _check_semantics(cfg: dict, base_dir: Path) -> None:
                     "with granular upcycling a token must reach all G slices of a dense FFN, so k = G x k'"
                 )
 
+    if moe["copy_optimizer_state"] and (training["zero_stage"] != 0 or training["precision"] == "bf16"):
+        raise ConfigError(
+            "config key 'moe.copy_optimizer_state': copying the dense Adam moments needs training.zero_stage 0 "
+            "and fp32 training (ZeRO and the bf16 optimizer keep them flattened): set zero_stage: 0 and "
+            "precision: fp32, or copy_optimizer_state: false"
+        )
+
     if training["schedule"] == "wsd":
         shortest = min(min(values) for values in token_keys.values())
         stable_tokens = int(shortest * (1 - training["decay_fraction"]))

@@ -22,6 +22,7 @@ from .flops import ModelConfig
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+OPTIMIZER_FILE = "optimizer.safetensors"  # Adam moments by our parameter names, when asked for
 
 
 def _layer_prefix(i: int) -> str:
@@ -157,13 +158,20 @@ def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)
 
 
-def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path, extra: dict | None = None) -> None:
-    """Write model.safetensors + config.json into out_dir, atomically (temp dir, then rename)."""
+def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path, extra: dict | None = None,
+            adam_moments: tuple[dict, dict, int] | None = None) -> None:
+    """Write model.safetensors + config.json (+ the Adam moments, if given) into out_dir,
+    atomically (temp dir, then rename)."""
     out_dir = Path(out_dir)
     tmp = atomic_dir(out_dir)
     try:
         save_file(to_hf(state, cfg), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(cfg, extra), indent=2))
+        if adam_moments is not None:
+            exp_avg, exp_avg_sq, step = adam_moments
+            tensors = {**{f"exp_avg/{n}": t.contiguous() for n, t in exp_avg.items()},
+                       **{f"exp_avg_sq/{n}": t.contiguous() for n, t in exp_avg_sq.items()}}
+            save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"step": str(step)})
         commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,3 +203,18 @@ def load_hf(model_dir: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict
         return from_hf(hf, cfg), cfg, raw_cfg
     except KeyError as exc:
         raise CheckpointError(f"checkpoint {weights} lacks tensor {exc} expected by its config.json") from exc
+
+
+def load_adam_moments(model_dir: Path) -> tuple[dict, dict, int] | None:
+    """(exp_avg, exp_avg_sq, step) saved beside an export, or None where there are none."""
+    path = Path(model_dir) / OPTIMIZER_FILE
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        step = int(handle.metadata()["step"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    exp_avg = {key.split("/", 1)[1]: t for key, t in tensors.items() if key.startswith("exp_avg/")}
+    exp_avg_sq = {key.split("/", 1)[1]: t for key, t in tensors.items() if key.startswith("exp_avg_sq/")}
+    return exp_avg, exp_avg_sq, step

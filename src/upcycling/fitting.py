@@ -7,6 +7,7 @@ Public functions and classes:
   context=None, n_starts=12) -> FitResult``
 - ``check_data(law, data) -> dict[str, np.ndarray]``: the usable points, or ValueError
 - ``huber(residuals, delta) -> np.ndarray``
+- ``to_jsonable(value)``: plain JSON types, non-finite floats as None
 - ``FitResult``: parameters (natural units), standard errors, bootstrap intervals and samples,
   RMSE, Huber objective, AIC/BIC, held-out errors; ``predict``, ``predict_samples``,
   ``to_dict``/``from_dict``, ``save``/``load`` (one JSON per law); ``FitResult.skipped(...)``.
@@ -43,7 +44,7 @@ import numpy as np
 
 from upcycling.laws import Law, get_law
 
-__all__ = ["DEFAULT_HUBER_DELTA", "FitResult", "check_data", "fit_law", "huber"]
+__all__ = ["DEFAULT_HUBER_DELTA", "FitResult", "check_data", "fit_law", "huber", "to_jsonable"]
 
 DEFAULT_HUBER_DELTA = 1.0e-3
 INTERVAL_LEVEL = 0.95
@@ -274,12 +275,12 @@ def _optimize(law: Law, problem: _LogProblem, candidates: np.ndarray, n_starts: 
 # --------------------------------------------------------------------------------------------
 
 
-def _json_safe(value):
+def to_jsonable(value):
     """Plain JSON types; non-finite floats become None (strict JSON has no NaN/inf)."""
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, np.ndarray)):
-        return [_json_safe(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -349,7 +350,7 @@ class FitResult:
         ])
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(asdict(self))
+        return to_jsonable(asdict(self))
 
     @classmethod
     def from_dict(cls, payload: Mapping[str, Any]) -> FitResult:

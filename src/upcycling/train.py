@@ -32,7 +32,7 @@ import torch
 
 from . import __version__
 from .data import TokenWindows
-from .export import load_hf, save_hf
+from .export import load_adam_moments, load_hf, save_hf
 from .flops import ModelConfig, count_params, train_flops_per_token
 from .model import MoEOptions, Transformer
 
@@ -97,6 +97,7 @@ class TrainJob:
     export_out: Path | None = None  # HF export of the final weights
     coords: dict = field(default_factory=dict)
     dense_params: int | None = None  # N1 of the dense model a run comes from
+    export_adam_moments: bool = False  # write the Adam moments beside the export (for upcycling)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -220,6 +221,39 @@ def full_state(engine) -> dict[str, torch.Tensor]:
     return gathered
 
 
+def _per_parameter_adam(engine, run_id: str) -> torch.optim.Optimizer:
+    optimizer = engine.optimizer
+    params = set(engine.module.parameters())
+    held = {p for group in getattr(optimizer, "param_groups", []) for p in group["params"]}
+    if not isinstance(optimizer, torch.optim.Optimizer) or held != params:
+        raise ValueError(f"run {run_id}: Adam moments can be copied only with training.zero_stage 0 and "
+                         "fp32 training (training.precision: fp32), where the optimizer keeps them per "
+                         "parameter; set moe.copy_optimizer_state to false otherwise")
+    return optimizer
+
+
+def adam_moments(engine, run_id: str) -> tuple[dict, dict, int]:
+    """This (dense, unsharded) model's Adam moments by parameter name, and the step count."""
+    optimizer = _per_parameter_adam(engine, run_id)
+    exp_avg, exp_avg_sq, step = {}, {}, 0
+    for name, param in engine.module.named_parameters():
+        state = optimizer.state[param]
+        exp_avg[name], exp_avg_sq[name] = state["exp_avg"].detach().cpu(), state["exp_avg_sq"].detach().cpu()
+        step = int(state["step"])
+    return exp_avg, exp_avg_sq, step
+
+
+def set_adam_moments(engine, moments: tuple[dict, dict, int], run_id: str) -> None:
+    """Start the optimizer from copied moments (upcycling with moe.copy_optimizer_state)."""
+    optimizer = _per_parameter_adam(engine, run_id)
+    exp_avg, exp_avg_sq = (local_state_from_full(m, engine.module) for m in moments[:2])
+    for name, param in engine.module.named_parameters():
+        optimizer.state[param] = {"step": torch.tensor(float(moments[2])),
+                                  "exp_avg": exp_avg[name].to(param.device).clone(),
+                                  "exp_avg_sq": exp_avg_sq[name].to(param.device).clone()}
+    log.info("%s: optimizer starts from copied Adam moments (step %d)", run_id, moments[2])
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -333,6 +367,9 @@ def run(job: TrainJob) -> dict | None:
             full = Transformer(job.model, dataclasses.replace(job.moe, ep_size=1)).state_dict()
         if full is not None:
             engine.module.load_state_dict(local_state_from_full(full, engine.module), strict=True)
+        moments = load_adam_moments(job.init_weights) if job.init_weights is not None else None
+        if moments is not None:
+            set_adam_moments(engine, moments, job.run_id)
 
     # Where to start: this job's own checkpoint (a resumed preemption) > the chain's previous job.
     client_state = {"tokens": 0, "step": 0, "curve": {"tokens": [], "val_loss": []},
@@ -445,7 +482,8 @@ def run(job: TrainJob) -> dict | None:
     final_state = full_state(engine) if (job.export_out or job.metrics_out) else None
     if rank == 0:
         if job.export_out is not None:
-            save_hf(final_state, job.model, job.export_out)
+            moments = adam_moments(engine, job.run_id) if job.export_adam_moments else None
+            save_hf(final_state, job.model, job.export_out, adam_moments=moments)
         if job.metrics_out is not None:
             metrics = run_metrics(job, client_state, tokens)
             write_json_atomic(job.metrics_out, metrics)

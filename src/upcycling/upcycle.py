@@ -40,26 +40,42 @@ def router_weights(cfg: ModelConfig, std: float, generator: torch.Generator) -> 
     return group_rows.repeat_interleave(cfg.granularity, dim=0)
 
 
+def _expand_ffns(dense_state: dict[str, torch.Tensor], cfg: ModelConfig, down_scale: float,
+                 router: callable) -> dict[str, torch.Tensor]:
+    """Copy every non-FFN tensor; turn each dense FFN into cfg.experts expert slices."""
+    granularity, slice_hidden = cfg.granularity, cfg.expert_hidden
+    moe_state = {name: tensor.clone() for name, tensor in dense_state.items() if ".ffn." not in name}
+    for layer in range(cfg.n_layers):
+        dense_ffn = f"blocks.{layer}.ffn"
+        gate, up = dense_state[f"{dense_ffn}.gate_up.weight"].split(cfg.ffn_hidden, dim=0)
+        down = dense_state[f"{dense_ffn}.down.weight"]
+        moe = f"{dense_ffn}.moe.deepspeed_moe"
+        moe_state[f"{moe}.gate.wg.weight"] = router().to(down.dtype)
+        for expert in range(cfg.experts):
+            hidden = slice((expert % granularity) * slice_hidden, (expert % granularity + 1) * slice_hidden)
+            prefix = f"{moe}.experts.deepspeed_experts.{expert}"
+            moe_state[f"{prefix}.gate_up.weight"] = torch.cat([gate[hidden], up[hidden]]).clone()
+            moe_state[f"{prefix}.down.weight"] = (down[:, hidden] * down_scale).clone()
+    return moe_state
+
+
 def upcycle_state(dense_state: dict[str, torch.Tensor], dense_cfg: ModelConfig, experts: int, top_k: int,
                   granularity: int = 1, router_init_std: float = 0.02, seed: int = 0,
                   ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Dense state dict (our names, see model.py) -> the upcycled MoE's state dict and config."""
     cfg = moe_config(dense_cfg, experts, top_k, granularity)
     generator = torch.Generator().manual_seed(seed)
-    slice_hidden = cfg.expert_hidden
-    moe_state: dict[str, torch.Tensor] = {}
-    for name, tensor in dense_state.items():
-        if ".ffn." not in name:
-            moe_state[name] = tensor.clone()
-    for layer in range(cfg.n_layers):
-        dense_ffn = f"blocks.{layer}.ffn"
-        gate, up = dense_state[f"{dense_ffn}.gate_up.weight"].split(cfg.ffn_hidden, dim=0)
-        down = dense_state[f"{dense_ffn}.down.weight"]
-        moe = f"{dense_ffn}.moe.deepspeed_moe"
-        moe_state[f"{moe}.gate.wg.weight"] = router_weights(cfg, router_init_std, generator).to(down.dtype)
-        for expert in range(cfg.experts):
-            hidden = slice((expert % granularity) * slice_hidden, (expert % granularity + 1) * slice_hidden)
-            prefix = f"{moe}.experts.deepspeed_experts.{expert}"
-            moe_state[f"{prefix}.gate_up.weight"] = torch.cat([gate[hidden], up[hidden]]).clone()
-            moe_state[f"{prefix}.down.weight"] = (down[:, hidden] * granularity).clone()
-    return moe_state, cfg
+    return _expand_ffns(dense_state, cfg, granularity, lambda: router_weights(cfg, router_init_std, generator)), cfg
+
+
+def upcycle_adam_moments(exp_avg: dict[str, torch.Tensor], exp_avg_sq: dict[str, torch.Tensor],
+                         moe_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The dense Adam moments mapped like the weights. The down projections are scaled by G, so
+    their first moments scale by G and second moments by G^2; fresh routers start at zero."""
+    granularity = moe_cfg.granularity
+
+    def zeros():
+        return torch.zeros(moe_cfg.experts, moe_cfg.d_model)
+
+    return (_expand_ffns(exp_avg, moe_cfg, granularity, zeros),
+            _expand_ffns(exp_avg_sq, moe_cfg, granularity ** 2, zeros))

@@ -20,6 +20,6 @@ include: "workflow/rules/results.smk"
 rule all:
     input:
         R / "losses.zarr",
-        R / "fits" / "summary.json",
+        R / "fits",
         R / "report" / "summary.md",
     default_target: True

@@ -158,6 +158,8 @@ SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
+# Keep each job's --comment (the Snakemake plugin puts the rule and wildcards there): sacct -o jobid,comment%80
+AccountingStoreFlags=job_comment
 JobCompType=jobcomp/none
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus $topology RealMemory=$memory State=UNKNOWN
 PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP

@@ -9,6 +9,7 @@
     upcycling report         fits + store -> results/report/ (summary.md + figures)
     upcycling predict        planning: predicted loss and upcycle-or-scratch advice
     upcycling plan           the admin's view: jobs per rule, resources, GPU-hours
+    upcycling submit         one training job to Slurm through submitit (requeued on preemption)
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ def cmd_train(args) -> int:
         raise SystemExit("give exactly one of --stable POINT (a WSD stable job) or --budget D (a run's final job)")
     if args.family == "upcycled" and args.d1 is None:
         raise SystemExit("--family upcycled needs --d1 (the dense budget it was upcycled from)")
+    from .launch import apply_slurm_env
+
+    apply_slurm_env()  # under srun: RANK/WORLD_SIZE/... from the Slurm environment
     cfg = _load(args)
     os.chdir(args.workdir)
     from .train import main_guarded
@@ -170,6 +174,60 @@ def cmd_upcycle(args) -> int:
     out = Path(args.out) if args.out else sweep.upcycled_init_dir(cfg, lineage)
     save_hf(moe_state, moe_cfg, out, extra={"upcycled_from": str(dense_dir)}, adam_moments=moments)
     log.info("upcycled %s -> %s (E=%d, k=%d, G=%d)", dense_dir, out, args.experts, args.top_k, args.granularity)
+    return 0
+
+
+def cmd_aggregate(args) -> int:
+    cfg = _load(args)
+    from .results import aggregate
+    from .sweep import all_metrics
+    from .train import code_version
+
+    paths = args.metrics or [str(path) for path in all_metrics(cfg)]
+    ds = aggregate(paths, args.out, config_text=Path(args.config).read_text(), code_version=code_version())
+    log.info("aggregated %d runs into %s (dims %s)", len(paths), args.out, dict(ds.sizes))
+    return 0
+
+
+def cmd_fit(args) -> int:
+    cfg = _load(args)
+    from .export import atomic_dir, commit_dir
+    from .report import fit_all
+    from .results import load_losses
+
+    fits = fit_all(load_losses(args.store), cfg["fit"], out_dir=None)
+    out_dir = Path(args.out_dir)
+    tmp = atomic_dir(out_dir)  # all fits appear together, or none
+    for key, fit in fits.items():
+        fit.save(tmp / f"{key}.json")
+        log.info("fit %s: %s", key, f"RMSE {fit.rmse:.4f}, {fit.n_points} points" if fit.ok else f"skipped: {fit.reason}")
+    commit_dir(tmp, out_dir)
+    return 0
+
+
+def cmd_report(args) -> int:
+    _load(args)
+    from .report import load_fits, write_report
+    from .results import load_losses
+
+    fits = load_fits(args.fits)
+    written = write_report(load_losses(args.store), fits, None, args.out_dir)
+    log.info("report: %s", ", ".join(str(path) for path in written.values()))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import json
+
+    from .fitting import to_jsonable
+    from .report import load_fits, predict
+
+    fits = load_fits(args.fits)
+    if not fits:
+        raise SystemExit(f"no fits in {args.fits}: run the pipeline (or `upcycling fit`) first")
+    result = predict(fits, args.n1, args.d1, args.d2, args.experts, args.top_k, args.granularity,
+                     count_sunk_cost=args.count_sunk_cost)
+    print(json.dumps(to_jsonable(result), indent=1))
     return 0
 
 
@@ -211,6 +269,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense", help="HF Llama export to upcycle (default: the pipeline's dense run)")
     p.add_argument("--out", help="output directory (default: the pipeline's layout)")
     p.set_defaults(func=cmd_upcycle)
+
+    p = commands.add_parser("aggregate", help="every metrics JSON -> the zarr results store")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="the store to write, e.g. results/losses.zarr")
+    p.add_argument("metrics", nargs="*", help="metrics JSON files (default: every run of the config)")
+    p.set_defaults(func=cmd_aggregate)
+
+    p = commands.add_parser("fit", help="fit the scaling laws to a results store")
+    _add_config(p)
+    p.add_argument("--store", required=True, help="results store (losses.zarr)")
+    p.add_argument("--out-dir", required=True, help="where the fits' JSON files go")
+    p.set_defaults(func=cmd_fit)
+
+    p = commands.add_parser("report", help="summary.md and figures from a store and its fits")
+    _add_config(p)
+    p.add_argument("--store", required=True)
+    p.add_argument("--fits", required=True, help="directory of the fits' JSON files")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("predict", help="planning: predicted loss, and upcycle or train from scratch")
+    p.add_argument("--fits", default="results/fits", help="directory of fitted laws")
+    p.add_argument("--n1", type=float, required=True, help="dense model parameters")
+    p.add_argument("--d1", type=float, required=True, help="dense pretraining tokens")
+    p.add_argument("--d2", type=float, required=True, help="MoE training tokens after upcycling")
+    p.add_argument("--experts", type=int, required=True)
+    p.add_argument("--top-k", type=int, required=True)
+    p.add_argument("--granularity", type=int, default=1)
+    p.add_argument("--count-sunk-cost", action="store_true",
+                   help="count the dense model's compute against upcycling (default: it exists anyway)")
+    p.set_defaults(func=cmd_predict)
+
+    from . import launch, plan
+
+    p = commands.add_parser("plan", help="the admin's view: jobs per rule, resources, GPU-hours")
+    plan.add_arguments(p)
+    p.set_defaults(func=plan.run)
+
+    p = commands.add_parser("submit", help="submit one training job to Slurm with submitit")
+    launch.add_arguments(p)
+    p.set_defaults(func=launch.run)
 
     args = parser.parse_args(argv)
     _setup_logging()

@@ -53,9 +53,11 @@ INTERVAL_LEVEL = 0.95
 # a sum of Huber losses of order 1e-6..1e-2, so ftol must be far below the default to converge.
 _LBFGSB_OPTIONS = dict(maxiter=20000, maxfun=40000, ftol=1e-16, gtol=1e-13, maxcor=20)
 _LSQ_TOLERANCES = dict(ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=20000)
-# Bootstrap / held-out refits: their coefficients need to be far more precise than their
-# spread across resamples, not at machine precision
-_REFIT_TOLERANCES = dict(ftol=1e-10, xtol=1e-10, gtol=1e-10, max_nfev=5000)
+# Screening the starts, and bootstrap / held-out refits: coefficients far more precise than
+# their spread across resamples, not at machine precision; the main fit's best start is then
+# polished with _LSQ_TOLERANCES. (With a tiny Huber delta the objective is nearly L1, and in a
+# degenerate valley the trust region crawls: the evaluation cap bounds that.)
+_SCREEN_TOLERANCES = dict(ftol=1e-10, xtol=1e-10, gtol=1e-10, max_nfev=1000)
 _AGREEMENT = 1e-6  # relative objective difference at which two solvers "agree"
 _GRID_CHUNK = 2048  # grid points evaluated per vectorised block (bounds memory)
 _BOOTSTRAP_GRID_POOL = 16  # grid points of the full fit kept for bootstrap / held-out refits
@@ -224,9 +226,10 @@ def _optimize(law: Law, problem: _LogProblem, candidates: np.ndarray, n_starts: 
               extra_starts: list[np.ndarray] = (), verify: bool = True) -> _Optimum:
     """Best local optimum from the n_starts best candidates (and the extra starts).
 
-    Each start is refined by trust-region least squares with the Huber loss; with ``verify``,
-    L-BFGS-B (a different algorithm on the same objective) is restarted from the best point and
-    the two alternate until neither improves on the other by more than 1e-6 relative.
+    Each start is refined by trust-region least squares with the Huber loss. With ``verify``
+    (the main fit) the best is polished to tight tolerances, then L-BFGS-B (a different
+    algorithm on the same objective) restarts from it, the two alternating until neither
+    improves on the other by more than 1e-6 relative.
     """
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         objectives = problem.objectives(candidates)
@@ -238,9 +241,9 @@ def _optimize(law: Law, problem: _LogProblem, candidates: np.ndarray, n_starts: 
     starts = [*extra_starts, *ranked[:n_starts]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        tolerances = _LSQ_TOLERANCES if verify else _REFIT_TOLERANCES
-        runs = sorted((_least_squares(law, problem, np.asarray(theta0, dtype=float), tolerances)
-                       for theta0 in starts), key=lambda run: run[1])
+        runs = sorted((_least_squares(law, problem, np.asarray(theta0, dtype=float),
+                                      _SCREEN_TOLERANCES) for theta0 in starts),
+                      key=lambda run: run[1])
         theta, objective, lsq_message = runs[0]
         details = {
             "starts": len(starts),
@@ -249,16 +252,18 @@ def _optimize(law: Law, problem: _LogProblem, candidates: np.ndarray, n_starts: 
             "agreeing_starts": int(sum(
                 abs(run[1] - objective) <= _AGREEMENT * (abs(objective) + problem.objective_floor)
                 for run in runs)),
-            "least_squares_message": lsq_message,
         }
         if not verify:
-            return _Optimum(theta, objective, details)
+            return _Optimum(theta, objective, {**details, "least_squares_message": lsq_message})
+        polished = _least_squares(law, problem, theta, _LSQ_TOLERANCES)
+        if polished[1] <= objective:
+            theta, objective, lsq_message = polished
         for rounds in range(1, 4):
             check = _lbfgsb(law, problem, theta)
             gain = (objective - check[1]) / (abs(objective) + problem.objective_floor)
             if gain <= _AGREEMENT:
                 break
-            theta, objective, lsq_message = _least_squares(law, problem, check[0])
+            theta, objective, lsq_message = _least_squares(law, problem, check[0], _LSQ_TOLERANCES)
     details.update({
         "lbfgsb_message": check[2],
         "least_squares_message": lsq_message,

@@ -165,11 +165,14 @@ def plan_fits(table: pd.DataFrame) -> list[FitTask]:
 def fit_all(ds: xr.Dataset, fit_cfg: Mapping[str, Any] | None,
             out_dir: str | Path | None = "results/fits") -> dict[str, FitResult]:
     """Fit every law the store supports; skipped laws keep the reason. ``fit_cfg`` is the
-    config's ``fit`` section (``bootstrap``, ``huber_delta``, ``seed``)."""
+    config's ``fit`` section (``bootstrap``, ``huber_delta``, ``seed``; optionally
+    ``n_starts``, the grid starts of each main fit)."""
     fit_cfg = dict(fit_cfg or {})
     options = dict(huber_delta=float(fit_cfg.get("huber_delta", DEFAULT_HUBER_DELTA)),
                    n_bootstrap=int(fit_cfg.get("bootstrap", 64)),
                    seed=int(fit_cfg.get("seed", 0)))
+    if "n_starts" in fit_cfg:  # not a config key: lets tests and quick looks trade care for time
+        options["n_starts"] = int(fit_cfg["n_starts"])
     fits: dict[str, FitResult] = {}
     for task in plan_fits(runs_table(ds)):
         context = {**task.context, "key": task.key}

@@ -17,33 +17,33 @@ rule fit:
     input:
         rules.aggregate.output,
     output:
-        summary=R / "fits" / "summary.json",
+        directory(R / "fits"),
     log:
         LOGS / "fit.log",
     threads: 2
     conda:
         "../../envs/cpu.yml"
     shell:
-        "upcycling fit {CONFIG_ARGS} --store {input} --out-dir $(dirname {output.summary}) > {log} 2>&1"
+        "upcycling fit {CONFIG_ARGS} --store {input} --out-dir {output} > {log} 2>&1"
 
 
 rule report:
     """Markdown summary and figures: law fits, residuals, the a3 effect, the break-even curve."""
     input:
         store=rules.aggregate.output,
-        fits=rules.fit.output.summary,
+        fits=rules.fit.output,
     output:
         summary=R / "report" / "summary.md",
-        figures=report(
-            directory(R / "report" / "figures"),
-            patterns=["{name}.png"],
-            caption="../report/figures.rst",
-            category="Scaling laws",
-        ),
+        guidance=R / "report" / "guidance.json",
+        figures=[
+            report(R / "report" / name, caption="../report/figures.rst", category="Scaling laws")
+            for name in ("loss_vs_d2.png", "residuals.png", "effective_exponent.png", "break_even.png",
+                         "equal_compute.png")
+        ],
     log:
         LOGS / "report.log",
     conda:
         "../../envs/cpu.yml"
     shell:
-        "upcycling report {CONFIG_ARGS} --store {input.store} --fits $(dirname {input.fits})"
+        "upcycling report {CONFIG_ARGS} --store {input.store} --fits {input.fits}"
         " --out-dir $(dirname {output.summary}) > {log} 2>&1"

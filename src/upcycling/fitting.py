@@ -13,19 +13,22 @@ Public functions and classes:
   ``to_dict``/``from_dict``, ``save``/``load`` (one JSON per law); ``FitResult.skipped(...)``.
 
 Method. The objective is the sum of Huber losses (delta 1e-3 by default) of the residuals of
-log loss, log L_pred - log L, with log L_pred a logsumexp of terms linear in the parameters.
-The fit runs on variables scaled to the geometric mean of the data (conditioning), from the
-best points of a grid of initial values, each refined by L-BFGS-B (lmfit ``lbfgsb``, with the
-exact gradient) to tight tolerances; the best is then polished by a trust-region least-squares
-solve with the same Huber loss (lmfit ``least_squares``, ``loss='huber'``, ``f_scale=delta``,
-exact Jacobian). Two solvers agreeing is what "converged" means here: these laws are weakly
-identified, and a fit that stops early predicts well while its coefficients are far off.
+log loss, log L_pred - log L, with log L_pred a logsumexp of terms linear in the parameters
+(exact gradients and Jacobians). The fit runs on variables scaled to the geometric mean of the
+data (conditioning), within bounds, from the best points of a grid of initial values: each is
+refined by trust-region least squares with scipy's Huber loss (lmfit ``least_squares``,
+``loss='huber'``, ``f_scale=delta``: exactly the objective above), the best is polished to
+tight tolerances, and L-BFGS-B (lmfit ``lbfgsb`` on the same scalar objective, exact gradient,
+ftol 1e-16) restarts from it; the two alternate until neither improves on the other, and only
+then is the fit flagged ``converged``. These laws are weakly identified: a fit that stops early
+predicts well while its coefficients are far off.
 
 Uncertainty. Standard errors come from the asymptotic covariance sigma^2 (J^T J)^-1 of the
 log-residuals at the fit (J: Jacobian of log L_pred, sigma^2 = RSS / (n - p)), mapped to natural
-units by the delta method; they are NaN, with the reason recorded, when J^T J is singular or there
-are no degrees of freedom. Bootstrap intervals resample runs with replacement and refit (from
-the best fit and the best few grid points), percentile 95%.
+units by the delta method; they are NaN, with the reason recorded, when J^T J is singular. The
+bootstrap resamples runs with replacement (a resample that cannot identify the law, e.g. with
+too few distinct points, is redrawn) and refits from the best fit (plus the best grid point
+when it starts lower); intervals are percentile 95%.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ _AGREEMENT = 1e-6  # relative objective difference at which two solvers "agree"
 _GRID_CHUNK = 2048  # grid points evaluated per vectorised block (bounds memory)
 _BOOTSTRAP_GRID_POOL = 16  # grid points of the full fit kept for bootstrap / held-out refits
 _MAX_CONDITION = 1e13  # J^T J beyond this condition number: parameters not identified
+_MAX_REDRAWS = 100  # attempts at an identifiable bootstrap resample
 
 
 def huber(residuals: np.ndarray, delta: float) -> np.ndarray:
@@ -204,10 +208,10 @@ def _lbfgsb(law: Law, problem: _LogProblem, theta0: np.ndarray):
 
 
 def _least_squares(law: Law, problem: _LogProblem, theta0: np.ndarray, tolerances=None):
-    """Polish: trust-region reflective least squares with scipy's Huber loss.
+    """Trust-region reflective least squares with scipy's Huber loss, from theta0.
 
-    scipy's cost with loss='huber' and f_scale=delta is sum(huber(r, delta)) exactly, the same
-    objective as the L-BFGS-B stage; its native bounds and exact Jacobian converge tightly.
+    scipy's cost with loss='huber' and f_scale=delta is sum(huber(r, delta)) exactly, the
+    objective that L-BFGS-B minimises; lmfit passes the bounds natively here.
     """
     minimizer = lmfit.Minimizer(lambda p: problem.residuals(_vector(law, p)),
                                 _parameters(law, theta0), calc_covar=False)
@@ -236,7 +240,8 @@ def _optimize(law: Law, problem: _LogProblem, candidates: np.ndarray, n_starts: 
         if len(extra_starts):
             # refits start from a previous optimum; grid points join only if they start lower
             threshold = problem.objectives(np.asarray(extra_starts, dtype=float)).min()
-            candidates, objectives = candidates[objectives < threshold], objectives[objectives < threshold]
+            lower = objectives < threshold
+            candidates, objectives = candidates[lower], objectives[lower]
     ranked = candidates[np.argsort(objectives, kind="stable")]
     starts = [*extra_starts, *ranked[:n_starts]]
     with warnings.catch_warnings():
@@ -263,7 +268,9 @@ def _optimize(law: Law, problem: _LogProblem, candidates: np.ndarray, n_starts: 
             gain = (objective - check[1]) / (abs(objective) + problem.objective_floor)
             if gain <= _AGREEMENT:
                 break
-            theta, objective, lsq_message = _least_squares(law, problem, check[0], _LSQ_TOLERANCES)
+            # L-BFGS-B found lower ground: continue from there with the other solver
+            polished = _least_squares(law, problem, check[0], _LSQ_TOLERANCES)
+            theta, objective, lsq_message = min(polished, check, key=lambda run: run[1])
     details.update({
         "lbfgsb_message": check[2],
         "least_squares_message": lsq_message,
@@ -388,6 +395,14 @@ class FitResult:
 # --------------------------------------------------------------------------------------------
 
 
+def _identifiable(law: Law, arrays: Mapping[str, np.ndarray], index: np.ndarray) -> bool:
+    try:
+        check_data(law, {name: values[index] for name, values in arrays.items()})
+    except ValueError:
+        return False
+    return True
+
+
 def _gaussian_information_criteria(log_residuals: np.ndarray, n_params: int):
     """AIC and BIC of a Gaussian likelihood of the log residuals (variance fitted: p + 1)."""
     n = log_residuals.size
@@ -399,31 +414,41 @@ def _gaussian_information_criteria(log_residuals: np.ndarray, n_params: int):
 
 def _standard_errors(law: Law, problem: _LogProblem, theta: np.ndarray,
                      unscale: np.ndarray) -> tuple[dict[str, float], str]:
-    """Delta-method standard errors of the natural parameters, or NaN and why."""
+    """Delta-method standard errors of the natural parameters, or NaN and why.
+
+    Parameters pinned at a bound are held fixed (their error is NaN): a pinned amplitude's
+    Jacobian column vanishes and would make J^T J singular for all the others.
+    """
     nan = {name: math.nan for name in law.natural_names}
     n, p = problem.log_loss.size, law.n_params
     if n <= p:
         return nan, f"no degrees of freedom ({n} points, {p} parameters)"
-    jac = problem.jacobian(theta)
+    bounds = np.array([spec.bounds for spec in law.params])
+    width = bounds[:, 1] - bounds[:, 0]
+    pinned = np.minimum(theta - bounds[:, 0], bounds[:, 1] - theta) <= 1e-6 * width
+    free = np.flatnonzero(~pinned)
+    if free.size == 0:
+        return nan, "every parameter is at a bound"
+    jac = problem.jacobian(theta)[:, free]
     information = jac.T @ jac
     condition = np.linalg.cond(information)
     if not np.isfinite(condition) or condition > _MAX_CONDITION:
-        return nan, f"J^T J is singular (condition number {condition:.3g}): parameters not identified"
+        return nan, (f"J^T J is singular (condition number {condition:.3g}): parameters not "
+                     f"identified")
     residuals = problem.residuals(theta)
-    variance = float(residuals @ residuals) / (n - p)
-    covariance = unscale @ (variance * np.linalg.inv(information)) @ unscale.T
+    variance = float(residuals @ residuals) / (n - free.size)
+    to_natural = unscale[:, free]
+    covariance = to_natural @ (variance * np.linalg.inv(information)) @ to_natural.T
     natural_theta = unscale @ theta
     errors = {}
     for i, spec in enumerate(law.params):
-        se = math.sqrt(max(covariance[i, i], 0.0))
+        se = math.nan if pinned[i] else math.sqrt(max(covariance[i, i], 0.0))
         # amplitude A = exp(log A): dA = A * d(log A)
         errors[spec.natural] = float(np.exp(natural_theta[i]) * se) if spec.is_log_amplitude else se
     note = "asymptotic sigma^2 (J^T J)^-1 of log residuals at the Huber fit, delta method"
-    low_high = np.array([spec.bounds for spec in law.params])
-    at_bound = [spec.name for spec, value, (low, high) in zip(law.params, theta, low_high)
-                if min(value - low, high - value) <= 1e-6 * (high - low)]
-    if at_bound:
-        note += f"; unreliable for parameters at a bound: {', '.join(at_bound)}"
+    if pinned.any():
+        names = ", ".join(spec.name for spec, at in zip(law.params, pinned) if at)
+        note += f"; held fixed at a bound (no standard error): {names}"
     return errors, note
 
 
@@ -476,11 +501,26 @@ def fit_law(law: str | Law, data: Mapping[str, Any], *,
     # bootstrap: resample runs with replacement, refit, percentile interval
     rng = np.random.default_rng(seed)
     samples = {name: [] for name in law.natural_names}
+    redrawn = 0
     for _ in range(int(n_bootstrap)):
-        index = rng.integers(0, loss.size, loss.size)
+        for _attempt in range(_MAX_REDRAWS):
+            index = rng.integers(0, loss.size, loss.size)
+            if _identifiable(law, arrays, index):
+                break
+            redrawn += 1
+        else:
+            continue  # data too small for identifiable resamples: fewer samples
         sample = law.to_natural(unscale @ refit(index))
         for name in law.natural_names:
             samples[name].append(sample[name])
+    bootstrap = {"n": int(n_bootstrap), "seed": int(seed), "redrawn": redrawn,
+                 "n_samples": len(samples[law.natural_names[0]]), "samples": samples}
+    if redrawn > n_bootstrap:
+        # most resamples of so few runs cannot identify the law; those that can are close to
+        # permutations of the data, so the spread understates the uncertainty
+        bootstrap["note"] = (f"{redrawn} of {redrawn + bootstrap['n_samples']} resamples could "
+                             f"not identify the law and were redrawn: intervals understate the "
+                             f"uncertainty ({loss.size} runs for {law.n_params} parameters)")
     tail = 100 * (1 - INTERVAL_LEVEL) / 2
     interval = {name: [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
                 for name, values in samples.items() if values}
@@ -513,7 +553,7 @@ def fit_law(law: str | Law, data: Mapping[str, Any], *,
         stderr=stderr,
         stderr_note=stderr_note,
         interval=interval,
-        bootstrap={"n": int(n_bootstrap), "seed": int(seed), "samples": samples},
+        bootstrap=bootstrap,
         rmse=float(np.sqrt(np.mean((predicted - loss) ** 2))),
         huber=best.objective,
         huber_delta=float(huber_delta),

@@ -292,7 +292,11 @@ class TrainingTask(_CheckpointableBase):
             raise RuntimeError(f"upcycling train {' '.join(self.train_args)} exited {code}")
         result = {"returncode": code, "seconds": time.time() - started, "restarts": restart,
                   "job_id": os.environ.get("SLURM_JOB_ID"), "rank": int(os.environ.get("SLURM_PROCID", 0) or 0)}
-        metrics = self.metrics_path()
+        try:
+            metrics = self.metrics_path()
+        except Exception as exc:  # the training succeeded; a result without metrics is still one
+            log.warning("could not locate the run's metrics: %s", exc)
+            metrics = None
         if metrics is not None and metrics.is_file():
             payload = json.loads(metrics.read_text())
             result.update(metrics_path=str(metrics), final_val_loss=payload.get("final_val_loss"),
@@ -426,13 +430,14 @@ def submit_training(cfg_path: str | os.PathLike, train_args: Sequence[str], fold
     partition = partition or resources.get("slurm_partition")
     account = account or resources.get("slurm_account")
 
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster,
+                                     **({"slurm_max_num_timeout": max_num_timeout} if cluster in (None, "slurm") else {}))
     params = dict(timeout_min=timeout_min, nodes=nodes, tasks_per_node=tasks_per_node,
                   cpus_per_task=cpus_per_task, mem_gb=mem_gb, name="upcycling-train")
     if gpus_per_node:
         params["gpus_per_node"] = gpus_per_node
     if executor.cluster == "slurm":
-        params.update(slurm_signal_delay_s=signal_delay_s, slurm_max_num_timeout=max_num_timeout)
+        params["slurm_signal_delay_s"] = signal_delay_s
         if partition:
             params["slurm_partition"] = partition
         extra = dict(additional_parameters or {})

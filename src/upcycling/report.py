@@ -359,6 +359,9 @@ def predict(fits: Mapping[str, FitResult], n1: float, d1: float, d2: float, expe
             "break_even_d2": break_even.d2_star,
             "break_even_status": break_even.status,
         }
+    for fit in (upcycled, scratch):
+        if fit.bootstrap.get("note"):
+            notes.append(f"{fit.context.get('key', fit.law)}: {fit.bootstrap['note']}")
     chosen = by_accounting["sunk_cost_counted" if count_sunk_cost else "sunk_cost_not_counted"]
     out.update(recommendation=chosen["recommendation"], count_sunk_cost=count_sunk_cost,
                by_accounting=by_accounting, notes=notes)
@@ -421,6 +424,8 @@ def _parameter_lines(fits: Mapping[str, FitResult]) -> list[str]:
         lines += _table(header, rows)
         if fit.stderr_note:
             lines += [f"Standard errors: {fit.stderr_note}.", ""]
+        if fit.bootstrap.get("note"):
+            lines += [f"Bootstrap: {fit.bootstrap['note']}.", ""]
         if fit.held_out:
             held = []
             for variable, entry in fit.held_out.items():

@@ -1,0 +1,249 @@
+"""The results store (metrics JSONs -> zarr) and the report built on it."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from upcycling import laws, report, results
+from upcycling.fitting import FitResult
+
+CONFIG_TEXT = "fit:\n  bootstrap: 4\n  huber_delta: 1.0e-3\n"
+
+
+def write_metrics(root, coords, loss, *, n1, n2, n_total, tokens, curve_tokens=None,
+                  name=None):
+    """One metrics JSON as the trainer writes it (docs/contracts.md)."""
+    curve_tokens = curve_tokens if curve_tokens is not None else [tokens // 2, tokens]
+    run_id = name or "/".join(str(coords[k]) for k in results.COORDS)
+    path = root / run_id / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": 1,
+        "run_id": run_id,
+        "coords": coords,
+        "n_params": n_total,
+        "active_params": n2,
+        "dense_params": n1,
+        "non_embedding_params": n_total // 2,
+        "active_non_embedding_params": n2 // 2,
+        "final_val_loss": loss,
+        "tokens_seen": tokens,
+        "flops": 6.0 * n2 * tokens,
+        "wall_time_s": 1.5,
+        "curve": {"tokens": list(curve_tokens),
+                  "val_loss": [loss + 0.1 * (len(curve_tokens) - i)
+                               for i in range(len(curve_tokens))]},
+        "train_curve": {"tokens": [], "loss": []},
+        "config_sha256": "0" * 64,
+        "code_version": "test",
+    }
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def coords(size, init, d1, d2, experts=4, top_k=2, granularity=1, seed=0):
+    if init == "dense":
+        experts, top_k = 1, 1
+    return dict(size=size, init=init, seed=seed, d1_tokens=d1, d2_tokens=d2, experts=experts,
+                top_k=top_k, granularity=granularity)
+
+
+# ---- aggregate ------------------------------------------------------------------------------
+
+
+def small_sweep(root):
+    paths = []
+    for d1 in (1000, 2000):
+        paths.append(write_metrics(root, coords("xs", "dense", d1, 0), 5.0 - d1 / 1e4,
+                                   n1=100, n2=100, n_total=100, tokens=d1,
+                                   curve_tokens=[250, 500, d1]))
+        for d2 in (1000, 3000):
+            paths.append(write_metrics(root, coords("xs", "upcycled", d1, d2), 4.0 - d2 / 1e4,
+                                       n1=100, n2=130, n_total=250, tokens=d2))
+    paths.append(write_metrics(root, coords("s", "scratch", 0, 3000), 4.5, n1=130, n2=130,
+                               n_total=250, tokens=3000, curve_tokens=[700, 3000]))
+    return paths
+
+
+def test_aggregate_round_trip(tmp_path):
+    paths = small_sweep(tmp_path / "runs")
+    store = tmp_path / "losses.zarr"
+    results.aggregate(paths, store, CONFIG_TEXT, "0.1.0+test")
+    ds = xr.open_zarr(store, consolidated=False)
+    assert list(ds["final_val_loss"].dims) == list(results.COORDS)
+    assert ds["curve_val_loss"].dims[-1] == "curve_tokens"
+    assert ds.attrs["config"] == CONFIG_TEXT and ds.attrs["code_version"] == "0.1.0+test"
+
+    curve_union = sorted({t for p in paths for t in json.loads(p.read_text())["curve"]["tokens"]})
+    assert ds["curve_tokens"].values.tolist() == curve_union
+    for path in paths:
+        payload = json.loads(path.read_text())
+        at = ds.sel(payload["coords"])
+        for name in results.SCALARS:
+            assert float(at[name]) == pytest.approx(payload[name]), (path, name)
+        curve = at["curve_val_loss"].to_series()
+        expected = dict(zip(payload["curve"]["tokens"], payload["curve"]["val_loss"]))
+        for token, value in curve.items():
+            if token in expected:
+                assert value == pytest.approx(expected[token])
+            else:
+                assert math.isnan(value)
+    # combinations that were not run are NaN
+    assert np.isnan(float(ds["final_val_loss"].sel(coords("xs", "scratch", 0, 3000))))
+    assert np.isnan(float(ds["final_val_loss"].sel(coords("s", "upcycled", 1000, 1000))))
+    assert int(np.isfinite(ds["final_val_loss"]).sum()) == len(paths)
+
+    table = results.runs_table(results.load_losses(store))
+    assert len(table) == len(paths)
+    upcycled = results.select_runs(table, "upcycled", size="xs", experts=4)
+    data = results.law_data(upcycled, "dataset")
+    assert sorted(data) == ["d1", "d2", "loss"] and data["loss"].size == 4
+    assert np.allclose(upcycled["sparsity"], 250 / 130)
+
+
+def test_aggregate_replaces_an_existing_store(tmp_path):
+    store = tmp_path / "losses.zarr"
+    first = small_sweep(tmp_path / "a")
+    results.aggregate(first, store, CONFIG_TEXT, "v1")
+    second = [write_metrics(tmp_path / "b", coords("m", "dense", 4000, 0), 3.0, n1=9, n2=9,
+                            n_total=9, tokens=4000)]
+    results.aggregate(second, store, CONFIG_TEXT, "v2")
+    ds = results.load_losses(store)
+    assert ds.attrs["code_version"] == "v2"
+    assert ds["size"].values.tolist() == ["m"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "losses.zarr"]
+
+
+def test_missing_coordinate_names_the_file(tmp_path):
+    paths = small_sweep(tmp_path / "runs")
+    broken = write_metrics(tmp_path / "runs", coords("xs", "upcycled", 5000, 1000), 3.9, n1=1,
+                           n2=1, n_total=1, tokens=1000, name="broken")
+    payload = json.loads(broken.read_text())
+    del payload["coords"]["d2_tokens"]
+    broken.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=rf"{broken}.*d2_tokens"):
+        results.aggregate(paths + [broken], tmp_path / "losses.zarr", CONFIG_TEXT, "x")
+    assert not (tmp_path / "losses.zarr").exists()
+
+
+def test_duplicate_coordinates_name_both_files(tmp_path):
+    paths = small_sweep(tmp_path / "runs")
+    twin = write_metrics(tmp_path / "runs", coords("xs", "dense", 1000, 0), 4.0, n1=100, n2=100,
+                         n_total=100, tokens=1000, name="twin")
+    with pytest.raises(ValueError, match=rf"duplicate.*{paths[0]}.*{twin}"):
+        results.aggregate(paths + [twin], tmp_path / "losses.zarr", CONFIG_TEXT, "x")
+
+
+def test_malformed_metrics_are_errors(tmp_path):
+    path = write_metrics(tmp_path, coords("xs", "dense", 1000, 0), 4.0, n1=1, n2=1, n_total=1,
+                         tokens=1000)
+    payload = json.loads(path.read_text())
+    payload["final_val_loss"] = None
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=rf"{path}.*final_val_loss"):
+        results.read_metrics(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=str(path)):
+        results.read_metrics(path)
+
+
+# ---- report on a synthetic study ------------------------------------------------------------
+
+DENSE_SIZES = {"xs": 2.0e5, "s": 6.0e5, "m": 1.8e6}
+TOKENS = [131072, 262144, 524288, 1048576]
+TRUE_DENSE = dict(E=2.0, A=300.0, alpha=0.35, B=800.0, beta=0.35)
+TRUE_JOINT = dict(A=400.0, alpha1=0.3, alpha2=0.4, alpha3=0.015, B=300.0, beta2=0.35, E=1.9)
+TRUE_SCRATCH = dict(E=1.9, A=280.0, alpha=0.35, B=150.0, beta=0.36)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A synthetic study (3 dense sizes; dense, upcycled and scratch runs), aggregated and
+    fitted."""
+    root = tmp_path_factory.mktemp("study")
+    rng = np.random.default_rng(0)
+
+    def noisy(value):
+        return float(value * np.exp(rng.normal(0.0, 0.002)))
+
+    paths = []
+    for size, n1 in DENSE_SIZES.items():
+        n2, n_total = int(1.3 * n1), int(2.5 * n1)
+        for d1 in TOKENS:
+            paths.append(write_metrics(root / "runs", coords(size, "dense", d1, 0),
+                                       noisy(laws.chinchilla(n1, d1, **TRUE_DENSE)),
+                                       n1=int(n1), n2=int(n1), n_total=int(n1), tokens=d1))
+            for d2 in TOKENS:
+                paths.append(write_metrics(root / "runs", coords(size, "upcycled", d1, d2),
+                                           noisy(laws.joint(d1, d2, n1, **TRUE_JOINT)),
+                                           n1=int(n1), n2=n2, n_total=n_total, tokens=d2))
+        for d in TOKENS:
+            paths.append(write_metrics(root / "runs", coords(size, "scratch", 0, d),
+                                       noisy(laws.chinchilla(n2, d, **TRUE_SCRATCH)),
+                                       n1=n2, n2=n2, n_total=n_total, tokens=d))
+    store = root / "losses.zarr"
+    results.aggregate(paths, store, CONFIG_TEXT, "test")
+    ds = results.load_losses(store)
+    fits = report.fit_all(ds, {"bootstrap": 4, "huber_delta": 1e-3, "seed": 0, "n_starts": 6},
+                          out_dir=root / "fits")
+    return root, ds, fits
+
+
+def test_fit_all_fits_what_the_data_supports(study):
+    root, ds, fits = study
+    for key in ("dataset.xs.e4k2g1", "dataset_additive.m.e4k2g1", "joint.e4k2g1",
+                "chinchilla_dense", "chinchilla_scratch.e4k2g1", "scratch_power.s.e4k2g1"):
+        assert fits[key].ok, (key, fits[key].reason)
+    # one MoE configuration per size: 3 (P, N2) configurations for 5 parameters
+    assert not fits["model_config"].ok
+    assert "model_config" in fits["model_config"].reason and "6" in fits["model_config"].reason
+    written = report.load_fits(root / "fits")
+    assert set(written) == set(fits)
+    assert written["joint.e4k2g1"].params == pytest.approx(fits["joint.e4k2g1"].params)
+    assert fits["joint.e4k2g1"].context["sizes"]["s"]["n1"] == DENSE_SIZES["s"]
+    assert fits["chinchilla_dense"].params["alpha"] == pytest.approx(TRUE_DENSE["alpha"], abs=0.1)
+
+
+def test_write_report(study, tmp_path):
+    _, ds, fits = study
+    guidance_rows = report.compute_guidance(fits)
+    assert guidance_rows and {"d2_star", "status", "count_sunk_cost"} <= set(guidance_rows[0])
+    written = report.write_report(ds, fits, guidance_rows, tmp_path / "report")
+    summary = written["summary"].read_text()
+    for heading in ("## Fitted laws", "## Laws against their baselines", "## When to stop",
+                    "## Laws not fitted", "`dataset.xs.e4k2g1`", "alpha3"):
+        assert heading in summary
+    for name, filename in report.FIGURES.items():
+        png = tmp_path / "report" / filename
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"({filename})" in summary
+    assert json.loads(written["guidance"].read_text())
+
+
+def test_write_report_without_fits(study, tmp_path):
+    _, ds, _ = study
+    skipped = {"dataset": FitResult.skipped("dataset", "no upcycled runs in the store")}
+    written = report.write_report(ds, skipped, None, tmp_path)
+    assert "no upcycled runs" in written["summary"].read_text()
+    assert all((tmp_path / f).exists() for f in report.FIGURES.values())
+
+
+def test_predict(study):
+    _, _, fits = study
+    out = report.predict(fits, DENSE_SIZES["s"], 262144, 524288, experts=4, top_k=2)
+    assert out["law"] == "joint.e4k2g1"
+    low, high = out["interval"]
+    assert low <= out["loss"] <= high
+    true = laws.joint(262144, 524288, DENSE_SIZES["s"], **TRUE_JOINT)
+    assert out["loss"] == pytest.approx(true, rel=0.01)
+    assert out["recommendation"] in ("upcycle", "scratch")
+    assert set(out["by_accounting"]) == {"sunk_cost_counted", "sunk_cost_not_counted"}
+    counted = out["by_accounting"]["sunk_cost_counted"]
+    assert counted["scratch_tokens"] == pytest.approx(
+        524288 + DENSE_SIZES["s"] * 262144 / out["inputs"]["n2"])
+    json.dumps(out, allow_nan=False)
+    with pytest.raises(ValueError, match="no fitted law"):
+        report.predict(fits, DENSE_SIZES["s"], 1e5, 1e5, experts=8, top_k=2)

@@ -1,0 +1,485 @@
+"""Slurm support: the Slurm -> torch.distributed mapping and the sweep plan (pure, no cluster), and
+against a real single-node Slurm cluster on this machine (marker ``slurm``; the session fixture
+starts it with scripts/slurm/start-local-cluster.sh and skips, saying why, when it cannot):
+
+- submitit submits a function and a training job; the training job is interrupted the way a
+  time-out is announced, checkpoints, requeues and resumes;
+- srun starts a two-process training job whose ranks come from Slurm's variables;
+- ``snakemake --profile profiles/slurm`` runs the tiny sweep end to end; one training job is
+  cancelled with scancel while it runs, and the rerun redoes only it and what depends on it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, cli_env, read_json, write_config
+from upcycling import launch, sweep
+from upcycling.plan import format_plan, load_config_for_plan, plan
+
+START = REPO / "scripts" / "slurm" / "start-local-cluster.sh"
+SLURM_TINY = REPO / "tests" / "configs" / "slurm_tiny.yaml"
+PAPER = REPO / "config" / "paper.yaml"
+TRAINING_RULES = ("dense_stable", "dense_final", "upcycled_stable", "upcycled_final", "scratch_stable",
+                  "scratch_final")
+
+
+# ----------------------------------------------------------------------------- no cluster needed
+
+
+def test_expand_nodelist():
+    assert launch.expand_nodelist("vm") == ["vm"]
+    assert launch.expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert launch.expand_nodelist("r[1-2]n[08-09]") == ["r1n08", "r1n09", "r2n08", "r2n09"]
+    assert launch.expand_nodelist("a[9-11]") == ["a9", "a10", "a11"]
+    with pytest.raises(ValueError):
+        launch.expand_nodelist("gpu[01-02")
+
+
+def test_env_from_slurm_maps_a_step_task():
+    environ = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+               "SLURM_NODEID": "1", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "123456",
+               "SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_STEP_NODELIST": "gpu[017-018]"}
+    env = launch.env_from_slurm(environ)
+    assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "NODE_RANK": "1", "MASTER_ADDR": "gpu017",
+                   "MASTER_PORT": str(12000 + 123456 % 20000)}
+    # Every rank of the job derives the same master address and port.
+    other = launch.env_from_slurm({**environ, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})
+    assert (other["MASTER_ADDR"], other["MASTER_PORT"]) == (env["MASTER_ADDR"], env["MASTER_PORT"])
+    # A port or address already given wins.
+    assert launch.env_from_slurm({**environ, "MASTER_PORT": "29500"})["MASTER_PORT"] == "29500"
+    assert environ.get("RANK") is None  # pure: the input is not touched
+
+
+def test_env_from_slurm_outside_a_step_is_one_process():
+    """The batch script itself (no SLURM_STEP_ID) says NTASKS=8 but is a single process."""
+    environ = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "7",
+               "SLURM_JOB_NODELIST": "node1"}
+    env = launch.env_from_slurm(environ)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("0", "1", "0", "node1")
+    with pytest.raises(KeyError):
+        launch.env_from_slurm({"SLURM_NTASKS": "2"})
+    with pytest.raises(ValueError):
+        launch.env_from_slurm({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0",
+                               "SLURM_JOB_NODELIST": "n1"})
+
+
+def test_apply_slurm_env_only_for_multi_process_steps():
+    step = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+            "SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "vm"}
+    environ = dict(step)
+    assert launch.apply_slurm_env(environ)["RANK"] == "1"
+    assert environ["WORLD_SIZE"] == "2" and environ["MASTER_ADDR"] == "vm"
+    # RANK already set (torchrun, deepspeed launcher): untouched.
+    assert launch.apply_slurm_env({**step, "RANK": "0"}) == {}
+    # One task: left to the trainer's single-process path (a free local port).
+    single = {**step, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0"}
+    assert launch.apply_slurm_env(dict(single)) == {}
+    assert launch.apply_slurm_env({"PATH": "/bin"}) == {}
+
+
+def test_train_command_and_resources():
+    assert launch.train_command("c.yaml", ["--family", "dense"], gpus_per_node=1) == \
+        ["upcycling", "train", "--config", "c.yaml", "--family", "dense"]
+    command = launch.train_command("c.yaml", ["--size", "s"], gpus_per_node=8, nodes=2, cpus_per_task=4)
+    assert command[:6] == ["srun", "--nodes=2", "--ntasks-per-node=8", "--kill-on-bad-exit=1",
+                           "--cpus-per-task=4", "upcycling"]
+    assert command[6:] == ["train", "--config", "c.yaml", "--size", "s"]
+    assert launch.snakemake_resources(1) == {} and launch.snakemake_resources(0) == {}
+    assert launch.snakemake_resources(8) == {"mpi": "srun", "tasks_per_node": 8}
+    assert launch.snakemake_resources(2, nodes=2) == {"mpi": "srun", "tasks": 2}
+
+
+def test_submit_cli_parses_training_arguments():
+    parser = __import__("argparse").ArgumentParser()
+    launch.add_arguments(parser)
+    args = parser.parse_args(["--config", "c.yaml", "--timeout-min", "30", "--", "--family", "dense", "--size",
+                              "xs", "--budget", "8192"])
+    assert args.timeout_min == 30 and args.train_args[-2:] == ["--budget", "8192"]
+    assert launch.parse_train_args(args.train_args[1:]).budget == 8192
+    with pytest.raises(ValueError):
+        launch.parse_train_args(["--family", "dense", "--size", "xs"])
+
+
+def test_plan_of_the_paper_config():
+    cfg = load_config_for_plan(PAPER, base_dir=REPO)  # its corpus (/data/corpus) need not exist
+    result = plan(cfg)
+    rules = result["rules"]
+    n_models = len(cfg["dense_models"]) * len(cfg["training"]["seeds"])
+    shapes = len(cfg["sweep"]["experts"]) * len(cfg["sweep"]["top_k"]) * len(cfg["sweep"]["granularity"])
+    d1, d2, ds = (len(cfg["sweep"]["d1_tokens"]), len(cfg["sweep"]["d2_tokens"]),
+                  len(cfg["baselines"]["scratch_d_tokens"]))
+    # Job counts follow the sweep: one stable job per WSD stable point of each lineage, one final
+    # job per budget, one upcycle per (model, D1, MoE shape).
+    assert rules["dense_stable"]["jobs"] == n_models * len(sweep.stable_points(cfg, "dense")) == n_models * d1
+    assert rules["dense_final"]["jobs"] == n_models * d1
+    assert rules["upcycle"]["jobs"] == n_models * d1 * shapes
+    assert rules["upcycled_stable"]["jobs"] == n_models * d1 * shapes * d2
+    assert rules["upcycled_final"]["jobs"] == n_models * d1 * shapes * d2
+    assert rules["scratch_final"]["jobs"] == n_models * shapes * ds
+    assert rules["tokenize"]["jobs"] == rules["aggregate"]["jobs"] == 1
+    assert result["totals"]["runs"] == len(sweep.all_metrics(cfg))
+    training = [job for job in result["jobs"]]
+    assert len(training) == sum(rules[rule]["jobs"] for rule in TRAINING_RULES if rule in rules)
+    for job in training:
+        res = job["resources"]
+        assert res["runtime"] > 0 and res["mem_mb"] > 0 and res["gpu"] == cfg["slurm"]["gpus_per_job"]
+        assert res["nodes"] >= 1 and res["cpus_per_task"] >= 1
+    for key in ("requested_gpu_hours", "expected_gpu_hours"):
+        assert math.isfinite(result["totals"][key]) and result["totals"][key] > 0
+    # Requested time carries the margin and start-up: more than the compute itself.
+    assert result["totals"]["requested_gpu_hours"] > result["totals"]["expected_gpu_hours"]
+    # Paper scale: D into the tens of billions, models from ~100M to over 1B parameters.
+    assert max(cfg["sweep"]["d1_tokens"]) >= 10**10 and max(cfg["sweep"]["d2_tokens"]) >= 10**10
+    text = format_plan(result)
+    assert "GPU-hours requested" in text and "upcycled_final" in text
+    for rule in ("tokenize", "dense_stable", "upcycled_final", "report"):
+        assert re.search(rf"^{rule}\s+{rules[rule]['jobs']}\s", text, re.M), rule
+
+
+def test_paper_config_model_sizes():
+    from upcycling.flops import count_params
+    from upcycling.model import model_config_from
+
+    cfg = load_config_for_plan(PAPER, base_dir=REPO)
+    totals = [count_params(model_config_from(cfg, size, cfg["tokenizer"]["vocab_size"])).total
+              for size in cfg["dense_models"]]
+    assert len(totals) == 4 and totals == sorted(totals)
+    assert 80e6 < totals[0] < 200e6 and totals[-1] > 1e9
+
+
+def test_plan_config_checks_still_apply(tmp_path):
+    """Only the corpus checks are skipped: a bad sweep still fails."""
+    from upcycling.config import ConfigError
+
+    cfg = yaml.safe_load(PAPER.read_text())
+    cfg["sweep"]["top_k"] = [16]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="k <= E"):
+        load_config_for_plan(bad)
+
+
+def test_plan_cli_on_the_paper_config():
+    result = subprocess.run([sys.executable, "-m", "upcycling.plan", "--config", str(PAPER)], cwd=REPO,
+                            env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "GPU-hours requested" in result.stdout and "dense_stable" in result.stdout
+
+
+# ----------------------------------------------------------------------------- the local cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running local Slurm cluster (started here when needed), or a skip that says why."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (start-local-cluster.sh installs packages and starts "
+                    "daemons); run the tests as root to include the Slurm tests")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("Slurm is not installed and there is no apt-get to install it (Debian/Ubuntu needed)")
+    started = time.monotonic()
+    result = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        pytest.skip(f"the local Slurm cluster did not come up (start-local-cluster.sh exited {result.returncode}): "
+                    f"{(result.stderr or result.stdout).strip()[-800:]}")
+    print(f"\nlocal Slurm cluster up in {time.monotonic() - started:.0f} s")
+    return {"bring_up_s": time.monotonic() - started}
+
+
+def slurm_env(**extra: str) -> dict:
+    """What the submitting process exports to its jobs (sbatch --export=ALL): the venv first on
+    PATH, DeepSpeed on CPU, the shared JIT cache."""
+    env = cli_env(**extra)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for key in [key for key in env if key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SNAKEMAKE_"))]:
+        env.pop(key)
+    return env
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def sacct_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"], capture_output=True,
+                         text=True).stdout.split()
+    return out[0] if out else ""
+
+
+def _remote_plan_totals(config_path: str) -> dict:
+    """Runs on a Slurm node: imports upcycling and plans the sweep there."""
+    import socket
+
+    from upcycling.plan import load_config_for_plan, plan
+
+    totals = plan(load_config_for_plan(config_path))["totals"]
+    return {"host": socket.gethostname(), "job_id": os.environ.get("SLURM_JOB_ID"),
+            "training_jobs": totals["training_jobs"], "expected_gpu_hours": totals["expected_gpu_hours"]}
+
+
+@pytest.mark.slurm
+def test_submitit_runs_a_function_on_slurm(slurm_cluster, tmp_path, monkeypatch):
+    import cloudpickle
+    import submitit
+
+    # This test module is not importable on the node: send the function by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    for key, value in slurm_env().items():
+        monkeypatch.setenv(key, value)
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+    executor.update_parameters(timeout_min=5, cpus_per_task=1, mem_gb=1, name="upcycling-plan")
+    job = executor.submit(_remote_plan_totals, str(PAPER))
+    result = job.result()
+    local = plan(load_config_for_plan(PAPER))["totals"]
+    assert result["job_id"] == job.job_id
+    assert result["training_jobs"] == local["training_jobs"]
+    assert result["expected_gpu_hours"] == pytest.approx(local["expected_gpu_hours"])
+    wait_for(lambda: sacct_state(job.job_id) == "COMPLETED", 60, "sacct to report the job COMPLETED")
+
+
+@pytest.mark.slurm
+def test_submitit_training_requeues_and_resumes(slurm_cluster, tiny_workdir, tmp_path):
+    """A training run submitted with submit_training gets the time-out warning while it trains: it
+    checkpoints, requeues itself, and the requeued job resumes from the checkpoint and finishes."""
+    config = write_config(tiny_workdir, {"training": {"schedule": "cosine", "checkpoint_every_tokens": 32768,
+                                                      "eval_every_tokens": 32768, "log_every_steps": 4},
+                                         "sweep": {"d1_tokens": [8192, 131072]},
+                                         "slurm": {"gpus_per_job": 0, "signal_seconds_before_limit": 60}})
+    train_args = ["--family", "dense", "--size", "xs", "--budget", "131072"]
+    job = launch.submit_training(config, train_args, tmp_path / "submitit", workdir=tiny_workdir,
+                                 env=slurm_env(), cpus_per_task=1, mem_gb=3)
+    # Wait until the trainer is past its first step, then announce the time limit (USR2).
+    wait_for(lambda: " step " in _read(job.paths.stdout), 180, "the trainer's first steps", interval=0.2)
+    job._interrupt(timeout=True)
+    result = job.result()
+    log = _read(job.paths.stdout) + _read(job.paths.stderr)
+    assert result["returncode"] == 0 and result["restarts"] >= 1, log[-3000:]
+    assert "resumed its own checkpoint" in log, log[-3000:]
+    metrics = read_json(tiny_workdir / "results" / "dense" / "xs" / "seed0" / "d1_131072" / "metrics.json")
+    assert metrics["tokens_seen"] == 131072 and math.isfinite(metrics["final_val_loss"])
+    assert result["final_val_loss"] == metrics["final_val_loss"]
+
+
+def _read(path) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.slurm
+def test_srun_starts_one_rank_per_task(slurm_cluster, tiny_workdir):
+    """`srun` with two tasks: each process maps Slurm's variables to RANK/WORLD_SIZE/... and the two
+    train one model together (gloo on CPU)."""
+    config = write_config(tiny_workdir, {"training": {"schedule": "cosine"}})
+    command = launch.train_command(config, ["--family", "dense", "--size", "xs", "--budget", "8192"],
+                                   gpus_per_node=2, cpus_per_task=1,
+                                   program=(sys.executable, "-m", "upcycling.launch"),
+                                   srun_extra=["--mem=3000", "--time=10"])
+    assert command[0] == "srun"
+    result = subprocess.run(command, cwd=tiny_workdir, env=slurm_env(), capture_output=True, text=True,
+                            timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "[rank 0]" in output and "[rank 1]" in output
+    metrics = read_json(tiny_workdir / "results" / "dense" / "xs" / "seed0" / "d1_8192" / "metrics.json")
+    assert metrics["tokens_seen"] == 8192 and math.isfinite(metrics["final_val_loss"])
+
+
+# ----------------------------------------------------------------------------- snakemake --profile slurm
+
+
+def _aggregate_available() -> bool:
+    result = subprocess.run([sys.executable, "-m", "upcycling.cli", "aggregate", "--help"], env=cli_env(),
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode == 0
+
+
+def _job_stats(output: str) -> dict[str, int]:
+    """Snakemake's 'Job stats' table (the jobs it is about to run) as {rule: count}."""
+    match = re.search(r"Job stats:\n(?:job\s+count\n[-\s]+\n)(.*?)\ntotal\s+\d+", output, re.S)
+    if not match:
+        return {}
+    return {name: int(count) for name, count in re.findall(r"^(\S+)\s+(\d+)$", match.group(1), re.M)}
+
+
+def _snakemake(workdir: Path, config: Path, targets: list[str], *extra: str, timeout: int = 420, wait=True):
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(workdir), "--configfile", str(config), "--profile", str(REPO / "profiles" / "slurm"),
+               # Faster polling for seconds-long jobs (the profile's 40 s suit hours-long ones).
+               "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
+               "--latency-wait", "5",
+               # Two jobs side by side on the 2-CPU node (the rules ask 2 CPUs per training job).
+               "--default-resources", "cpus_per_task=1", "mem_mb=2000", "runtime=10",
+               "--set-resources", *[f"{rule}:cpus_per_task=1" for rule in TRAINING_RULES],
+               *extra, "--", *targets]
+    process = subprocess.Popen(command, cwd=workdir, env=slurm_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return process
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+CANCELLED_RULE = "upcycled_stable"
+# The job to cancel: the long stable job (to D2's stable point 196608) of the D1=16384 upcycled
+# chain. Its run at D2=262144 depends on it; the chain's run at D2=8192 does not.
+CANCELLED_LINEAGE = sweep.Lineage("upcycled", "xs", 0, 16384, 4, 2, 1)
+CANCELLED_POINT, DEPENDENT_D2 = 196608, 262144
+
+
+def _newest_run_id(workdir: Path, ignore: set) -> str | None:
+    """The plugin's run id (the name of every Slurm job of one snakemake run) from its new log."""
+    logs = sorted(set((workdir / ".snakemake" / "log").glob("*.snakemake.log")) - ignore)
+    match = re.search(r"SLURM run ID: (\S+)", _read(logs[-1])) if logs else None
+    return match.group(1) if match else None
+
+
+def _running_job(run_id: str, comment: re.Pattern) -> str | None:
+    out = subprocess.run(["squeue", "-h", f"--name={run_id}", "-o", "%i|%T|%k"], capture_output=True,
+                         text=True).stdout
+    for line in out.splitlines():
+        job_id, state, job_comment = (line.split("|", 2) + ["", ""])[:3]
+        if state == "RUNNING" and comment.search(job_comment.strip()):
+            return job_id
+    return None
+
+
+def _signal_when_training(workdir: Path, log: Path, ignore_logs: set, signal: str | None) -> tuple[str, str]:
+    """Wait until the cancelled rule's job trains (its log shows steps), then scancel it (with
+    --signal=SIGNAL when given). Returns the Slurm job id and the job's log at that moment."""
+    run_id = wait_for(lambda: _newest_run_id(workdir, ignore_logs), 120, "snakemake's SLURM run ID")
+    # The plugin puts rule and wildcards in the job's --comment.
+    comment = re.compile(rf"rule_{CANCELLED_RULE}_wildcards_xs_0_16384_.*_{CANCELLED_POINT}$")
+    def training():
+        text = _read(log)
+        if "done," in text:
+            raise AssertionError(f"{log.name}: the job finished before it could be signalled")
+        return " step " in text
+
+    wait_for(training, 420, f"{log.name} to show training steps", interval=0.1)
+    job_id = wait_for(lambda: _running_job(run_id, comment), 30, f"the {CANCELLED_RULE} job in squeue",
+                      interval=0.1)
+    text = _read(log)
+    subprocess.run(["scancel", *([f"--signal={signal}"] if signal else []), job_id], check=True)
+    return job_id, text
+
+
+@pytest.fixture(scope="module")
+def sweep_under_slurm(slurm_cluster, tmp_path_factory):
+    """The tiny sweep through `snakemake --profile profiles/slurm`, twice:
+
+    1. everything, with no retries; the long upcycled stable job is cancelled with scancel while it
+       trains (SIGTERM: the trainer checkpoints and exits 75), so it and its dependents stay undone;
+    2. a plain rerun (the profile's retries); while the cancelled job trains again, it gets the
+       USR1 that Slurm sends before a time limit: it checkpoints, exits 75, and Snakemake's retry
+       resumes it.
+    """
+    workdir = tmp_path_factory.mktemp("slurm_sweep")
+    config = write_config(workdir, base=SLURM_TINY)
+    cfg = load_config_for_plan(config, base_dir=workdir)
+    metrics = [str(path) for path in sweep.all_metrics(cfg)]
+    targets = [str(sweep.results_root(cfg) / "losses.zarr")] if _aggregate_available() else metrics
+    job_log = sweep.results_root(cfg) / "logs" / CANCELLED_LINEAGE.name / f"stable_{CANCELLED_POINT}.log"
+    checkpoint = sweep.checkpoint_dir(cfg, CANCELLED_LINEAGE, f"stable_{CANCELLED_POINT}")
+
+    runs = []
+    for index, (extra, signal) in enumerate(((["--retries", "0"], None), (["--rerun-triggers=mtime"], "USR1"))):
+        if index == 1:
+            job_log.unlink(missing_ok=True)
+            runs[0]["before"] = {path: (Path(path).stat().st_mtime_ns, read_json(path)["final_val_loss"])
+                                 for path in metrics if Path(path).is_file()}
+            runs[0]["checkpoint_after"] = (checkpoint / "latest").is_file()
+        old_logs = set((workdir / ".snakemake" / "log").glob("*.snakemake.log"))
+        started = time.monotonic()
+        process = _snakemake(workdir, config, targets, *extra, wait=False)
+        try:
+            job_id, log_text = _signal_when_training(workdir, job_log, old_logs, signal)
+            output, _ = process.communicate(timeout=480)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        runs.append({"returncode": process.returncode, "output": output, "job_id": job_id,
+                     "log_at_signal": log_text, "log_after": _read(job_log),
+                     "seconds": time.monotonic() - started})
+    wait_for(lambda: sacct_state(runs[0]["job_id"]) == "CANCELLED", 60, "sacct to report the cancellation")
+    print(f"\nsnakemake --profile slurm: first run {runs[0]['seconds']:.0f} s, rerun {runs[1]['seconds']:.0f} s")
+    return {"workdir": workdir, "cfg": cfg, "metrics": metrics, "targets": targets, "first": runs[0],
+            "second": runs[1], "before": runs[0]["before"]}
+
+
+@pytest.mark.slurm
+def test_snakemake_slurm_profile_end_to_end(sweep_under_slurm):
+    run = sweep_under_slurm
+    cfg = run["cfg"]
+    first, second = run["first"], run["second"]
+    # The first run did everything it could, and reported the cancelled job as failed.
+    assert first["returncode"] != 0, first["output"][-3000:]
+    assert "CANCELLED" in first["output"], first["output"][-3000:]
+    assert "submitted with SLURM jobid" in first["output"]
+    stats = _job_stats(first["output"])
+    assert stats.get("upcycled_final") == 4 and stats.get("dense_stable") == 2, first["output"][:3000]
+    # The rerun completed the sweep.
+    assert second["returncode"] == 0, second["output"][-4000:]
+    assert len(run["metrics"]) == len(cfg["sweep"]["d1_tokens"]) * (1 + len(cfg["sweep"]["d2_tokens"]))
+    for path in run["metrics"]:
+        metrics = read_json(path)
+        assert math.isfinite(metrics["final_val_loss"]) and metrics["tokens_seen"] > 0
+    for target in run["targets"]:
+        assert Path(target).exists()
+
+
+@pytest.mark.slurm
+def test_scancel_then_rerun_redoes_only_that_job_and_its_dependents(sweep_under_slurm):
+    run = sweep_under_slurm
+    cfg = run["cfg"]
+    stable_marker = sweep.stable_state_path(cfg, CANCELLED_LINEAGE, CANCELLED_POINT)
+    dependent_metrics = str(sweep.metrics_path(cfg, CANCELLED_LINEAGE, DEPENDENT_D2))
+    # What the rerun ran: the cancelled job, the run that depends on it, and the aggregate if targeted.
+    stats = _job_stats(run["second"]["output"])
+    expected = {CANCELLED_RULE: 1, "upcycled_final": 1}
+    if any(target.endswith("losses.zarr") for target in run["targets"]):
+        expected["aggregate"] = 1
+    assert stats == expected, run["second"]["output"][:4000]
+    assert dependent_metrics not in run["before"]  # it could not run after the cancellation
+    assert stable_marker.is_file() and Path(dependent_metrics).is_file()
+    # Every other run is untouched: same file, same loss.
+    assert len(run["before"]) == len(run["metrics"]) - 1
+    for path, (mtime_ns, loss) in run["before"].items():
+        assert Path(path).stat().st_mtime_ns == mtime_ns, path
+        assert read_json(path)["final_val_loss"] == loss, path
+
+
+@pytest.mark.slurm
+def test_scancel_and_usr1_checkpoint_and_the_retry_resumes(sweep_under_slurm):
+    """scancel (SIGTERM) mid-training leaves a checkpoint that the rerun resumes; the USR1 warning
+    makes the job checkpoint and exit 75, and Snakemake's retry resumes it."""
+    run = sweep_under_slurm
+    first, second = run["first"], run["second"]
+    assert run["first"]["checkpoint_after"], first["log_at_signal"][-2000:]
+    # The rerun's first attempt started from the checkpoint that the scancel left...
+    assert "resumed its own checkpoint" in second["log_at_signal"], second["log_at_signal"][-2000:]
+    # ...got USR1, saved, and failed; the retry resumed again and finished.
+    assert "Trying to restart job" in second["output"], second["output"][-4000:]
+    resumed = re.findall(r"resumed its own checkpoint at (\d+) tokens", second["log_after"])
+    first_resume = re.findall(r"resumed its own checkpoint at (\d+) tokens", second["log_at_signal"])
+    assert resumed and int(resumed[0]) > int(first_resume[0]), second["log_after"][-2000:]
+    assert "done," in second["log_after"]

@@ -4,6 +4,7 @@ default config builds the Snakemake DAG."""
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 import sys
@@ -136,3 +137,29 @@ def test_snakemake_refuses_a_bad_config_at_dag_build(tmp_path):
     assert result.returncode != 0
     assert "sweep.top_k" in result.stderr + result.stdout
     assert not (workdir / "results").exists()
+
+
+def test_jobs_get_the_sweep_the_dag_was_built_from(tmp_path):
+    """--configfile replaces the default sweep (nothing of it leaks in), --config KEY=VALUE
+    overrides reach every job: the jobs read the sweep.yaml that the DAG build writes."""
+    results = tmp_path / "results"
+    result = _snakemake(REPO, "-n", "--forceall", "-p", "--configfile", str(REPO / "tests" / "configs" / "tiny.yaml"),
+                        "--config", f"results_dir={results}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tiny = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    sizes = set(re.findall(r"--size (\w+)", result.stdout))
+    assert sizes == set(tiny["dense_models"])
+    assert f"--config {results / 'sweep.yaml'}" in result.stdout
+    assert set(re.findall(r"--family dense .*--budget (\d+)", result.stdout)) == {
+        str(d1) for d1 in tiny["sweep"]["d1_tokens"]}
+    jobs_config = load_config(results / "sweep.yaml", base_dir=REPO)
+    assert jobs_config["dense_models"].keys() == tiny["dense_models"].keys()
+    for section in ("dense_models", "sweep", "training"):  # tiny's values, plus the schema's defaults
+        assert _subset(tiny[section], jobs_config[section]), section
+    assert jobs_config["results_dir"] == str(results)
+
+
+def _subset(small, big) -> bool:
+    if isinstance(small, dict):
+        return isinstance(big, dict) and all(key in big and _subset(value, big[key]) for key, value in small.items())
+    return small == big

@@ -26,6 +26,7 @@ import yaml
 from conftest import REPO, cli_env, read_json, write_config
 from upcycling import launch, sweep
 from upcycling.plan import format_plan, load_config_for_plan, plan
+from upcycling.resources import launch_resources, training_resources
 
 START = REPO / "scripts" / "slurm" / "start-local-cluster.sh"
 SLURM_TINY = REPO / "tests" / "configs" / "slurm_tiny.yaml"
@@ -95,9 +96,31 @@ def test_train_command_and_resources():
     assert command[:6] == ["srun", "--nodes=2", "--ntasks-per-node=8", "--kill-on-bad-exit=1",
                            "--cpus-per-task=4", "upcycling"]
     assert command[6:] == ["train", "--config", "c.yaml", "--size", "s"]
-    assert launch.snakemake_resources(1) == {} and launch.snakemake_resources(0) == {}
-    assert launch.snakemake_resources(8) == {"mpi": "srun", "tasks_per_node": 8}
-    assert launch.snakemake_resources(2, nodes=2) == {"mpi": "srun", "tasks": 2}
+
+    def launch_for(gpus, nodes):
+        return launch_resources({"slurm": {"gpus_per_job": gpus, "nodes": nodes}})
+
+    # One process: the plugin starts it; GPUs as --gpus.
+    assert launch_for(1, 1) == {"nodes": 1, "gpu": 1} and launch_for(0, 1) == {"nodes": 1, "gpu": 0}
+    # Several: the rule's srun starts them (mpi), with the task count sbatch must reserve.
+    assert launch_for(8, 1) == {"nodes": 1, "gpu": 8, "mpi": "srun", "tasks_per_node": 8}
+    # Several nodes: GPUs per node (--gres), never a --gpus total Slurm could spread unevenly.
+    assert launch_for(16, 2) == {"nodes": 2, "gpu": 0, "gres": "gpu:8", "mpi": "srun", "tasks_per_node": 8}
+    assert launch_for(2, 2) == {"nodes": 2, "gpu": 0, "gres": "gpu:1", "mpi": "srun", "tasks": 2,
+                                "tasks_per_gpu": 1}
+
+
+def test_runtime_leaves_room_for_the_warning_signal():
+    """The job must finish its tokens before USR1 arrives; memory grows with processes per node."""
+    cfg = {"tokenizer": {"vocab_size": 512},
+           "dense_models": {"xs": {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden": 64}},
+           "data": {"seq_len": 32}, "slurm": {"gpus_per_job": 1, "throughput_tokens_per_s": {"xs": 1000},
+                                "runtime_margin": 1.0, "startup_minutes": 0, "signal_seconds_before_limit": 600}}
+    one = training_resources(cfg, "dense", "final", "xs", tokens=600_000)
+    assert one["runtime"] == 600_000 / 1000 / 60 + 10 and one["slurm_extra"] == "--signal=USR1@600"
+    cfg["slurm"]["gpus_per_job"] = 4
+    four = training_resources(cfg, "dense", "final", "xs", tokens=600_000)
+    assert four["mem_mb"] == 4 * one["mem_mb"] and four["runtime"] < one["runtime"]
 
 
 def test_submit_cli_parses_training_arguments():
@@ -134,7 +157,9 @@ def test_plan_of_the_paper_config():
     for job in training:
         res = job["resources"]
         assert res["runtime"] > 0 and res["mem_mb"] > 0 and res["gpu"] == cfg["slurm"]["gpus_per_job"]
-        assert res["nodes"] >= 1 and res["cpus_per_task"] >= 1
+        # One process per GPU, each with its own CPUs, started by the rule's srun.
+        assert res["nodes"] == 1 and res["cpus_per_task"] == cfg["slurm"]["cpus_per_gpu"]
+        assert res["mpi"] == "srun" and res["tasks_per_node"] == cfg["slurm"]["gpus_per_job"]
     for key in ("requested_gpu_hours", "expected_gpu_hours"):
         assert math.isfinite(result["totals"][key]) and result["totals"][key] > 0
     # Requested time carries the margin and start-up: more than the compute itself.
@@ -171,7 +196,7 @@ def test_plan_config_checks_still_apply(tmp_path):
 
 
 def test_plan_cli_on_the_paper_config():
-    result = subprocess.run([sys.executable, "-m", "upcycling.plan", "--config", str(PAPER)], cwd=REPO,
+    result = subprocess.run(["upcycling", "plan", "--config", str(PAPER)], cwd=REPO,
                             env=cli_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "GPU-hours requested" in result.stdout and "dense_stable" in result.stdout
@@ -291,7 +316,7 @@ def test_srun_starts_one_rank_per_task(slurm_cluster, tiny_workdir):
     config = write_config(tiny_workdir, {"training": {"schedule": "cosine"}})
     command = launch.train_command(config, ["--family", "dense", "--size", "xs", "--budget", "8192"],
                                    gpus_per_node=2, cpus_per_task=1,
-                                   program=(sys.executable, "-m", "upcycling.launch"),
+                                   program=(sys.executable, "-m", "upcycling.cli"),
                                    srun_extra=["--mem=3000", "--time=10"])
     assert command[0] == "srun"
     result = subprocess.run(command, cwd=tiny_workdir, env=slurm_env(), capture_output=True, text=True,

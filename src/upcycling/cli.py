@@ -23,10 +23,17 @@ from pathlib import Path
 log = logging.getLogger("upcycling")
 
 
+def _add_rank(record: logging.LogRecord) -> bool:
+    # Read at every record: `upcycling train` sets RANK from the Slurm environment after startup.
+    record.rank = os.environ.get("RANK", "0")
+    return True
+
+
 def _setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_add_rank)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 

@@ -55,21 +55,46 @@ def _schema_error_message(error: jsonschema.ValidationError) -> str:
     return f"config key '{key}': {error.message}{hint}"
 
 
-def load_config(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict:
-    """Read a YAML config, fill defaults, and run every check. base_dir: where relative paths start."""
+def load_config(
+    path: str | os.PathLike, base_dir: str | os.PathLike | None = None, check_corpus: bool = True
+) -> dict:
+    """Read a YAML config, fill defaults, and run every check. base_dir: where relative paths start.
+
+    ``check_corpus=False``: every check but those needing the corpus on disk (for planning)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: pass --config-file with a YAML sweep config")
+        raise ConfigError(f"config file {path} does not exist: pass --config with a YAML sweep config")
     try:
         cfg = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    validate_config(cfg, base_dir if base_dir is not None else Path.cwd())
-    return cfg
+    return validate_config(cfg, base_dir if base_dir is not None else Path.cwd(), check_corpus=check_corpus)
 
 
-def validate_config(cfg: Any, base_dir: str | os.PathLike = ".", check_schema: bool = True) -> dict:
-    """Validate in place (filling defaults); raise ConfigError naming the key and the fix."""
+def write_config(cfg: dict, path: str | os.PathLike) -> Path:
+    """Write a (validated) config as YAML, atomically, and only when its content changed.
+
+    The Snakefile writes the sweep it built the DAG from (after any ``--config KEY=VALUE``
+    overrides) and hands that file to every job, so jobs see exactly the DAG's config; leaving an
+    unchanged file alone keeps concurrent jobs that parse the Snakefile from racing on it."""
+    path = Path(path)
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    if path.is_file() and path.read_text() == text:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def validate_config(
+    cfg: Any, base_dir: str | os.PathLike = ".", check_schema: bool = True, check_corpus: bool = True
+) -> dict:
+    """Validate in place (filling defaults); raise ConfigError naming the key and the fix.
+
+    ``check_corpus=False`` skips the checks that need the corpus and tokenizer files on disk, so a
+    paper-scale sweep can be planned on a machine that does not hold its corpus."""
     if not isinstance(cfg, dict):
         raise ConfigError("the config must be a YAML mapping of sections (corpus, tokenizer, data, ...)")
     if check_schema:
@@ -77,7 +102,7 @@ def validate_config(cfg: Any, base_dir: str | os.PathLike = ".", check_schema: b
         errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
         if errors:
             raise ConfigError("; ".join(_schema_error_message(e) for e in errors[:5]))
-    _check_semantics(cfg, Path(base_dir))
+    _check_semantics(cfg, Path(base_dir), check_corpus)
     return cfg
 
 
@@ -90,7 +115,7 @@ def _strictly_increasing(values: list[int], key: str) -> None:
             )
 
 
-def _check_semantics(cfg: dict, base_dir: Path) -> None:
+def _check_semantics(cfg: dict, base_dir: Path, check_corpus: bool) -> None:
     sweep, training, moe, data = cfg["sweep"], cfg["training"], cfg["moe"], cfg["data"]
     seq_len = data["seq_len"]
 
@@ -167,7 +192,14 @@ def _check_semantics(cfg: dict, base_dir: Path) -> None:
                 "lower warmup_tokens or raise the smallest D"
             )
 
-    throughput = cfg.get("slurm", {}).get("throughput_tokens_per_s")
+    slurm = cfg.get("slurm", {})
+    gpus, nodes = slurm.get("gpus_per_job", 1), slurm.get("nodes", 1)
+    if nodes > 1 and gpus % nodes:
+        raise ConfigError(
+            f"config key 'slurm.gpus_per_job': {gpus} GPUs do not split evenly over slurm.nodes={nodes}: "
+            "give a multiple of the node count (one training process per GPU, the same on every node)"
+        )
+    throughput = slurm.get("throughput_tokens_per_s")
     if throughput is not None:
         missing = sorted(set(cfg["dense_models"]) - set(throughput))
         if missing:
@@ -179,7 +211,8 @@ def _check_semantics(cfg: dict, base_dir: Path) -> None:
     if len(set(training["seeds"])) != len(training["seeds"]):
         raise ConfigError("config key 'training.seeds': seeds repeat: list each seed once")
 
-    _check_corpus(cfg, base_dir)
+    if check_corpus:
+        _check_corpus(cfg, base_dir)
 
 
 def resolve_corpus_paths(patterns: list[str], base_dir: Path) -> list[Path]:

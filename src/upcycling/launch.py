@@ -36,6 +36,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from submitit.helpers import Checkpointable
+
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # the trainer's exit code after a stop signal (upcycling.train.EXIT_PREEMPTED)
@@ -195,24 +197,11 @@ def train_command(config: str | os.PathLike, train_args: Sequence[str], gpus_per
         srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 --cpus-per-task=4 \\
              upcycling train --config C --family dense --size s --budget D
 
-    ``program`` is what runs the CLI (``("python", "-m", "upcycling.launch")`` applies the Slurm
-    mapping itself, for a CLI that does not call :func:`apply_slurm_env` yet).
+    ``program`` is what runs the CLI (e.g. ``("python", "-m", "upcycling.cli")`` for a given
+    interpreter).
     """
     return [*srun_prefix(gpus_per_node, nodes, cpus_per_task, srun_extra), *program, "train",
             "--config", str(config), *train_args]
-
-
-def snakemake_resources(gpus_per_job: int, nodes: int = 1) -> dict:
-    """Extra Snakemake resources that a multi-process training rule needs under
-    snakemake-executor-plugin-slurm 2.8: with ``mpi`` the plugin runs the job's shell command in
-    the batch script itself (not inside its own ``srun -n1`` step, which would hold the
-    allocation's CPUs and GPUs so that the inner ``srun`` could not start), and ``tasks_per_node``
-    / ``tasks`` sets sbatch's task count. ``{}`` for a one-process job."""
-    per_node = max(gpus_per_job // max(nodes, 1), 1)
-    if per_node * nodes <= 1:
-        return {}
-    tasks = {"tasks_per_node": per_node} if per_node > 1 else {"tasks": per_node * nodes}
-    return {"mpi": "srun", **tasks}
 
 
 # ----------------------------------------------------------------------------- submitit
@@ -222,17 +211,7 @@ def _ignore_usr2() -> None:  # pragma: no cover - runs in the child between fork
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-class _CheckpointableBase:
-    """Stand-in base when submitit is not installed (so that this module always imports)."""
-
-
-try:  # submitit is a dependency, but keep `import upcycling.launch` cheap and robust
-    from submitit.helpers import Checkpointable as _CheckpointableBase  # type: ignore[no-redef]  # noqa: F811
-except ImportError:  # pragma: no cover
-    pass
-
-
-class TrainingTask(_CheckpointableBase):
+class TrainingTask(Checkpointable):
     """One training stage as a submitit job: runs ``upcycling train`` as a child process.
 
     submitit sends the job ``USR2`` ``signal_delay_s`` before its time limit (and
@@ -415,14 +394,11 @@ def submit_training(cfg_path: str | os.PathLike, train_args: Sequence[str], fold
     cfg = _load_config(cfg_path)
     resources = job_resources_for_args(cfg, train_args)
     slurm_cfg = cfg.get("slurm", {})
-    nodes = nodes if nodes is not None else int(resources.get("nodes", 1))
-    gpus_total = int(resources.get("gpu", 0))
+    nodes = nodes if nodes is not None else int(resources["nodes"])
     if gpus_per_node is None:
-        gpus_per_node = gpus_total // max(nodes, 1) if gpus_total else 0
+        gpus_per_node = int(slurm_cfg.get("gpus_per_job", 1)) // max(nodes, 1)
     tasks_per_node = max(gpus_per_node, 1)
-    if cpus_per_task is None:
-        cpus_per_task = max(1, int(resources.get("cpus_per_task", 2)) // tasks_per_node) if tasks_per_node > 1 \
-            else int(resources.get("cpus_per_task", 2))
+    cpus_per_task = cpus_per_task if cpus_per_task is not None else int(resources["cpus_per_task"])
     timeout_min = timeout_min if timeout_min is not None else int(resources["runtime"])
     mem_gb = mem_gb if mem_gb is not None else resources["mem_mb"] / 1024
     signal_delay_s = signal_delay_s if signal_delay_s is not None else int(
@@ -504,26 +480,3 @@ def run(args: argparse.Namespace) -> int:
         result = job.result()
         print(f"job {job.job_id} done: {result}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upcycling submit",
-                                     description="Submit one training stage to Slurm with submitit "
-                                                 "(requeued and resumed on time-out/preemption).")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
-
-
-def _cli_with_slurm_env(argv: Sequence[str]) -> int:
-    """``python -m upcycling.launch STAGE ...``: the upcycling CLI with the Slurm mapping applied
-    first (what ``srun`` starts when the CLI itself does not call :func:`apply_slurm_env`)."""
-    apply_slurm_env()
-    from .cli import main as cli_main
-
-    return cli_main(list(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(_cli_with_slurm_env(sys.argv[1:]))

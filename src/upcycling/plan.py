@@ -16,7 +16,6 @@ warning), which the plan converts to minutes per model.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from types import SimpleNamespace
 import yaml
 
 from . import sweep
-from .config import ConfigError, validate_config
+from .config import ConfigError, load_config
 from .resources import job_resources
 
 TRAINING_RULES = ("dense_stable", "dense_final", "upcycled_stable", "upcycled_final", "scratch_stable",
@@ -35,47 +34,15 @@ TRAINING_RULES = ("dense_stable", "dense_final", "upcycled_stable", "upcycled_fi
 RULE_ORDER = ("tokenize", "dense_stable", "dense_final", "upcycle", "upcycled_stable", "upcycled_final",
               "scratch_stable", "scratch_final", "aggregate", "fit", "report")
 RESOURCE_KEYS = ("runtime", "mem_mb", "gpu", "cpus_per_task", "nodes")
-# The functions where upcycling.config checks the corpus and tokenizer files (skipped for a plan).
-_CORPUS_CHECKS = {"_check_corpus", "resolve_corpus_paths", "estimated_text_bytes"}
 
 
 # ----------------------------------------------------------------------------- config without corpus
 
 
 def load_config_for_plan(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict:
-    """Read a sweep config and run every check except those that need the corpus on disk.
-
-    The schema (with its defaults filled in) and the semantic checks run as for a real run; only
-    the corpus/tokenizer existence and corpus-size checks are skipped, so a paper-scale config can
-    be planned on a machine that does not hold its corpus. With a ``check_corpus`` flag on
-    ``upcycling.config.validate_config`` that flag is used; otherwise a ConfigError raised from
-    the corpus check (which runs last) is ignored.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: pass --config with a YAML sweep config")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
-    if "check_corpus" in inspect.signature(validate_config).parameters:
-        return validate_config(cfg, base, check_schema=True, check_corpus=False)
-    try:
-        validate_config(cfg, base, check_schema=True)
-    except ConfigError as exc:
-        if not _raised_in_corpus_check(exc):
-            raise
-    return cfg
-
-
-def _raised_in_corpus_check(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name in _CORPUS_CHECKS:
-            return True
-        tb = tb.tb_next
-    return False
+    """Every check of a real run except those that need the corpus on disk: a paper-scale sweep
+    can be planned on a machine that does not hold its corpus."""
+    return load_config(path, base_dir, check_corpus=False)
 
 
 # ----------------------------------------------------------------------------- the jobs
@@ -128,12 +95,12 @@ def plan(cfg: dict, default_resources: dict | None = None) -> dict:
     jobs = training_jobs(cfg)
     for job in jobs:
         resources = job_resources(cfg, job["family"], job["phase"], SimpleNamespace(**job["wildcards"]))
-        job["resources"] = {key: resources[key] for key in RESOURCE_KEYS}
+        job["resources"] = {key: value for key, value in resources.items() if key != "tokens"}
         job["tokens"] = resources["tokens"]
         job["expected_hours"] = _expected_seconds(cfg, job["family"], job["wildcards"]["size"],
                                                   resources["tokens"]) / 3600
-        job["requested_gpu_hours"] = resources["gpu"] * resources["runtime"] / 60
-        job["expected_gpu_hours"] = max(resources["gpu"], 0) * job["expected_hours"]
+        job["requested_gpu_hours"] = gpus_per_job * resources["runtime"] / 60
+        job["expected_gpu_hours"] = gpus_per_job * job["expected_hours"]
 
     counts = Counter(job["rule"] for job in jobs)
     moe_shapes = len(cfg["sweep"]["experts"]) * len(cfg["sweep"]["top_k"]) * len(cfg["sweep"]["granularity"])
@@ -307,15 +274,3 @@ def run(args: argparse.Namespace) -> int:
         if not math.isfinite(result["totals"][key]):
             raise ConfigError(f"the plan's {key} is not finite: check slurm.throughput_tokens_per_s")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upcycling plan", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

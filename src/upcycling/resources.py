@@ -2,7 +2,8 @@
 
 A training job's runtime is its tokens over the configured throughput of its model size (one GPU,
 measured with benchmarks/bench_train.py; MoE runs are slower by ``moe_throughput_factor``), times
-a safety margin, plus start-up; memory grows with the parameter count. Resource names are those of
+a safety margin, plus start-up and the lead of the warning signal; memory grows with the
+parameter count and the processes per node. Resource names are those of
 snakemake-executor-plugin-slurm (``runtime`` in minutes, ``mem_mb``, ``gpu``, ``cpus_per_task``,
 ``slurm_extra``, ``slurm_partition``, ``slurm_account``); ``--set-resources`` overrides any of them.
 """
@@ -41,23 +42,58 @@ def job_tokens(cfg: dict, family: str, phase: str, budget_or_point: int) -> int:
     return budget_or_point
 
 
-def training_resources(cfg: dict, family: str, phase: str, size: str, tokens: int, experts: int = 1,
-                       top_k: int = 1, granularity: int = 1) -> dict:
+def processes(cfg: dict) -> tuple[int, int]:
+    """(training processes per node, nodes) of every training job: one process per GPU."""
+    slurm = cfg.get("slurm", {})
+    nodes = slurm.get("nodes", 1)
+    return max(slurm.get("gpus_per_job", 1) // nodes, 1), nodes
+
+
+def cpus_per_process(cfg: dict) -> int:
+    slurm = cfg.get("slurm", {})
+    return slurm.get("cpus_per_gpu", 4) if slurm.get("gpus_per_job", 1) else 2
+
+
+def launch_resources(cfg: dict) -> dict:
+    """The same for every training job: how the plugin starts its processes and places its GPUs.
+
+    With several processes the rule's command starts them itself with ``srun``
+    (:func:`upcycling.launch.srun_prefix`), so the plugin must run that command in the batch
+    script (``mpi``) with the task count set, instead of inside a one-task step of its own that
+    would hold the allocation. GPUs: ``--gpus=N`` for one node; ``--gres=gpu:n`` per node for
+    several (``--gpus`` may spread unevenly over nodes)."""
     slurm = cfg.get("slurm", {})
     gpus = slurm.get("gpus_per_job", 1)
+    per_node, nodes = processes(cfg)
+    resources = {"nodes": nodes, "gpu": gpus if nodes == 1 else 0}
+    if nodes > 1 and gpus:
+        resources["gres"] = f"gpu:{per_node}"
+    if per_node > 1:
+        resources.update(mpi="srun", tasks_per_node=per_node)
+    elif nodes > 1:  # one process per node; the plugin reads `tasks` as tasks per GPU unless told
+        resources.update(mpi="srun", tasks=nodes, **({"tasks_per_gpu": 1} if gpus else {}))
+    return resources
+
+
+def training_resources(cfg: dict, family: str, phase: str, size: str, tokens: int, experts: int = 1,
+                       top_k: int = 1, granularity: int = 1) -> dict:
+    """Per job: runtime (min), memory per node (MB), CPUs per process, the warning signal."""
+    slurm = cfg.get("slurm", {})
+    gpus = slurm.get("gpus_per_job", 1)
+    per_node, _ = processes(cfg)
     throughput = slurm.get("throughput_tokens_per_s", {}).get(size, 100_000) * max(gpus, 1)
     if family != "dense":
         throughput *= slurm.get("moe_throughput_factor", 0.6)
-    seconds = tokens / throughput * slurm.get("runtime_margin", 1.5)
-    runtime = math.ceil(seconds / 60 + slurm.get("startup_minutes", 5))
-    params = count_params(_model(cfg, size, experts if family != "dense" else 1, top_k, granularity)).total
-    mem_mb = BASE_MEM_MB + math.ceil(params * BYTES_PER_PARAM_HOST / 1e6)
     warn = slurm.get("signal_seconds_before_limit", 300)
+    seconds = tokens / throughput * slurm.get("runtime_margin", 1.5)
+    # The warning comes `warn` seconds before the limit: the work must fit before it.
+    runtime = math.ceil((seconds + warn) / 60 + slurm.get("startup_minutes", 5))
+    params = count_params(_model(cfg, size, experts if family != "dense" else 1, top_k, granularity)).total
+    mem_mb = (BASE_MEM_MB + math.ceil(params * BYTES_PER_PARAM_HOST / 1e6)) * per_node
     # USR1 to every process of the job `warn` seconds before the limit: the trainer checkpoints
     # and exits 75, and the retried job resumes. Without B: the signal reaches the job steps too.
-    extra = f"--signal=USR1@{warn}"
-    return {"runtime": runtime, "mem_mb": mem_mb, "gpu": gpus, "cpus_per_task": max(2, 4 * gpus),
-            "nodes": slurm.get("nodes", 1), "slurm_extra": extra, "tokens": tokens}
+    return {"runtime": runtime, "mem_mb": mem_mb, "cpus_per_task": cpus_per_process(cfg),
+            "slurm_extra": f"--signal=USR1@{warn}", "tokens": tokens}
 
 
 def job_resources(cfg: dict, family: str, phase: str, wildcards) -> dict:
@@ -69,7 +105,7 @@ def job_resources(cfg: dict, family: str, phase: str, wildcards) -> dict:
     top_k = int(getattr(wildcards, "top_k", 1))
     granularity = int(getattr(wildcards, "granularity", 1))
     resources = training_resources(cfg, family, phase, wildcards.size, tokens, experts, top_k, granularity)
-    return {**resources, **scheduler_placement(cfg)}
+    return {**resources, **launch_resources(cfg), **scheduler_placement(cfg)}
 
 
 def scheduler_placement(cfg: dict) -> dict:

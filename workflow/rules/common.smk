@@ -2,8 +2,9 @@
 from pathlib import Path
 
 from upcycling import sweep
-from upcycling.config import ConfigError, validate_config
-from upcycling.resources import job_resources, scheduler_placement
+from upcycling.config import ConfigError, validate_config, write_config
+from upcycling.launch import srun_prefix
+from upcycling.resources import cpus_per_process, job_resources, launch_resources, processes, scheduler_placement
 
 # Semantic checks the schema cannot express; a bad config stops here, before any job runs.
 try:
@@ -12,9 +13,14 @@ except ConfigError as exc:
     raise WorkflowError(f"invalid config: {exc}") from None
 
 R = sweep.results_root(config)
-CONFIG_ARGS = f"--config {workflow.configfiles[-1] if workflow.configfiles else 'config/config.yaml'}"
+# Jobs read the sweep the DAG was built from, --config KEY=VALUE overrides included.
+CONFIG_ARGS = f"--config {write_config(config, R / 'sweep.yaml')}"
 LOGS = R / "logs"
 WSD = config["training"]["schedule"] == "wsd"
+# One process per GPU: a job with several starts them with srun inside its allocation ("" for one).
+_PER_NODE, _NODES = processes(config)
+LAUNCH = " ".join(srun_prefix(_PER_NODE, _NODES, cpus_per_process(config)))
+TRAIN = f"OMP_NUM_THREADS={{threads}} {LAUNCH} upcycling train {CONFIG_ARGS}".replace("  ", " ")
 
 wildcard_constraints:
     size="|".join(config["dense_models"]),
@@ -51,7 +57,8 @@ def decay_input(family, lineage_path):
 
 
 def resources_for(family, phase):
-    """Scheduler resources of a training rule, computed per job from its wildcards."""
-    names = ["runtime", "mem_mb", "gpu", "cpus_per_task", "nodes", "slurm_extra", *scheduler_placement(config)]
-    return {name: (lambda wildcards, name=name: job_resources(config, family, phase, wildcards)[name])
-            for name in names}
+    """Scheduler resources of a training rule: runtime and memory per job from its wildcards, how
+    it is launched and placed from the config."""
+    per_job = {name: (lambda wildcards, name=name: job_resources(config, family, phase, wildcards)[name])
+               for name in ("runtime", "mem_mb", "cpus_per_task", "slurm_extra")}
+    return {**per_job, **launch_resources(config), **scheduler_placement(config)}

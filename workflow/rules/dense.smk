@@ -1,5 +1,4 @@
 DENSE = "dense/{size}/seed{seed}"
-TRAIN = "OMP_NUM_THREADS={threads} upcycling train " + CONFIG_ARGS
 
 
 rule dense_stable:

@@ -72,7 +72,7 @@ def test_aggregate_round_trip(tmp_path):
     paths = small_sweep(tmp_path / "runs")
     store = tmp_path / "losses.zarr"
     results.aggregate(paths, store, CONFIG_TEXT, "0.1.0+test")
-    ds = xr.open_zarr(store, consolidated=False)
+    ds = xr.open_zarr(store)  # as a user opens it
     assert list(ds["final_val_loss"].dims) == list(results.COORDS)
     assert ds["curve_val_loss"].dims[-1] == "curve_tokens"
     assert ds.attrs["config"] == CONFIG_TEXT and ds.attrs["code_version"] == "0.1.0+test"

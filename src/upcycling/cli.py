@@ -202,13 +202,14 @@ def cmd_fit(args) -> int:
     from .report import fit_all
     from .results import load_losses
 
-    fits = fit_all(load_losses(args.store), cfg["fit"], out_dir=None)
+    fits = fit_all(load_losses(args.store), cfg["fit"], out_dir=None, workers=args.workers)
     out_dir = Path(args.out_dir)
     tmp = atomic_dir(out_dir)  # all fits appear together, or none
     for key, fit in fits.items():
         fit.save(tmp / f"{key}.json")
-        log.info("fit %s: %s", key, f"RMSE {fit.rmse:.4f}, {fit.n_points} points" if fit.ok else f"skipped: {fit.reason}")
     commit_dir(tmp, out_dir)
+    log.info("fit: %d laws fitted, %d skipped -> %s", sum(fit.ok for fit in fits.values()),
+             sum(not fit.ok for fit in fits.values()), out_dir)
     return 0
 
 
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_config(p)
     p.add_argument("--store", required=True, help="results store (losses.zarr)")
     p.add_argument("--out-dir", required=True, help="where the fits' JSON files go")
+    p.add_argument("--workers", type=int, default=1, help="laws fitted side by side, one process each")
     p.set_defaults(func=cmd_fit)
 
     p = commands.add_parser("report", help="summary.md and figures from a store and its fits")

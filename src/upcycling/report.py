@@ -24,8 +24,11 @@ Fit keys: ``<law>.<size>.<moe>`` for laws of one dense size (``dataset``, its ba
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +37,14 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter
 
 from upcycling import guidance as guide
 from upcycling.fitting import DEFAULT_HUBER_DELTA, FitResult, fit_law, to_jsonable
 from upcycling.laws import LAWS, get_law
 from upcycling.results import law_data, moe_label, runs_table, select_runs
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FIGURES",
@@ -162,11 +168,20 @@ def plan_fits(table: pd.DataFrame) -> list[FitTask]:
     return tasks
 
 
+def _fit_task(law: str, data: dict, context: dict, options: dict) -> FitResult:
+    """One planned fit (module-level, so a worker process can run it)."""
+    try:
+        return fit_law(law, data, context=context, **options)
+    except ValueError as error:
+        return FitResult.skipped(law, str(error), context)
+
+
 def fit_all(ds: xr.Dataset, fit_cfg: Mapping[str, Any] | None,
-            out_dir: str | Path | None = "results/fits") -> dict[str, FitResult]:
+            out_dir: str | Path | None = "results/fits", workers: int = 1) -> dict[str, FitResult]:
     """Fit every law the store supports; skipped laws keep the reason. ``fit_cfg`` is the
     config's ``fit`` section (``bootstrap``, ``huber_delta``, ``seed``; optionally
-    ``n_starts``, the grid starts of each main fit)."""
+    ``n_starts``, the grid starts of each main fit). ``workers`` > 1 fits laws in that many
+    processes (each fit is seeded, so the results do not depend on it). Logs each fit as it ends."""
     fit_cfg = dict(fit_cfg or {})
     options = dict(huber_delta=float(fit_cfg.get("huber_delta", DEFAULT_HUBER_DELTA)),
                    n_bootstrap=int(fit_cfg.get("bootstrap", 64)),
@@ -174,16 +189,30 @@ def fit_all(ds: xr.Dataset, fit_cfg: Mapping[str, Any] | None,
     if "n_starts" in fit_cfg:  # not a config key: lets tests and quick looks trade care for time
         options["n_starts"] = int(fit_cfg["n_starts"])
     fits: dict[str, FitResult] = {}
+    pending = {}
     for task in plan_fits(runs_table(ds)):
         context = {**task.context, "key": task.key}
         if task.reason is not None:
             fits[task.key] = FitResult.skipped(task.law, task.reason, context)
-            continue
-        try:
-            fits[task.key] = fit_law(task.law, law_data(task.rows, task.law), context=context,
-                                     **options)
-        except ValueError as error:
-            fits[task.key] = FitResult.skipped(task.law, str(error), context)
+        else:
+            pending[task.key] = (task.law, law_data(task.rows, task.law), context, options)
+    started, total = time.monotonic(), len(fits) + len(pending)
+
+    def done(key: str, result: FitResult) -> None:
+        fits[key] = result
+        outcome = (f"RMSE {result.rmse:.4f} on {result.n_points} runs" if result.ok
+                   else f"skipped: {result.reason}")
+        log.info("fit %d/%d %s: %s (%.0f s)", len(fits), total, key, outcome, time.monotonic() - started)
+
+    if workers > 1 and len(pending) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(_fit_task, *arguments): key for key, arguments in pending.items()}
+            for future in as_completed(futures):
+                done(futures[future], future.result())
+    else:
+        for key, arguments in pending.items():
+            done(key, _fit_task(*arguments))
+    fits = {key: fits[key] for key in sorted(fits)}
     if out_dir is not None:
         out_dir = Path(out_dir)
         for key, result in fits.items():
@@ -530,6 +559,14 @@ def _dataset_fits(fits: Mapping[str, FitResult]) -> list[tuple[str, FitResult]]:
     return [(key, fit) for key, fit in fits.items() if fit.ok and fit.law == "dataset"]
 
 
+def _log_axis(axes, which: str) -> None:
+    """Log scale with labels at the decades only: minor labels overlap over a short range."""
+    getattr(axes, f"set_{which}scale")("log")
+    axis = getattr(axes, f"{which}axis")
+    axis.set_major_locator(LogLocator(base=10))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _fit_rows(table: pd.DataFrame, fit: FitResult) -> pd.DataFrame:
     context = fit.context
     return select_runs(table, "upcycled", size=context.get("size"),
@@ -557,7 +594,7 @@ def _figure_loss_vs_d2(path, table, fits):
             if baseline is not None and baseline.ok:
                 axis.plot(d2_grid, baseline.predict(d1=d1, d2=d2_grid), color=colour,
                           linestyle=":", linewidth=1)
-        axis.set_xscale("log")
+        _log_axis(axis, "x")
         axis.set_xlabel("D2 (MoE tokens)")
         axis.set_ylabel("validation loss (nats)")
         axis.set_title(f"{key} (dotted: no interaction)", fontsize=9)
@@ -582,7 +619,7 @@ def _figure_residuals(path, table, fits):
             axis.scatter(rows["d2_tokens"] * (1 + 0.04 * index),  # offset: markers overlap
                          rows["final_val_loss"] - predicted, s=14, label=law, color=f"C{index}")
         axis.axhline(0, color="grey", linewidth=0.8)
-        axis.set_xscale("log")
+        _log_axis(axis, "x")
         axis.set_xlabel("D2 (MoE tokens)")
         axis.set_ylabel("residual (nats)")
         axis.set_title(key, fontsize=9)
@@ -609,7 +646,7 @@ def _figure_effective_exponent(path, fits):
             low, high = np.nanpercentile(draws, [2.5, 97.5], axis=0)
             axis.fill_between(d1_grid, low, high, color=f"C{index}", alpha=0.2)
         axis.axvspan(min(d1_values), max(d1_values), color="grey", alpha=0.08)
-    axis.set_xscale("log")
+    _log_axis(axis, "x")
     axis.set_xlabel("D1 (dense tokens)")
     axis.set_ylabel("effective D2 exponent alpha2 - alpha3 ln D1")
     axis.set_title("Effective D2 exponent (band: bootstrap 95%; grey: runs' D1)", fontsize=9)
@@ -638,8 +675,8 @@ def _figure_break_even(path, fits, d2_range):
             finite = np.isfinite(d2_star) & (d2_star > 0)
             label = f"{key} [{size}] {'sunk counted' if counted else 'sunk not counted'}"
             axis.plot(d1_grid[finite], d2_star[finite], style, color=f"C{index}", label=label)
-    axis.set_xscale("log")
-    axis.set_yscale("log")
+    _log_axis(axis, "x")
+    _log_axis(axis, "y")
     axis.set_xlabel("D1 (dense tokens)")
     axis.set_ylabel("break-even D2* (MoE tokens)")
     axis.set_title("Beyond D2*, an MoE from scratch with the same compute is better", fontsize=9)
@@ -664,9 +701,11 @@ def _figure_equal_compute(path, fits):
                                                 n2=sizes["n2"], count_sunk_cost=counted)
             axis.plot(curves["compute"], curves["upcycled_loss"], color=f"C{index}",
                       label=f"upcycled, D1={d1:.3g}")
-            axis.plot(curves["compute"], curves["scratch_loss"], color=f"C{index}",
-                      linestyle="--", label="from scratch" if index == 0 else None)
-        axis.set_xscale("log")
+            # The from-scratch curve is the same for every D1 (it only shifts in where it starts
+            # when the sunk cost is counted): black, dashed, under the upcycled curves.
+            axis.plot(curves["compute"], curves["scratch_loss"], color="black", linestyle="--",
+                      linewidth=1, zorder=1, label="from scratch" if index == 0 else None)
+        _log_axis(axis, "x")
         axis.set_xlabel("training FLOPs (6 N D)" + (" incl. dense" if counted else " of MoE stage"))
         axis.set_ylabel("predicted loss (nats)")
         axis.set_title("sunk cost counted" if counted else "sunk cost not counted", fontsize=9)

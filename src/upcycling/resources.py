@@ -16,10 +16,14 @@ import os
 from . import sweep
 from .flops import ModelConfig, count_params
 
-# Adam in fp32: weights, gradients and two moments (16 bytes/param), twice over while a checkpoint
-# is serialised, plus the Python/DeepSpeed/CUDA runtime.
-BYTES_PER_PARAM_HOST = 32
-BASE_MEM_MB = 3000
+# Host memory of one training process. Without a GPU it holds the whole training state: Adam in
+# fp32 is weights, gradients and two moments (16 bytes/param), twice over while a checkpoint is
+# serialised. With a GPU the state lives there; the host holds the CUDA/NCCL/Python runtime per
+# process and, on rank 0, the fp32 export of the weights and Adam moments (12 bytes/param).
+CPU_BYTES_PER_PARAM = 32
+GPU_EXPORT_BYTES_PER_PARAM = 12
+CPU_BASE_MEM_MB = 3000
+GPU_BASE_MEM_MB = 6000
 # Vocabulary used for sizing before the tokenizer exists (the real one is known at run time).
 DEFAULT_VOCAB = 32768
 
@@ -89,7 +93,10 @@ def training_resources(cfg: dict, family: str, phase: str, size: str, tokens: in
     # The warning comes `warn` seconds before the limit: the work must fit before it.
     runtime = math.ceil((seconds + warn) / 60 + slurm.get("startup_minutes", 5))
     params = count_params(_model(cfg, size, experts if family != "dense" else 1, top_k, granularity)).total
-    mem_mb = (BASE_MEM_MB + math.ceil(params * BYTES_PER_PARAM_HOST / 1e6)) * per_node
+    if gpus:
+        mem_mb = GPU_BASE_MEM_MB * per_node + math.ceil(params * GPU_EXPORT_BYTES_PER_PARAM / 1e6)
+    else:
+        mem_mb = (CPU_BASE_MEM_MB + math.ceil(params * CPU_BYTES_PER_PARAM / 1e6)) * per_node
     # USR1 to every process of the job `warn` seconds before the limit: the trainer checkpoints
     # and exits 75, and the retried job resumes. Without B: the signal reaches the job steps too.
     return {"runtime": runtime, "mem_mb": mem_mb, "cpus_per_task": cpus_per_process(cfg),

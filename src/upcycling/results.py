@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -203,8 +204,12 @@ def write_store(ds: xr.Dataset, out_zarr: str | Path) -> Path:
     for leftover in (temporary, previous):
         if leftover.exists():
             shutil.rmtree(leftover)
-    # consolidated metadata is not part of the zarr v3 specification: leave it out
-    ds.to_zarr(temporary, mode="w", consolidated=False)
+    with warnings.catch_warnings():
+        # Consolidated metadata is an extension of zarr v3 (hence zarr's warning); readers that do
+        # not know it read the per-array metadata, and a plain `xarray.open_zarr(path)` opens the
+        # store at once and without a warning.
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        ds.to_zarr(temporary, mode="w", consolidated=True)
     if out_zarr.exists():
         os.replace(out_zarr, previous)
     os.replace(temporary, out_zarr)
@@ -230,7 +235,10 @@ def aggregate(metrics_paths: Iterable[str | Path], out_zarr: str | Path, config_
 
 def load_losses(path: str | Path) -> xr.Dataset:
     """The results store at ``path`` (lazily loaded with xarray.open_zarr)."""
-    return xr.open_zarr(path, consolidated=False)
+    with warnings.catch_warnings():
+        # Snakemake marks a directory() output with a .snakemake_timestamp file inside it.
+        warnings.filterwarnings("ignore", message=".*snakemake_timestamp.*")
+        return xr.open_zarr(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ rule fit:
     conda:
         "../../envs/cpu.yml"
     shell:
-        "upcycling fit {CONFIG_ARGS} --store {input} --out-dir {output} > {log} 2>&1"
+        "OMP_NUM_THREADS=1 upcycling fit {CONFIG_ARGS} --store {input} --out-dir {output} --workers {threads} > {log} 2>&1"
 
 
 rule report:

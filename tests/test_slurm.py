@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -26,7 +27,7 @@ import yaml
 from conftest import REPO, cli_env, read_json, write_config
 from upcycling import launch, sweep
 from upcycling.plan import format_plan, load_config_for_plan, plan
-from upcycling.resources import launch_resources, training_resources
+from upcycling.resources import job_resources, launch_resources, training_resources
 
 START = REPO / "scripts" / "slurm" / "start-local-cluster.sh"
 SLURM_TINY = REPO / "tests" / "configs" / "slurm_tiny.yaml"
@@ -108,6 +109,31 @@ def test_train_command_and_resources():
     assert launch_for(16, 2) == {"nodes": 2, "gpu": 0, "gres": "gpu:8", "mpi": "srun", "tasks_per_node": 8}
     assert launch_for(2, 2) == {"nodes": 2, "gpu": 0, "gres": "gpu:1", "mpi": "srun", "tasks": 2,
                                 "tasks_per_gpu": 1}
+
+
+class _Resources(dict):
+    __getattr__ = dict.__getitem__  # the plugin reads resources both ways
+
+
+def _sbatch_line(resources: dict) -> str:
+    """The sbatch command the Slurm plugin builds from a training job's resources."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    job = SimpleNamespace(resources=_Resources({k: v for k, v in resources.items() if k != "tokens"}), threads=1)
+    params = dict(run_uuid="run", slurm_logfile="log", comment_str="rule", account="", partition="", workdir="/w")
+    return get_submit_command(job, params) + set_gres_string(job)
+
+
+def test_the_plugin_turns_multi_gpu_resources_into_one_task_per_gpu():
+    cfg = load_config_for_plan(PAPER, base_dir=REPO)
+    wildcards = SimpleNamespace(size="370m", seed=0, d1=2_000_000_000, d2=4_000_000_000, experts=8, top_k=2,
+                                granularity=1)
+    line = _sbatch_line(job_resources(cfg, "upcycled", "final", wildcards)).split()
+    assert {"--nodes=1", "--ntasks-per-node=8", "--cpus-per-task=4", "--gpus=8", "--signal=USR1@600"} <= set(line)
+    cfg["slurm"].update(gpus_per_job=16, nodes=2)
+    line = _sbatch_line(job_resources(cfg, "dense", "final", SimpleNamespace(size="370m", seed=0, d1=2_000_000_000)))
+    assert {"--nodes=2", "--ntasks-per-node=8", "--gres=gpu:8"} <= set(line.split()) and "--gpus" not in line
 
 
 def test_runtime_leaves_room_for_the_warning_signal():

@@ -247,3 +247,18 @@ def test_predict(study):
     json.dumps(out, allow_nan=False)
     with pytest.raises(ValueError, match="no fitted law"):
         report.predict(fits, DENSE_SIZES["s"], 1e5, 1e5, experts=8, top_k=2)
+
+
+def test_predict_cli_plans_from_saved_fits_and_refuses_bad_arguments(study, tmp_path):
+    from conftest import run_cli
+
+    _, _, fits = study
+    for key, fit in fits.items():
+        fit.save(tmp_path / "fits" / f"{key}.json")
+    args = ["predict", "--fits", str(tmp_path / "fits"), "--d1", "262144", "--d2", "524288", "--experts", "4"]
+    out = json.loads(run_cli([*args, "--n1", str(DENSE_SIZES["s"]), "--top-k", "2"], cwd=tmp_path).stdout)
+    assert out == json.loads(json.dumps(report.predict(fits, DENSE_SIZES["s"], 262144, 524288, 4, 2),
+                                        default=float))
+    for bad, named in ((["--n1", "-5", "--top-k", "2"], "--n1"), (["--n1", "1e6", "--top-k", "8"], "--top-k")):
+        result = run_cli([*args, *bad], cwd=tmp_path, check=False)
+        assert result.returncode != 0 and named in result.stderr, result.stderr

@@ -230,6 +230,8 @@ def cmd_predict(args) -> int:
     from .fitting import to_jsonable
     from .report import load_fits, predict
 
+    if args.top_k > args.experts:
+        raise SystemExit(f"--top-k {args.top_k} is more than --experts {args.experts}: routing picks k of E experts")
     fits = load_fits(args.fits)
     if not fits:
         raise SystemExit(f"no fits in {args.fits}: run the pipeline (or `upcycling fit`) first")
@@ -237,6 +239,21 @@ def cmd_predict(args) -> int:
                      count_sunk_cost=args.count_sunk_cost)
     print(json.dumps(to_jsonable(result), indent=1))
     return 0
+
+
+def _positive(kind):
+    """argparse type: a number of ``kind`` above zero (named in the error)."""
+
+    def parse(text: str):
+        try:
+            value = kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above zero")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,12 +317,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("predict", help="planning: predicted loss, and upcycle or train from scratch")
     p.add_argument("--fits", default="results/fits", help="directory of fitted laws")
-    p.add_argument("--n1", type=float, required=True, help="dense model parameters")
-    p.add_argument("--d1", type=float, required=True, help="dense pretraining tokens")
-    p.add_argument("--d2", type=float, required=True, help="MoE training tokens after upcycling")
-    p.add_argument("--experts", type=int, required=True)
-    p.add_argument("--top-k", type=int, required=True)
-    p.add_argument("--granularity", type=int, default=1)
+    p.add_argument("--n1", type=_positive(float), required=True, help="dense model parameters (e.g. 3.5e8)")
+    p.add_argument("--d1", type=_positive(float), required=True, help="dense pretraining tokens")
+    p.add_argument("--d2", type=_positive(float), required=True, help="MoE training tokens after upcycling")
+    p.add_argument("--experts", type=_positive(int), required=True)
+    p.add_argument("--top-k", type=_positive(int), required=True)
+    p.add_argument("--granularity", type=_positive(int), default=1)
     p.add_argument("--count-sunk-cost", action="store_true",
                    help="count the dense model's compute against upcycling (default: it exists anyway)")
     p.set_defaults(func=cmd_predict)

@@ -79,13 +79,17 @@ def write_config(cfg: dict, path: str | os.PathLike) -> Path:
     unchanged file alone keeps concurrent jobs that parse the Snakefile from racing on it."""
     path = Path(path)
     text = yaml.safe_dump(cfg, sort_keys=False)
-    if path.is_file() and path.read_text() == text:
-        return path
+    if not (path.is_file() and path.read_text() == text):
+        write_text_atomic(path, text)
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: readers see the old file or the new, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-    return path
 
 
 def validate_config(

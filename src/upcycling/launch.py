@@ -38,6 +38,8 @@ from pathlib import Path
 
 from submitit.helpers import Checkpointable
 
+from .config import load_config
+
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # the trainer's exit code after a stop signal (upcycling.train.EXIT_PREEMPTED)
@@ -289,7 +291,7 @@ class TrainingTask(Checkpointable):
             return None
         from . import sweep
 
-        cfg = _load_config(self.config)
+        cfg = load_config(self.config, check_corpus=False)
         path = sweep.metrics_path(cfg, _lineage(args), args.budget)
         return path if path.is_absolute() else Path(self.workdir) / path
 
@@ -347,12 +349,6 @@ def _lineage(args: argparse.Namespace):
                    args.experts, args.top_k, args.granularity)
 
 
-def _load_config(path: str | os.PathLike) -> dict:
-    from .plan import load_config_for_plan
-
-    return load_config_for_plan(path)
-
-
 def job_resources_for_args(cfg: dict, train_args: Sequence[str]) -> dict:
     """resources.py's per-job resources (runtime, mem_mb, gpu, ...) for one training command."""
     from types import SimpleNamespace
@@ -391,7 +387,7 @@ def submit_training(cfg_path: str | os.PathLike, train_args: Sequence[str], fold
     """
     import submitit
 
-    cfg = _load_config(cfg_path)
+    cfg = load_config(cfg_path, check_corpus=False)
     resources = job_resources_for_args(cfg, train_args)
     slurm_cfg = cfg.get("slurm", {})
     nodes = nodes if nodes is not None else int(resources["nodes"])

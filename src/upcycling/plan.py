@@ -27,7 +27,7 @@ import yaml
 
 from . import sweep
 from .config import ConfigError, load_config
-from .resources import job_resources
+from .resources import compute_seconds, job_resources
 
 TRAINING_RULES = ("dense_stable", "dense_final", "upcycled_stable", "upcycled_final", "scratch_stable",
                   "scratch_final")
@@ -74,16 +74,6 @@ def training_jobs(cfg: dict) -> list[dict]:
     return jobs
 
 
-def _expected_seconds(cfg: dict, family: str, size: str, tokens: int) -> float:
-    """Tokens over the configured throughput (the compute itself: no margin, no start-up)."""
-    slurm = cfg.get("slurm", {})
-    gpus = slurm.get("gpus_per_job", 1)
-    throughput = slurm.get("throughput_tokens_per_s", {}).get(size, 100_000) * max(gpus, 1)
-    if family != "dense":
-        throughput *= slurm.get("moe_throughput_factor", 0.6)
-    return tokens / throughput
-
-
 def plan(cfg: dict, default_resources: dict | None = None) -> dict:
     """Jobs per rule, each distinct job's resources, and the sweep's GPU-hours (see module doc).
 
@@ -97,7 +87,7 @@ def plan(cfg: dict, default_resources: dict | None = None) -> dict:
         resources = job_resources(cfg, job["family"], job["phase"], SimpleNamespace(**job["wildcards"]))
         job["resources"] = {key: value for key, value in resources.items() if key != "tokens"}
         job["tokens"] = resources["tokens"]
-        job["expected_hours"] = _expected_seconds(cfg, job["family"], job["wildcards"]["size"],
+        job["expected_hours"] = compute_seconds(cfg, job["family"], job["wildcards"]["size"],
                                                   resources["tokens"]) / 3600
         job["requested_gpu_hours"] = gpus_per_job * resources["runtime"] / 60
         job["expected_gpu_hours"] = gpus_per_job * job["expected_hours"]
@@ -145,7 +135,7 @@ def plan(cfg: dict, default_resources: dict | None = None) -> dict:
         if not any(job["family"] == family for job in jobs):
             continue
         for size in cfg["dense_models"]:
-            seconds = _expected_seconds(cfg, family, size, ckpt)
+            seconds = compute_seconds(cfg, family, size, ckpt)
             preemption[f"{family}/{size}"] = {"minutes": seconds / 60,
                                               "gpu_hours": max(gpus_per_job, 0) * seconds / 3600}
 

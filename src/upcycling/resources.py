@@ -79,17 +79,23 @@ def launch_resources(cfg: dict) -> dict:
     return resources
 
 
+def compute_seconds(cfg: dict, family: str, size: str, tokens: int) -> float:
+    """Seconds a job's tokens take at the configured throughput (no margin, no start-up)."""
+    slurm = cfg.get("slurm", {})
+    throughput = slurm.get("throughput_tokens_per_s", {}).get(size, 100_000) * max(slurm.get("gpus_per_job", 1), 1)
+    if family != "dense":
+        throughput *= slurm.get("moe_throughput_factor", 0.6)
+    return tokens / throughput
+
+
 def training_resources(cfg: dict, family: str, phase: str, size: str, tokens: int, experts: int = 1,
                        top_k: int = 1, granularity: int = 1) -> dict:
     """Per job: runtime (min), memory per node (MB), CPUs per process, the warning signal."""
     slurm = cfg.get("slurm", {})
     gpus = slurm.get("gpus_per_job", 1)
     per_node, _ = processes(cfg)
-    throughput = slurm.get("throughput_tokens_per_s", {}).get(size, 100_000) * max(gpus, 1)
-    if family != "dense":
-        throughput *= slurm.get("moe_throughput_factor", 0.6)
     warn = slurm.get("signal_seconds_before_limit", 300)
-    seconds = tokens / throughput * slurm.get("runtime_margin", 1.5)
+    seconds = compute_seconds(cfg, family, size, tokens) * slurm.get("runtime_margin", 1.5)
     # The warning comes `warn` seconds before the limit: the work must fit before it.
     runtime = math.ceil((seconds + warn) / 60 + slurm.get("startup_minutes", 5))
     params = count_params(_model(cfg, size, experts if family != "dense" else 1, top_k, granularity)).total

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .config import write_text_atomic
 from .data import TokenWindows
 from .export import load_adam_moments, load_hf, save_hf
 from .flops import ModelConfig, count_params, train_flops_per_token
@@ -310,10 +311,7 @@ def _restore(engine, directory: Path) -> dict:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=1))
 
 
 # ----------------------------------------------------------------------------- the loop

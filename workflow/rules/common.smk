@@ -19,8 +19,8 @@ LOGS = R / "logs"
 WSD = config["training"]["schedule"] == "wsd"
 # One process per GPU: a job with several starts them with srun inside its allocation ("" for one).
 _PER_NODE, _NODES = processes(config)
-LAUNCH = " ".join(srun_prefix(_PER_NODE, _NODES, cpus_per_process(config)))
-TRAIN = f"OMP_NUM_THREADS={{threads}} {LAUNCH} upcycling train {CONFIG_ARGS}".replace("  ", " ")
+TRAIN = " ".join(["OMP_NUM_THREADS={threads}", *srun_prefix(_PER_NODE, _NODES, cpus_per_process(config)),
+                  "upcycling train", CONFIG_ARGS])
 
 wildcard_constraints:
     size="|".join(config["dense_models"]),

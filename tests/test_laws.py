@@ -22,9 +22,10 @@ TRUE_PARAMS = {
 }
 
 # columns of upcycling.results.runs_table
-TABLE_COLUMNS = {"size", "init", "seed", "d1_tokens", "d2_tokens", "experts", "top_k",
+TABLE_COLUMNS = {"size", "init", "method", "seed", "d1_tokens", "d2_tokens", "experts", "top_k",
                  "granularity", "final_val_loss", "flops", "n_params", "active_params",
-                 "dense_params", "tokens_seen", "wall_time_s", "sparsity"}
+                 "dense_params", "non_embedding_params", "active_non_embedding_params",
+                 "dense_non_embedding_params", "tokens_seen", "wall_time_s", "sparsity"}
 
 
 def random_variables(law, rng, n=9):

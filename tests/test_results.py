@@ -29,6 +29,7 @@ def write_metrics(root, coords, loss, *, n1, n2, n_total, tokens, curve_tokens=N
         "dense_params": n1,
         "non_embedding_params": n_total // 2,
         "active_non_embedding_params": n2 // 2,
+        "dense_non_embedding_params": n1 // 2,
         "final_val_loss": loss,
         "tokens_seen": tokens,
         "flops": 6.0 * n2 * tokens,
@@ -47,7 +48,8 @@ def write_metrics(root, coords, loss, *, n1, n2, n_total, tokens, curve_tokens=N
 def coords(size, init, d1, d2, experts=4, top_k=2, granularity=1, seed=0):
     if init == "dense":
         experts, top_k = 1, 1
-    return dict(size=size, init=init, seed=seed, d1_tokens=d1, d2_tokens=d2, experts=experts,
+    method = "dense" if init == "dense" else "moe_upcycle"
+    return dict(size=size, init=init, method=method, seed=seed, d1_tokens=d1, d2_tokens=d2, experts=experts,
                 top_k=top_k, granularity=granularity)
 
 

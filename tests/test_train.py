@@ -63,7 +63,7 @@ def test_dense_run_meets_its_budget_exactly_and_writes_the_contract(tiny_workdir
     dense(tiny_workdir, "--budget", str(D1_SMALL))
     metrics = read_json(tiny_workdir / "results/dense/xs/seed0/d1_8192/metrics.json")
     assert metrics["tokens_seen"] == D1_SMALL
-    assert metrics["coords"] == {"size": "xs", "init": "dense", "seed": 0, "d1_tokens": D1_SMALL, "d2_tokens": 0,
+    assert metrics["coords"] == {"size": "xs", "init": "dense", "method": "dense", "seed": 0, "d1_tokens": D1_SMALL, "d2_tokens": 0,
                                  "experts": 1, "top_k": 1, "granularity": 1}
     assert metrics["curve"]["tokens"][0] == 0 and metrics["curve"]["tokens"][-1] == D1_SMALL
     # The decay job continues the stable job's curve, and training lowers the held-out loss.

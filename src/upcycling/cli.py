@@ -127,7 +127,8 @@ def build_train_job(cfg: dict, args):
                         min_lr_ratio=training["min_lr_ratio"], kind=training["schedule"],
                         decay_start=sweep.decay_start(cfg, schedule_end) if (wsd and schedule_end) else None,
                         decay_end=schedule_end)
-    coords = {"size": lineage.size, "init": lineage.family, "seed": lineage.seed,
+    coords = {"size": lineage.size, "init": lineage.family,
+              "method": "dense" if lineage.family == "dense" else "moe_upcycle", "seed": lineage.seed,
               "d1_tokens": end_tokens if lineage.family == "dense" else lineage.d1,
               "d2_tokens": 0 if lineage.family == "dense" else end_tokens,
               "experts": lineage.experts, "top_k": lineage.top_k, "granularity": lineage.granularity}
@@ -139,7 +140,7 @@ def build_train_job(cfg: dict, args):
         tokens_dir=sweep.tokens_dir(cfg), checkpoint_dir=sweep.checkpoint_dir(cfg, lineage, job_name),
         end_tokens=end_tokens, schedule=schedule, seed=lineage.seed, training=training,
         resume_from=resume_from, init_weights=init_weights, state_out=state_out, metrics_out=metrics_out,
-        export_out=export_out, coords=coords, dense_params=count_params(dense_model).total,
+        export_out=export_out, coords=coords, dense_counts=count_params(dense_model),
         export_adam_moments=export_out is not None and cfg["moe"]["copy_optimizer_state"],
     )
 

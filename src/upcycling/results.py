@@ -13,9 +13,10 @@ Public functions:
 - ``law_data(table, law) -> dict[str, np.ndarray]``: a law's variables and ``loss``
 - ``moe_label(experts, top_k, granularity) -> str``: ``"e4k2g1"``
 
-Layout (docs/contracts.md): dimensions ``size, init, seed, d1_tokens, d2_tokens, experts,
-top_k, granularity`` (NaN where a combination was not run); scalar variables
-``final_val_loss, flops, n_params, active_params, dense_params, tokens_seen, wall_time_s``;
+Layout (docs/contracts.md): dimensions ``size, init, method, seed, d1_tokens, d2_tokens,
+experts, top_k, granularity`` (NaN where a combination was not run); scalar variables
+``final_val_loss, flops, n_params, active_params, dense_params, non_embedding_params,
+active_non_embedding_params, dense_non_embedding_params, tokens_seen, wall_time_s``;
 ``curve_val_loss`` over the extra ``curve_tokens`` dimension (the union of every run's curve
 positions, NaN elsewhere); attributes ``config`` (YAML text) and ``code_version``.
 """
@@ -56,6 +57,7 @@ FORMAT_VERSION = 1
 COORDS: dict[str, type] = {
     "size": str,
     "init": str,
+    "method": str,
     "seed": int,
     "d1_tokens": int,
     "d2_tokens": int,
@@ -64,8 +66,11 @@ COORDS: dict[str, type] = {
     "granularity": int,
 }
 SCALARS = ("final_val_loss", "flops", "n_params", "active_params", "dense_params",
+           "non_embedding_params", "active_non_embedding_params", "dense_non_embedding_params",
            "tokens_seen", "wall_time_s")
 INITS = ("dense", "upcycled", "scratch")
+# Second-stage methods ("dense" for the dense runs themselves); see docs/contracts.md.
+METHODS = ("dense", "moe_upcycle", "continue", "grow_depth", "grow_width")
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,6 +123,8 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: missing or malformed coordinates: {', '.join(missing)}")
     if coords["init"] not in INITS:
         raise ValueError(f"{path}: coordinate init={coords['init']!r} is not one of {INITS}")
+    if coords["method"] not in METHODS:
+        raise ValueError(f"{path}: coordinate method={coords['method']!r} is not one of {METHODS}")
     record: dict[str, Any] = {"path": str(path), "coords": coords}
     for name in SCALARS:
         record[name] = _number(payload.get(name))

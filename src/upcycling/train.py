@@ -34,7 +34,7 @@ from . import __version__
 from .config import write_text_atomic
 from .data import TokenWindows
 from .export import load_adam_moments, load_hf, save_hf
-from .flops import ModelConfig, count_params, train_flops_per_token
+from .flops import ModelConfig, ParamCounts, count_params, train_flops_per_token
 from .model import MoEOptions, Transformer
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class TrainJob:
     metrics_out: Path | None = None  # the run's metrics JSON (jobs that end a run)
     export_out: Path | None = None  # HF export of the final weights
     coords: dict = field(default_factory=dict)
-    dense_params: int | None = None  # N1 of the dense model a run comes from
+    dense_counts: ParamCounts | None = None  # N1 of the dense model a run comes from
     export_adam_moments: bool = False  # write the Adam moments beside the export (for upcycling)
 
 
@@ -503,7 +503,8 @@ def run_metrics(job: TrainJob, client_state: dict, tokens: int) -> dict:
         "coords": job.coords,
         "n_params": counts.total,
         "active_params": counts.active,
-        "dense_params": job.dense_params if job.dense_params is not None else counts.total,
+        "dense_params": (job.dense_counts or counts).total,
+        "dense_non_embedding_params": (job.dense_counts or counts).non_embedding,
         "non_embedding_params": counts.non_embedding,
         "active_non_embedding_params": counts.active_non_embedding,
         "final_val_loss": curve["val_loss"][-1],

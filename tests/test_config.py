@@ -1,11 +1,12 @@
 """Config validation: every bad config fails before any work, with a message naming the key; the
-default config builds the Snakemake DAG."""
+typed sweep holds the schema's defaults; the default config builds the Snakemake DAG."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import re
-import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, cli_env
-from upcycling.config import ConfigError, load_config, validate_config
+from upcycling.config import ConfigError, load_sweep, sweep_from_mapping
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
@@ -21,13 +22,21 @@ DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 def _check(mutate) -> None:
     cfg = copy.deepcopy(DEFAULT)
     mutate(cfg)
-    validate_config(cfg, REPO)
+    sweep_from_mapping(cfg, REPO)
 
 
 def test_default_config_is_valid_and_gets_defaults():
-    cfg = load_config(REPO / "config" / "config.yaml", base_dir=REPO)
-    assert cfg["sweep"]["granularity"] == [1]
-    assert cfg["training"]["zero_stage"] == 0
+    sweep = load_sweep(REPO / "config" / "config.yaml", base_dir=REPO)
+    assert sweep.sweep.granularity == (1,) and sweep.training.zero_stage == 0  # schema defaults
+    assert sweep.dense_models["xs"].rope_theta == 10000.0 and sweep.moe.ep_size == 1
+    assert sweep.scratch_d_tokens == tuple(DEFAULT["baselines"]["scratch_d_tokens"])
+    # Frozen all the way down: a job cannot change the sweep another job reads.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sweep.training.lr = 1.0
+    with pytest.raises(TypeError):
+        sweep.dense_models["xs"] = None
+    # The mapping it was built from is left alone (defaults are filled into a copy).
+    assert sweep.training.compile is False and "compile" not in DEFAULT["training"]
 
 
 def _set(path: str, value):
@@ -57,7 +66,7 @@ BAD_CONFIGS = [
     ("k > E", _set("sweep.top_k", [8]), "sweep.top_k", "k <= E"),
     ("heads do not divide d_model", _set("dense_models.xs.n_heads", 5), "dense_models.xs.n_heads", "divide"),
     ("odd head size", _set("dense_models.xs.n_heads", 64), "dense_models.xs.n_heads", "even head size"),
-    ("D beyond the corpus", _set("sweep.d2_tokens", [131072, 10**9]), "sweep.d2_tokens", "exceed what the corpus"),
+    ("D beyond the corpus", _set("sweep.d2_tokens", [65536, 10**9]), "sweep.d2_tokens", "exceed what the corpus"),
     ("missing corpus", _set("corpus.paths", ["data/nothing/*.txt"]), "corpus.paths", "matches no file"),
     ("granularity vs ffn", _set("sweep.granularity", [3]), "sweep.granularity", "does not divide"),
     ("E not multiple of G", lambda cfg: cfg["sweep"].update(experts=[5], granularity=[2]), "sweep.experts",
@@ -73,6 +82,9 @@ BAD_CONFIGS = [
      "slurm.throughput_tokens_per_s", "no throughput for dense model"),
     ("repeated seeds", _set("training.seeds", [0, 0]), "training.seeds", "repeat"),
     ("val_fraction", _set("corpus.val_fraction", 0.9), "corpus.val_fraction", None),
+    ("model_config D1 not trained", _set("sweep.model_config.d1_tokens", 12345), "sweep.model_config.d1_tokens",
+     "not one of sweep.d1_tokens"),
+    ("model_config k > E", _set("sweep.model_config.top_k", [4]), "sweep.model_config.top_k", "k <= E"),
 ]
 
 
@@ -97,69 +109,59 @@ def test_k_not_multiple_of_granularity_is_refused():
 
 def test_missing_or_invalid_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(tmp_path / "none.yaml")
+        load_sweep(tmp_path / "none.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("corpus: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(bad)
+        load_sweep(bad)
 
 
 def _snakemake(workdir, *args):
-    return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=workdir,
-                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2",
+                           "--directory", str(workdir), *args], cwd=workdir, env=cli_env(), capture_output=True,
+                          text=True, timeout=300)
 
 
-def test_snakemake_builds_the_dag_on_the_default_config():
-    result = _snakemake(REPO, "-n", "--forceall", "--quiet", "rules")
+def test_snakemake_builds_the_dag_on_the_default_config(tmp_path):
+    result = _snakemake(tmp_path, "-n", "--forceall", "--quiet", "rules", "--configfile",
+                        str(REPO / "config" / "config.yaml"), "--config", f"results_dir={tmp_path / 'results'}")
     assert result.returncode == 0, result.stderr[-3000:]
     counts = dict(line.split()[:2] for line in result.stdout.splitlines()
                   if line.strip() and line.split()[-1].isdigit() and len(line.split()) == 2)
     cfg = DEFAULT
     sizes, d1, d2 = len(cfg["dense_models"]), len(cfg["sweep"]["d1_tokens"]), len(cfg["sweep"]["d2_tokens"])
-    moe_shapes = len(cfg["sweep"]["experts"]) * len(cfg["sweep"]["top_k"])
+    extra = len(cfg["sweep"]["model_config"]["experts"])  # model-configuration runs: one D2 each
     assert int(counts["dense_final"]) == sizes * d1
-    assert int(counts["upcycle"]) == sizes * d1 * moe_shapes
-    assert int(counts["upcycled_final"]) == sizes * d1 * moe_shapes * d2
-    assert int(counts["upcycled_stable"]) == sizes * d1 * moe_shapes * d2  # one stable point per D2
-    assert int(counts["scratch_final"]) == sizes * moe_shapes * len(cfg["baselines"]["scratch_d_tokens"])
+    assert int(counts["upcycle"]) == sizes * (d1 + extra)
+    assert int(counts["upcycled_final"]) == sizes * (d1 * d2 + extra)
+    assert int(counts["upcycled_stable"]) == sizes * (d1 * d2 + extra)  # one stable point per D2
+    assert int(counts["scratch_final"]) == sizes * len(cfg["baselines"]["scratch_d_tokens"])
+    assert (tmp_path / ".snakemake").is_dir()
 
 
 def test_snakemake_refuses_a_bad_config_at_dag_build(tmp_path):
-    workdir = tmp_path / "wf"
-    shutil.copytree(REPO / "workflow", workdir / "workflow")
-    shutil.copy(REPO / "Snakefile", workdir / "Snakefile")
-    shutil.copytree(REPO / "config", workdir / "config")
-    (workdir / "data").symlink_to(REPO / "data")
     cfg = copy.deepcopy(DEFAULT)
     cfg["sweep"]["top_k"] = [8]
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    result = _snakemake(workdir, "-n")
+    cfg["corpus"]["paths"] = [str(REPO / p) for p in cfg["corpus"]["paths"]]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    result = _snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "bad.yaml"))
     assert result.returncode != 0
     assert "sweep.top_k" in result.stderr + result.stdout
-    assert not (workdir / "results").exists()
+    assert not (tmp_path / "results").exists()
 
 
-def test_jobs_get_the_sweep_the_dag_was_built_from(tmp_path):
+def test_jobs_run_the_sweep_the_dag_was_built_from(tmp_path):
     """--configfile replaces the default sweep (nothing of it leaks in), --config KEY=VALUE
-    overrides reach every job: the jobs read the sweep.yaml that the DAG build writes."""
+    overrides reach every job: each job's command carries its spec, and no file is written."""
     results = tmp_path / "results"
-    result = _snakemake(REPO, "-n", "--forceall", "-p", "--configfile", str(REPO / "tests" / "configs" / "tiny.yaml"),
-                        "--config", f"results_dir={results}")
+    result = _snakemake(tmp_path, "-n", "--forceall", "-p", "--configfile", str(REPO / "tests" / "configs" / "tiny.yaml"),
+                        "--config", f"results_dir={results}", "training={'lr': 0.002}")
     assert result.returncode == 0, result.stderr[-3000:]
     tiny = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
-    sizes = set(re.findall(r"--size (\w+)", result.stdout))
-    assert sizes == set(tiny["dense_models"])
-    assert f"--config {results / 'sweep.yaml'}" in result.stdout
-    assert set(re.findall(r"--family dense .*--budget (\d+)", result.stdout)) == {
-        str(d1) for d1 in tiny["sweep"]["d1_tokens"]}
-    jobs_config = load_config(results / "sweep.yaml", base_dir=REPO)
-    assert jobs_config["dense_models"].keys() == tiny["dense_models"].keys()
-    for section in ("dense_models", "sweep", "training"):  # tiny's values, plus the schema's defaults
-        assert _subset(tiny[section], jobs_config[section]), section
-    assert jobs_config["results_dir"] == str(results)
-
-
-def _subset(small, big) -> bool:
-    if isinstance(small, dict):
-        return isinstance(big, dict) and all(key in big and _subset(value, big[key]) for key, value in small.items())
-    return small == big
+    specs = [json.loads(spec) for spec in re.findall(r"upcycling train --spec '(\{.*?\})'", result.stdout)]
+    assert specs and {spec["run_id"].split("/")[1] for spec in specs} == set(tiny["dense_models"])
+    assert {spec["end_tokens"] for spec in specs if spec["family"] == "dense" and spec["phase"] == "final"} == set(
+        tiny["sweep"]["d1_tokens"])
+    assert {spec["training"]["lr"] for spec in specs} == {0.002}  # the override, in every job
+    assert all(spec["training"]["micro_batch_size"] == tiny["training"]["micro_batch_size"] for spec in specs)
+    assert not results.exists()  # a dry run writes nothing

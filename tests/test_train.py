@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import faults
 from conftest import cli_env, read_json, run_cli, write_config
-from upcycling.train import EXIT_PREEMPTED, FAULT_NAN_AT_STEP, FAULT_SIGNAL_AT_STEP, Schedule
+from upcycling.schedule import Schedule
+from upcycling.train import EXIT_PREEMPTED
 
 SEQ, ROWS = 32, 8
 STEP_TOKENS = SEQ * ROWS
@@ -58,17 +60,23 @@ def test_cosine_schedule_ends_at_min_lr():
 
 def test_dense_run_meets_its_budget_exactly_and_writes_the_contract(tiny_workdir):
     dense(tiny_workdir, "--stable", str(STABLE_1))
-    state = read_json(tiny_workdir / "results/dense/xs/seed0" / f"stable_{STABLE_1}.json")
-    assert state["tokens"] == STABLE_1 and state["curve"]["tokens"][-1] == STABLE_1
+    stable = tiny_workdir / "results/checkpoints/dense/xs/seed0" / f"stable_{STABLE_1}"
+    manifest = read_json(stable / "manifest.json")
+    assert manifest["tokens"] == STABLE_1 and manifest["complete"]
+    assert manifest["written_by"] == f"dense_stable[size=xs,seed=0,point={STABLE_1}]"
+    assert not stable.with_name(stable.name + ".partial").exists()  # published by one rename
     dense(tiny_workdir, "--budget", str(D1_SMALL))
     metrics = read_json(tiny_workdir / "results/dense/xs/seed0/d1_8192/metrics.json")
     assert metrics["tokens_seen"] == D1_SMALL
     assert metrics["coords"] == {"size": "xs", "init": "dense", "method": "dense", "seed": 0, "d1_tokens": D1_SMALL, "d2_tokens": 0,
                                  "experts": 1, "top_k": 1, "granularity": 1}
     assert metrics["curve"]["tokens"][0] == 0 and metrics["curve"]["tokens"][-1] == D1_SMALL
-    # The decay job continues the stable job's curve, and training lowers the held-out loss.
-    assert metrics["curve"]["val_loss"][:len(state["curve"]["val_loss"])] == state["curve"]["val_loss"]
+    # The decay job continues the stable job's curve (evaluations every 4096 tokens and at each
+    # job's end), and training lowers the held-out loss.
+    assert metrics["curve"]["tokens"] == [0, 4096, STABLE_1, D1_SMALL]
     assert metrics["final_val_loss"] < metrics["curve"]["val_loss"][0] - 0.5
+    # A final job leaves no checkpoint behind (training.keep_final_checkpoints is off).
+    assert not list((tiny_workdir / "results/checkpoints/dense/xs/seed0").glob("d1_*"))
     assert metrics["flops"] > 6 * metrics["non_embedding_params"] * D1_SMALL
     assert (tiny_workdir / "results/dense/xs/seed0/d1_8192/hf/model.safetensors").is_file()
 
@@ -104,14 +112,14 @@ def test_preempted_run_resumes_to_the_same_weights_bitwise(tmp_path, tiny_tokens
     stable_steps = STABLE_1 // STEP_TOKENS
     stop_step = random.Random().randint(1, stable_steps - 1)
     result = dense(runs["interrupted"], "--stable", str(STABLE_1), check=False,
-                   **{FAULT_SIGNAL_AT_STEP: str(stop_step)})
+                   **faults.env(signal_at_step=stop_step))
     assert result.returncode == EXIT_PREEMPTED, result.stdout[-2000:]
     assert "SIGUSR1 received" in result.stdout
-    assert not (runs["interrupted"] / f"results/dense/xs/seed0/stable_{STABLE_1}.json").exists()
+    assert not (runs["interrupted"] / f"results/checkpoints/dense/xs/seed0/stable_{STABLE_1}").exists()
     resumed = dense(runs["interrupted"], "--stable", str(STABLE_1))
     assert f"resumed its own checkpoint at {stop_step * STEP_TOKENS} tokens" in resumed.stdout
     result = dense(runs["interrupted"], "--budget", str(D1_SMALL), check=False,
-                   **{FAULT_SIGNAL_AT_STEP: str(stable_steps + 2)})
+                   **faults.env(signal_at_step=stable_steps + 2))
     assert result.returncode == EXIT_PREEMPTED
     dense(runs["interrupted"], "--budget", str(D1_SMALL))
 
@@ -125,10 +133,10 @@ def test_preempted_run_resumes_to_the_same_weights_bitwise(tmp_path, tiny_tokens
 
 
 def test_divergence_stops_the_run_without_metrics(tiny_workdir):
-    result = dense(tiny_workdir, "--stable", str(STABLE_1), check=False, **{FAULT_NAN_AT_STEP: "3"})
+    result = dense(tiny_workdir, "--stable", str(STABLE_1), check=False, **faults.env(nan_at_step=3))
     assert result.returncode == 3
     assert "dense/xs/seed0/stable_6144 diverged at step 3" in result.stdout
-    assert not (tiny_workdir / f"results/dense/xs/seed0/stable_{STABLE_1}.json").exists()
+    assert not (tiny_workdir / f"results/checkpoints/dense/xs/seed0/stable_{STABLE_1}").exists()
 
 
 def test_scratch_moe_preempted_and_resumed_equals_straight_run(tmp_path, tiny_tokens):
@@ -141,7 +149,7 @@ def test_scratch_moe_preempted_and_resumed_equals_straight_run(tmp_path, tiny_to
         (workdir / "results" / "tokens").symlink_to(tiny_tokens)
         args = ["--family", "scratch", "--size", "xs", "--experts", "4", "--top-k", "2", "--budget", "8192"]
         if fault:
-            result = train(workdir, *args, check=False, **{FAULT_SIGNAL_AT_STEP: fault})
+            result = train(workdir, *args, check=False, **faults.env(signal_at_step=fault))
             assert result.returncode == EXIT_PREEMPTED
         train(workdir, *args)
         finals.append(read_json(workdir / "results/scratch/xs/seed0/e4_k2_g1/d_8192/metrics.json"))

@@ -3,22 +3,32 @@
     upcycling check-config   validate a sweep config (schema + semantic checks)
     upcycling tokenize       corpus -> tokenizer.json, train/val token memmaps, meta.json
     upcycling train          one training job (dense, upcycled or scratch MoE; WSD stable or final)
-    upcycling upcycle        dense checkpoint -> MoE initial checkpoint (HF Mixtral layout)
+    upcycling upcycle        dense export -> MoE initial export (HF Mixtral layout)
     upcycling aggregate      every metrics JSON -> results/losses.zarr
     upcycling fit            losses.zarr -> results/fits/*.json
     upcycling report         fits + store -> results/report/ (summary.md + figures)
     upcycling predict        planning: predicted loss and upcycle-or-scratch advice
-    upcycling plan           the admin's view: jobs per rule, resources, GPU-hours
+    upcycling plan           the admin's view: jobs per rule, resources, GPU-hours, disk
+    upcycling clean          delete checkpoints that no job of the sweep will read
     upcycling submit         one training job to Slurm through submitit (requeued on preemption)
+
+A job runs from its spec: the rules pass ``--spec`` (the job's Snakemake params, see
+upcycling.jobs); by hand, ``--config`` plus the job's identity builds the same spec from the same
+inventory. Bad input (config, corpus, tokens, checkpoints, fits, arguments) prints one
+``error: ...`` line and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import os
 import sys
 from pathlib import Path
+
+from .errors import InputError
 
 log = logging.getLogger("upcycling")
 
@@ -37,208 +47,184 @@ def _setup_logging() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def _load(args) -> dict:
-    from .config import load_config
-
-    return load_config(args.config, base_dir=args.workdir)
-
-
-def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="config/config.yaml", help="sweep config YAML")
+def _add_source(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--spec", help=f"the {what} as JSON (what the Snakefile's rules pass)")
+    parser.add_argument("--config", help="sweep config YAML (instead of --spec)")
     parser.add_argument("--workdir", default=".", help="directory that relative paths in the config start from")
 
 
-def cmd_check_config(args) -> int:
-    cfg = _load(args)
-    from .sweep import all_metrics
+def _inventory(args):
+    from .config import load_sweep
+    from .jobs import Inventory
 
-    print(f"{args.config}: valid; {len(all_metrics(cfg))} runs")
+    if not args.config:
+        raise InputError("give --spec (as the Snakefile's rules do) or --config with a sweep config")
+    return Inventory(load_sweep(args.config, base_dir=args.workdir))
+
+
+def _spec(args, rule: str, wildcards: dict | None = None) -> dict:
+    """The job's spec: --spec as given, else the inventory's job of that rule and wildcards."""
+    if args.spec:
+        try:
+            return json.loads(args.spec)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--spec is not JSON ({exc}): pass the job's spec as the rules do, or use --config") from None
+    return _inventory(args).find(rule, wildcards or {}).spec
+
+
+def cmd_check_config(args) -> int:
+    inventory = _inventory(args)
+    runs = sum(1 for job in inventory.jobs if job.rule.endswith("_final"))
+    print(f"{args.config}: valid; {runs} runs, {len(inventory.jobs)} jobs")
     return 0
 
 
 def cmd_tokenize(args) -> int:
-    cfg = _load(args)
-    from .sweep import tokens_dir
     from .tokenize import tokenize_corpus
 
-    corpus = dict(cfg["corpus"])
+    spec = _spec(args, "tokenize")
     base = Path(args.workdir)
+    corpus = dict(spec["corpus"])
     corpus["paths"] = [p if os.path.isabs(p) else str(base / p) for p in corpus["paths"]]
-    tokenizer = dict(cfg["tokenizer"])
+    tokenizer = dict(spec["tokenizer"])
     if tokenizer.get("path") and not os.path.isabs(tokenizer["path"]):
         tokenizer["path"] = str(base / tokenizer["path"])
-    out = Path(args.out) if args.out else tokens_dir(cfg)
+    out = Path(args.out or spec["out"])
     meta = tokenize_corpus(corpus, tokenizer, out)
     log.info("tokens in %s: %d train, %d val (vocab %d)", out, meta["train_tokens"], meta["val_tokens"],
              meta["vocab_size"])
     return 0
 
 
-def _lineage(args):
-    from .sweep import Lineage
-
-    if args.family == "dense":
-        return Lineage("dense", args.size, args.seed)
-    return Lineage(args.family, args.size, args.seed, args.d1 if args.family == "upcycled" else 0,
-                   args.experts, args.top_k, args.granularity)
-
-
-def build_train_job(cfg: dict, args):
-    """The TrainJob for one (lineage, stable point | final budget), from the config alone."""
-    import json
-
-    from . import sweep
-    from .flops import count_params
-    from .model import model_config_from, moe_options_from
-    from .train import Schedule, TrainJob
-
-    lineage = _lineage(args)
-    training = cfg["training"]
-    meta = json.loads((sweep.tokens_dir(cfg) / "meta.json").read_text())
-    is_moe = lineage.family != "dense"
-    model = model_config_from(cfg, lineage.size, meta["vocab_size"], lineage.experts if is_moe else 1,
-                              lineage.top_k, lineage.granularity)
-    dense_model = model_config_from(cfg, lineage.size, meta["vocab_size"])
-    wsd = training["schedule"] == "wsd"
-
-    if args.stable is not None:  # a WSD stable job
-        if not wsd:
-            raise SystemExit("--stable needs training.schedule: wsd")
-        point = args.stable
-        if point not in sweep.stable_points(cfg, lineage.family):
-            raise SystemExit(f"--stable {point} is not a stable point of {lineage.family}: "
-                             f"{sweep.stable_points(cfg, lineage.family)}")
-        previous = sweep.previous_stable_point(cfg, lineage.family, point)
-        end_tokens, job_name = point, f"stable_{point}"
-        schedule_end = None
-        state_out, metrics_out = sweep.stable_state_path(cfg, lineage, point), None
-    else:
-        budget = args.budget
-        if budget not in sweep.budgets(cfg, lineage.family):
-            raise SystemExit(f"--budget {budget} is not a {lineage.family} budget of the config: "
-                             f"{sweep.budgets(cfg, lineage.family)}")
-        previous = sweep.decay_start(cfg, budget) if wsd else None
-        end_tokens, job_name, schedule_end = budget, sweep.run_dir(cfg, lineage, budget).name, budget
-        state_out, metrics_out = None, sweep.metrics_path(cfg, lineage, budget)
-
-    resume_from = sweep.checkpoint_dir(cfg, lineage, f"stable_{previous}") if previous is not None else None
-    init_weights = sweep.upcycled_init_dir(cfg, lineage) if lineage.family == "upcycled" and resume_from is None else None
-    schedule = Schedule(peak_lr=training["lr"], warmup_tokens=training["warmup_tokens"],
-                        min_lr_ratio=training["min_lr_ratio"], kind=training["schedule"],
-                        decay_start=sweep.decay_start(cfg, schedule_end) if (wsd and schedule_end) else None,
-                        decay_end=schedule_end)
-    coords = {"size": lineage.size, "init": lineage.family,
-              "method": "dense" if lineage.family == "dense" else "moe_upcycle", "seed": lineage.seed,
-              "d1_tokens": end_tokens if lineage.family == "dense" else lineage.d1,
-              "d2_tokens": 0 if lineage.family == "dense" else end_tokens,
-              "experts": lineage.experts, "top_k": lineage.top_k, "granularity": lineage.granularity}
-    export_out = None
-    if lineage.family == "dense" and metrics_out is not None:
-        export_out = sweep.dense_export_dir(cfg, lineage.size, lineage.seed, end_tokens)
-    return TrainJob(
-        run_id=f"{lineage.name}/{job_name}", model=model, moe=moe_options_from(cfg),
-        tokens_dir=sweep.tokens_dir(cfg), checkpoint_dir=sweep.checkpoint_dir(cfg, lineage, job_name),
-        end_tokens=end_tokens, schedule=schedule, seed=lineage.seed, training=training,
-        resume_from=resume_from, init_weights=init_weights, state_out=state_out, metrics_out=metrics_out,
-        export_out=export_out, coords=coords, dense_counts=count_params(dense_model),
-        export_adam_moments=export_out is not None and cfg["moe"]["copy_optimizer_state"],
-    )
+def _hooks() -> tuple:
+    """Hooks named in UPCYCLING_HOOKS ('module:factory,...'; the tests' fault injection)."""
+    hooks = []
+    for entry in filter(None, os.environ.get("UPCYCLING_HOOKS", "").split(",")):
+        module, _, factory = entry.partition(":")
+        hooks.append(getattr(importlib.import_module(module), factory)())
+    return tuple(hooks)
 
 
 def cmd_train(args) -> int:
-    if (args.stable is None) == (args.budget is None):
-        raise SystemExit("give exactly one of --stable POINT (a WSD stable job) or --budget D (a run's final job)")
-    if args.family == "upcycled" and args.d1 is None:
-        raise SystemExit("--family upcycled needs --d1 (the dense budget it was upcycled from)")
+    from . import jobargs
     from .launch import apply_slurm_env
+    from .train import RunOptions, main_guarded
 
     apply_slurm_env()  # under srun: RANK/WORLD_SIZE/... from the Slurm environment
-    cfg = _load(args)
+    if args.spec:
+        spec, options = _spec(args, ""), RunOptions()
+    else:
+        try:
+            rule, wildcards = jobargs.job_key(args)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        inventory = _inventory(args)
+        spec, training = inventory.find(rule, wildcards).spec, inventory.sweep.training
+        options = RunOptions(training.log_every_steps, training.checkpoint_every_tokens,
+                             training.keep_final_checkpoints)
+    overrides = {key: value for key, value in (("log_every_steps", args.log_every_steps),
+                                               ("checkpoint_every_tokens", args.checkpoint_every_tokens),
+                                               ("keep_checkpoint", args.keep_checkpoint or None)) if value is not None}
+    options = RunOptions(**{**options.__dict__, **overrides})
+    _log_attempt(spec["run_id"])
     os.chdir(args.workdir)
-    from .train import main_guarded
+    return main_guarded(spec, options, _hooks())
 
-    return main_guarded(build_train_job(cfg, args))
+
+def _log_attempt(run_id: str) -> None:
+    """A header per attempt: the log is appended to, so every attempt's story stays in it."""
+    import socket
+    import time
+
+    slurm = os.environ.get("SLURM_JOB_ID")
+    where = f"Slurm job {slurm} (restart {os.environ.get('SLURM_RESTART_COUNT', 0)})" if slurm else "no Slurm job"
+    log.info("==== %s: attempt on %s, %s, pid %d, started %s ====", run_id, socket.gethostname(), where,
+             os.getpid(), time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def cmd_upcycle(args) -> int:
-    cfg = _load(args)
-    from . import sweep
-    from .config import ConfigError
     from .export import load_adam_moments, load_hf, save_hf
+    from .jobs import moe_variant
     from .upcycle import upcycle_adam_moments, upcycle_state
 
-    dense_dir = Path(args.dense) if args.dense else sweep.dense_export_dir(cfg, args.size, args.seed, args.d1)
+    wildcards = {"size": args.size, "seed": str(args.seed), "d1": str(args.d1),
+                 "variant": moe_variant(args.experts or 1, args.top_k or 1, args.granularity)}
+    spec = _spec(args, "upcycle", wildcards)
+    dense_dir = Path(spec["dense"])
     dense_state, dense_cfg, _ = load_hf(dense_dir)
-    moe_state, moe_cfg = upcycle_state(dense_state, dense_cfg, args.experts, args.top_k, args.granularity,
-                                       router_init_std=cfg["moe"]["router_init_std"], seed=args.seed)
+    moe_state, moe_cfg = upcycle_state(dense_state, dense_cfg, spec["experts"], spec["top_k"], spec["granularity"],
+                                       router_init_std=spec["router_init_std"], seed=spec["seed"])
     moments = None
-    if cfg["moe"]["copy_optimizer_state"]:
+    if spec["copy_optimizer_state"]:
         dense_moments = load_adam_moments(dense_dir)
         if dense_moments is None:
-            raise ConfigError(f"config key 'moe.copy_optimizer_state': {dense_dir} holds no Adam moments "
-                              "(optimizer.safetensors): rerun the dense stage with this config, or set it to false")
+            raise InputError(f"config key 'moe.copy_optimizer_state': {dense_dir} holds no Adam moments "
+                             "(optimizer.safetensors): rerun the dense stage with this config, or set it to false")
         moments = (*upcycle_adam_moments(dense_moments[0], dense_moments[1], moe_cfg), dense_moments[2])
-    lineage = _lineage(argparse.Namespace(**{**vars(args), "family": "upcycled"}))
-    out = Path(args.out) if args.out else sweep.upcycled_init_dir(cfg, lineage)
+    out = Path(spec["out"])
     save_hf(moe_state, moe_cfg, out, extra={"upcycled_from": str(dense_dir)}, adam_moments=moments)
-    log.info("upcycled %s -> %s (E=%d, k=%d, G=%d)", dense_dir, out, args.experts, args.top_k, args.granularity)
+    log.info("upcycled %s -> %s (E=%d, k=%d, G=%d)", dense_dir, out, spec["experts"], spec["top_k"],
+             spec["granularity"])
     return 0
 
 
 def cmd_aggregate(args) -> int:
-    cfg = _load(args)
+    import yaml
+
     from .results import aggregate
-    from .sweep import all_metrics
     from .train import code_version
 
-    paths = args.metrics or [str(path) for path in all_metrics(cfg)]
-    ds = aggregate(paths, args.out, config_text=Path(args.config).read_text(), code_version=code_version())
-    log.info("aggregated %d runs into %s (dims %s)", len(paths), args.out, dict(ds.sizes))
+    spec = _spec(args, "aggregate")
+    out = args.out or spec["out"]
+    ds = aggregate(spec["runs"], out, config_text=yaml.safe_dump(spec["config"], sort_keys=False),
+                   code_version=code_version())
+    log.info("aggregated %d runs into %s (dims %s)", len(spec["runs"]), out, dict(ds.sizes))
     return 0
 
 
 def cmd_fit(args) -> int:
-    cfg = _load(args)
-    from .export import atomic_dir, commit_dir
+    from .publish import staging_dir
     from .report import fit_all
     from .results import load_losses
 
-    fits = fit_all(load_losses(args.store), cfg["fit"], out_dir=None, workers=args.workers)
-    out_dir = Path(args.out_dir)
-    tmp = atomic_dir(out_dir)  # all fits appear together, or none
-    for key, fit in fits.items():
-        fit.save(tmp / f"{key}.json")
-    commit_dir(tmp, out_dir)
+    fits = fit_all(load_losses(args.store), _spec(args, "fit")["fit"], out_dir=None, workers=args.workers)
+    with staging_dir(args.out_dir) as staged:  # all fits appear together, or none
+        for key, fit in fits.items():
+            fit.save(staged / f"{key}.json")
     log.info("fit: %d laws fitted, %d skipped -> %s", sum(fit.ok for fit in fits.values()),
-             sum(not fit.ok for fit in fits.values()), out_dir)
+             sum(not fit.ok for fit in fits.values()), args.out_dir)
     return 0
 
 
 def cmd_report(args) -> int:
-    _load(args)
     from .report import load_fits, write_report
     from .results import load_losses
 
-    fits = load_fits(args.fits)
-    written = write_report(load_losses(args.store), fits, None, args.out_dir)
+    written = write_report(load_losses(args.store), load_fits(args.fits), None, args.out_dir)
     log.info("report: %s", ", ".join(str(path) for path in written.values()))
     return 0
 
 
 def cmd_predict(args) -> int:
-    import json
-
     from .fitting import to_jsonable
     from .report import load_fits, predict
 
     if args.top_k > args.experts:
-        raise SystemExit(f"--top-k {args.top_k} is more than --experts {args.experts}: routing picks k of E experts")
+        raise InputError(f"--top-k {args.top_k} is more than --experts {args.experts}: routing picks k of E experts")
     fits = load_fits(args.fits)
     if not fits:
-        raise SystemExit(f"no fits in {args.fits}: run the pipeline (or `upcycling fit`) first")
+        raise InputError(f"no fits in {args.fits}: run the pipeline (or `upcycling fit`) first")
     result = predict(fits, args.n1, args.d1, args.d2, args.experts, args.top_k, args.granularity,
                      count_sunk_cost=args.count_sunk_cost)
     print(json.dumps(to_jsonable(result), indent=1))
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from .clean import clean
+
+    freed = clean(_inventory(args), dry_run=args.dry_run)
+    print(f"{'would free' if args.dry_run else 'freed'} {freed / 1e9:.3g} GB")
     return 0
 
 
@@ -257,66 +243,58 @@ def _positive(kind):
     return parse
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    from . import jobargs, launch, plan
+
     parser = argparse.ArgumentParser(prog="upcycling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
 
-    p = commands.add_parser("check-config", help="validate a sweep config")
-    _add_config(p)
-    p.set_defaults(func=cmd_check_config)
+    def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.set_defaults(func=func)
+        return sub
 
-    p = commands.add_parser("tokenize", help="train/load the tokenizer and write token memmaps")
-    _add_config(p)
+    p = command("check-config", cmd_check_config, "validate a sweep config")
+    p.add_argument("--config", default="config/config.yaml", help="sweep config YAML")
+    p.add_argument("--workdir", default=".", help="directory that relative paths in the config start from")
+
+    p = command("tokenize", cmd_tokenize, "train/load the tokenizer and write token memmaps")
+    _add_source(p, "tokenize job's spec")
     p.add_argument("--out", help="output directory (default: <results_dir>/tokens)")
-    p.set_defaults(func=cmd_tokenize)
 
-    p = commands.add_parser("train", help="one training job of a dense, upcycled or scratch MoE run")
-    _add_config(p)
-    p.add_argument("--family", choices=["dense", "upcycled", "scratch"], required=True)
-    p.add_argument("--size", required=True, help="dense model label (config dense_models)")
+    p = command("train", cmd_train, "one training job of a dense, upcycled or scratch MoE run")
+    _add_source(p, "training job's spec")
+    jobargs.add_arguments(p, required=False)
+    p.add_argument("--log-every-steps", type=_positive(int), help="progress line every N steps")
+    p.add_argument("--checkpoint-every-tokens", type=_positive(int), help="save a checkpoint every N tokens")
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep a final job's DeepSpeed checkpoint")
+
+    p = command("upcycle", cmd_upcycle, "dense export -> MoE initial export")
+    _add_source(p, "upcycle job's spec")
+    p.add_argument("--size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--d1", type=int, help="upcycled: the dense budget D1 it starts from")
-    p.add_argument("--experts", type=int, default=1)
-    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--d1", type=int)
+    p.add_argument("--experts", type=int)
+    p.add_argument("--top-k", type=int)
     p.add_argument("--granularity", type=int, default=1)
-    p.add_argument("--stable", type=int, help="WSD: train the stable phase up to this many tokens")
-    p.add_argument("--budget", type=int, help="train the run of this budget D to its end (metrics JSON)")
-    p.set_defaults(func=cmd_train)
 
-    p = commands.add_parser("upcycle", help="dense checkpoint -> MoE initial checkpoint")
-    _add_config(p)
-    p.add_argument("--size", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--d1", type=int, required=True)
-    p.add_argument("--experts", type=int, required=True)
-    p.add_argument("--top-k", type=int, required=True)
-    p.add_argument("--granularity", type=int, default=1)
-    p.add_argument("--dense", help="HF Llama export to upcycle (default: the pipeline's dense run)")
-    p.add_argument("--out", help="output directory (default: the pipeline's layout)")
-    p.set_defaults(func=cmd_upcycle)
+    p = command("aggregate", cmd_aggregate, "every metrics JSON -> the zarr results store")
+    _add_source(p, "aggregate job's spec")
+    p.add_argument("--out", help="the store to write (default: <results_dir>/losses.zarr)")
 
-    p = commands.add_parser("aggregate", help="every metrics JSON -> the zarr results store")
-    _add_config(p)
-    p.add_argument("--out", required=True, help="the store to write, e.g. results/losses.zarr")
-    p.add_argument("metrics", nargs="*", help="metrics JSON files (default: every run of the config)")
-    p.set_defaults(func=cmd_aggregate)
-
-    p = commands.add_parser("fit", help="fit the scaling laws to a results store")
-    _add_config(p)
+    p = command("fit", cmd_fit, "fit the scaling laws to a results store")
+    _add_source(p, "fit job's spec")
     p.add_argument("--store", required=True, help="results store (losses.zarr)")
     p.add_argument("--out-dir", required=True, help="where the fits' JSON files go")
     p.add_argument("--workers", type=int, default=1, help="laws fitted side by side, one process each")
-    p.set_defaults(func=cmd_fit)
 
-    p = commands.add_parser("report", help="summary.md and figures from a store and its fits")
-    _add_config(p)
+    p = command("report", cmd_report, "summary.md and figures from a store and its fits")
     p.add_argument("--store", required=True)
     p.add_argument("--fits", required=True, help="directory of the fits' JSON files")
     p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_report)
 
-    p = commands.add_parser("predict", help="planning: predicted loss, and upcycle or train from scratch")
+    p = command("predict", cmd_predict, "planning: predicted loss, and upcycle or train from scratch")
     p.add_argument("--fits", default="results/fits", help="directory of fitted laws")
     p.add_argument("--n1", type=_positive(float), required=True, help="dense model parameters (e.g. 3.5e8)")
     p.add_argument("--d1", type=_positive(float), required=True, help="dense pretraining tokens")
@@ -326,25 +304,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--granularity", type=_positive(int), default=1)
     p.add_argument("--count-sunk-cost", action="store_true",
                    help="count the dense model's compute against upcycling (default: it exists anyway)")
-    p.set_defaults(func=cmd_predict)
 
-    from . import launch, plan
-
-    p = commands.add_parser("plan", help="the admin's view: jobs per rule, resources, GPU-hours")
+    p = command("plan", plan.run, "the admin's view: jobs per rule, resources, GPU-hours, disk")
     plan.add_arguments(p)
-    p.set_defaults(func=plan.run)
 
-    p = commands.add_parser("submit", help="submit one training job to Slurm with submitit")
+    p = command("clean", cmd_clean, "delete checkpoints that no job of the sweep will read")
+    p.add_argument("--config", default="config/config.yaml", help="sweep config YAML")
+    p.add_argument("--workdir", default=".", help="directory that relative paths in the config start from")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+
+    p = command("submit", launch.run, "submit one training job to Slurm with submitit")
     launch.add_arguments(p)
-    p.set_defaults(func=launch.run)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     _setup_logging()
-    from .config import ConfigError
-
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -9,16 +9,17 @@ converts it on load.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import InputError
 from .flops import ModelConfig
+from .model import expert_weight_name, router_weight_name
+from .publish import staging_dir
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -47,14 +48,12 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
         hf[f"{theirs}.input_layernorm.weight"] = state[f"{ours}.attn_norm.weight"]
         hf[f"{theirs}.post_attention_layernorm.weight"] = state[f"{ours}.ffn_norm.weight"]
         if cfg.is_moe:
-            moe = f"{ours}.ffn.moe.deepspeed_moe"
-            hf[f"{theirs}.block_sparse_moe.gate.weight"] = state[f"{moe}.gate.wg.weight"]
+            hf[f"{theirs}.block_sparse_moe.gate.weight"] = state[router_weight_name(i)]
             for e in range(cfg.experts):
-                expert = f"{moe}.experts.deepspeed_experts.{e}"
-                gate, up = state[f"{expert}.gate_up.weight"].split(hidden, dim=0)
+                gate, up = state[expert_weight_name(i, e, "gate_up.weight")].split(hidden, dim=0)
                 out = f"{theirs}.block_sparse_moe.experts.{e}"
                 hf[f"{out}.w1.weight"], hf[f"{out}.w3.weight"] = gate, up
-                hf[f"{out}.w2.weight"] = state[f"{expert}.down.weight"]
+                hf[f"{out}.w2.weight"] = state[expert_weight_name(i, e, "down.weight")]
         else:
             gate, up = state[f"{ours}.ffn.gate_up.weight"].split(hidden, dim=0)
             hf[f"{theirs}.mlp.gate_proj.weight"], hf[f"{theirs}.mlp.up_proj.weight"] = gate, up
@@ -77,12 +76,12 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
         state[f"{ours}.attn_norm.weight"] = hf[f"{theirs}.input_layernorm.weight"]
         state[f"{ours}.ffn_norm.weight"] = hf[f"{theirs}.post_attention_layernorm.weight"]
         if cfg.is_moe:
-            moe = f"{ours}.ffn.moe.deepspeed_moe"
-            state[f"{moe}.gate.wg.weight"] = hf[f"{theirs}.block_sparse_moe.gate.weight"]
+            state[router_weight_name(i)] = hf[f"{theirs}.block_sparse_moe.gate.weight"]
             for e in range(cfg.experts):
-                src, expert = f"{theirs}.block_sparse_moe.experts.{e}", f"{moe}.experts.deepspeed_experts.{e}"
-                state[f"{expert}.gate_up.weight"] = torch.cat([hf[f"{src}.w1.weight"], hf[f"{src}.w3.weight"]])
-                state[f"{expert}.down.weight"] = hf[f"{src}.w2.weight"]
+                src = f"{theirs}.block_sparse_moe.experts.{e}"
+                state[expert_weight_name(i, e, "gate_up.weight")] = torch.cat([hf[f"{src}.w1.weight"],
+                                                                               hf[f"{src}.w3.weight"]])
+                state[expert_weight_name(i, e, "down.weight")] = hf[f"{src}.w2.weight"]
         else:
             state[f"{ours}.ffn.gate_up.weight"] = torch.cat(
                 [hf[f"{theirs}.mlp.gate_proj.weight"], hf[f"{theirs}.mlp.up_proj.weight"]])
@@ -146,39 +145,33 @@ def config_from_hf(hf_cfg: dict) -> ModelConfig:
     )
 
 
-def atomic_dir(final_dir: Path):
-    """A temporary sibling directory that replaces final_dir when the caller commits it."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
-
-
-def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp_dir, final_dir)
-
-
 def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path, extra: dict | None = None,
-            adam_moments: tuple[dict, dict, int] | None = None) -> None:
+            adam_moments: tuple[dict, dict, int] | None = None) -> str:
     """Write model.safetensors + config.json (+ the Adam moments, if given) into out_dir,
-    atomically (temp dir, then rename)."""
-    out_dir = Path(out_dir)
-    tmp = atomic_dir(out_dir)
-    try:
-        save_file(to_hf(state, cfg), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(cfg, extra), indent=2))
+    atomically (a staged directory, then one rename). config.json records the weights' sha256 (the
+    export's fingerprint, checked on load); returns it."""
+    with staging_dir(out_dir) as staged:
+        save_file(to_hf(state, cfg), str(staged / WEIGHTS_FILE), metadata={"format": "pt"})
+        weights_sha256 = file_sha256(staged / WEIGHTS_FILE)
+        (staged / CONFIG_FILE).write_text(json.dumps(hf_config(cfg, {**(extra or {}),
+                                                                    "weights_sha256": weights_sha256}), indent=2))
         if adam_moments is not None:
             exp_avg, exp_avg_sq, step = adam_moments
             tensors = {**{f"exp_avg/{n}": t.contiguous() for n, t in exp_avg.items()},
                        **{f"exp_avg_sq/{n}": t.contiguous() for n, t in exp_avg_sq.items()}}
-            save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"step": str(step)})
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            save_file(tensors, str(staged / OPTIMIZER_FILE), metadata={"step": str(step)})
+    return weights_sha256
 
 
-class CheckpointError(ValueError):
+def file_sha256(path: Path, block: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class CheckpointError(InputError):
     """An unreadable or mismatched checkpoint; the message names the file and the fix."""
 
 
@@ -194,6 +187,10 @@ def load_hf(model_dir: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict
         cfg = config_from_hf(raw_cfg)
     except (json.JSONDecodeError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {config_path} is not a Llama/Mixtral config.json ({exc!r})") from exc
+    expected = raw_cfg.get("upcycling", {}).get("weights_sha256")
+    if expected is not None and file_sha256(weights) != expected:
+        raise CheckpointError(f"checkpoint {weights} does not match the sha256 its config.json records: it is "
+                              "corrupt or truncated; delete its directory and rerun the stage that writes it")
     try:
         hf = load_file(str(weights))
     except Exception as exc:  # safetensors raises several types for a truncated/corrupt file

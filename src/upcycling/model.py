@@ -7,6 +7,7 @@ Weight names follow the module tree; ``export.py`` maps them to the Hugging Face
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flops import ModelConfig
+
+# Where DeepSpeed-MoE (deepspeed.moe.layer.MoE) keeps a block's router and experts, spelled once:
+# export, upcycling and the expert-parallel gather and scatter name weights through these.
+_MOE = "ffn.moe.deepspeed_moe"
+EXPERTS_MARKER = ".experts.deepspeed_experts."
+ROUTER_LEAF = ".gate.wg.weight"
+
+
+def router_weight_name(layer: int) -> str:
+    return f"blocks.{layer}.{_MOE}{ROUTER_LEAF}"
+
+
+def expert_weight_name(layer: int, expert: int, leaf: str) -> str:
+    """``leaf``: ``gate_up.weight`` or ``down.weight`` of the expert's SwiGLU."""
+    return f"blocks.{layer}.{_MOE}{EXPERTS_MARKER}{expert}.{leaf}"
+
+
+def split_expert_name(name: str) -> tuple[str, int, str] | None:
+    """(prefix, expert index, leaf) of an expert weight's name; None for any other weight."""
+    if EXPERTS_MARKER not in name:
+        return None
+    prefix, tail = name.split(EXPERTS_MARKER)
+    expert, leaf = tail.split(".", 1)
+    return prefix, int(expert), leaf
+
+
+def join_expert_name(prefix: str, expert: int, leaf: str) -> str:
+    return f"{prefix}{EXPERTS_MARKER}{expert}.{leaf}"
 
 
 @dataclass(frozen=True)
@@ -27,6 +56,13 @@ class MoEOptions:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
     router_init_std: float = 0.02
+
+    @classmethod
+    def from_settings(cls, settings: dict | None) -> MoEOptions:
+        """From the sweep's ``moe`` section (its other keys, e.g. copy_optimizer_state, are not
+        about the layers)."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in (settings or {}).items() if key in names})
 
 
 class RMSNorm(nn.Module):
@@ -170,7 +206,7 @@ class Transformer(nn.Module):
                 nn.init.ones_(param)
             elif name.endswith(("out.weight", "down.weight")):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
-            elif name.endswith("gate.wg.weight"):
+            elif name.endswith(ROUTER_LEAF):
                 nn.init.normal_(param, mean=0.0, std=self.moe_options.router_init_std)
             else:
                 nn.init.normal_(param, mean=0.0, std=std)
@@ -200,32 +236,3 @@ class Transformer(nn.Module):
             if layer.z_loss_coef > 0:
                 moe_loss = moe_loss + layer.z_loss_coef * layer.z_loss
         return logits, lm_loss, moe_loss
-
-
-def model_config_from(sweep_cfg: dict, size: str, vocab_size: int, experts: int = 1, top_k: int = 1,
-                      granularity: int = 1) -> ModelConfig:
-    dims = sweep_cfg["dense_models"][size]
-    return ModelConfig(
-        vocab_size=vocab_size,
-        d_model=dims["d_model"],
-        n_layers=dims["n_layers"],
-        n_heads=dims["n_heads"],
-        ffn_hidden=dims["ffn_hidden"],
-        seq_len=sweep_cfg["data"]["seq_len"],
-        rope_theta=dims.get("rope_theta", 10000.0),
-        experts=experts,
-        top_k=top_k if experts > 1 else 1,
-        granularity=granularity if experts > 1 else 1,
-    )
-
-
-def moe_options_from(sweep_cfg: dict) -> MoEOptions:
-    moe = sweep_cfg["moe"]
-    return MoEOptions(
-        capacity_factor=moe["capacity_factor"],
-        drop_tokens=moe["drop_tokens"],
-        ep_size=moe["ep_size"],
-        aux_loss_coef=moe["aux_loss_coef"],
-        z_loss_coef=moe["z_loss_coef"],
-        router_init_std=moe["router_init_std"],
-    )

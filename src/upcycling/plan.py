@@ -1,16 +1,20 @@
 """The admin's view of a sweep, from its config alone: jobs per rule, what each asks Slurm for,
-and the GPU-hours the whole sweep costs (``upcycling plan --config config/paper.yaml``).
+the GPU-hours and the disk the sweep costs (``upcycling plan --config config/paper.yaml``).
 
-No tokens and no corpus are needed: the plan enumerates the same jobs as the Snakefile (via
-``upcycling.sweep``: lineages, budgets, WSD stable points) and asks ``upcycling.resources`` for
-each training job's resources, exactly as the rules do. Sizing before the tokenizer exists uses
-``tokenizer.vocab_size``.
+No tokens and no corpus are needed. The jobs are the job inventory's (:mod:`upcycling.jobs`, the
+same list the Snakefile's rules are built from) and their resources are
+:mod:`upcycling.resources`', exactly as the rules ask for them.
 
 Two GPU-hour totals: *requested* (GPUs x runtime of every training job: what the sweep books on
 the cluster, margin and start-up included) and *expected* (GPUs x tokens / throughput: the compute
 itself, without margin, start-up or retries). A preempted or timed-out training job loses at most
-``training.checkpoint_every_tokens`` tokens of work (the trainer saves that often, and on the USR1
-warning), which the plan converts to minutes per model.
+``training.checkpoint_every_tokens`` tokens of work, which the plan converts to minutes per model.
+
+Disk: every DeepSpeed checkpoint's size (weights, fp32 master weights and Adam moments), the time
+to write it at ``resources.CHECKPOINT_WRITE_BYTES_PER_S`` (it must fit in the warning signal's
+lead), what each rule leaves on disk, and the sweep's peak: lasting outputs (exports) plus every
+stable checkpoint that exists at once in the worst case (all chains advanced, no consumer done),
+plus the checkpoints of the training jobs running at once.
 """
 
 from __future__ import annotations
@@ -18,156 +22,108 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-from collections import Counter
-from pathlib import Path
-from types import SimpleNamespace
 
-import yaml
+from .config import ConfigError, load_sweep
+from .jobs import RULES, Inventory, Job
+from .resources import (CHECKPOINT_WRITE_BYTES_PER_S, checkpoint_bytes, compute_seconds, job_resources,
+                        output_bytes)
+from .sweep import Sweep
 
-from . import sweep
-from .config import ConfigError, load_config
-from .resources import compute_seconds, job_resources
-
-TRAINING_RULES = ("dense_stable", "dense_final", "upcycled_stable", "upcycled_final", "scratch_stable",
-                  "scratch_final")
-RULE_ORDER = ("tokenize", "dense_stable", "dense_final", "upcycle", "upcycled_stable", "upcycled_final",
-              "scratch_stable", "scratch_final", "aggregate", "fit", "report")
 RESOURCE_KEYS = ("runtime", "mem_mb", "gpu", "cpus_per_task", "nodes")
 
 
-# ----------------------------------------------------------------------------- config without corpus
+def _job_entry(sweep: Sweep, job: Job) -> dict:
+    resources = job_resources(sweep, job)
+    entry = {"rule": job.rule, "label": job.label, "wildcards": dict(job.wildcards), "tokens": job.tokens,
+             "resources": {key: resources[key] for key in RESOURCE_KEYS if key in resources},
+             "checkpoint_bytes": checkpoint_bytes(sweep, job), "output_bytes": output_bytes(sweep, job)}
+    gpus = sweep.slurm.gpus_per_job
+    if job.phase is not None:
+        hours = compute_seconds(sweep, job.lineage.family, job.lineage.size, job.tokens) / 3600
+        entry.update(expected_hours=hours, expected_gpu_hours=gpus * hours,
+                     requested_gpu_hours=gpus * resources["runtime"] / 60)
+    return entry
 
 
-def load_config_for_plan(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict:
-    """Every check of a real run except those that need the corpus on disk: a paper-scale sweep
-    can be planned on a machine that does not hold its corpus."""
-    return load_config(path, base_dir, check_corpus=False)
+def plan(sweep: Sweep, concurrent_jobs: int = 100) -> dict:
+    """Jobs per rule, each distinct job's resources, the sweep's GPU-hours and disk (see module doc).
 
-
-# ----------------------------------------------------------------------------- the jobs
-
-
-def _unique(values):
-    return list(dict.fromkeys(values))
-
-
-def training_jobs(cfg: dict) -> list[dict]:
-    """Every training job of the sweep: rule, wildcards, tokens, family, size."""
-    wsd = cfg["training"]["schedule"] == "wsd"
-    jobs = []
-    for lineage in sweep.lineages(cfg):
-        family = lineage.family
-        base = {"size": lineage.size, "seed": lineage.seed, "experts": lineage.experts, "top_k": lineage.top_k,
-                "granularity": lineage.granularity}
-        if family == "upcycled":
-            base["d1"] = lineage.d1
-        budget_key = {"dense": "d1", "upcycled": "d2", "scratch": "d"}[family]
-        if wsd:
-            for point in _unique(sweep.stable_points(cfg, family)):
-                jobs.append({"rule": f"{family}_stable", "family": family, "phase": "stable",
-                             "lineage": lineage.name, "wildcards": {**base, "point": point}})
-        for budget in sweep.budgets(cfg, family):
-            wildcards = {**base, budget_key: budget}
-            jobs.append({"rule": f"{family}_final", "family": family, "phase": "final",
-                         "lineage": lineage.name, "wildcards": wildcards})
-    return jobs
-
-
-def plan(cfg: dict, default_resources: dict | None = None) -> dict:
-    """Jobs per rule, each distinct job's resources, and the sweep's GPU-hours (see module doc).
-
-    ``default_resources``: what the Snakemake profile gives the rules that compute none
-    (tokenize, upcycle, aggregate, fit, report); shown as is.
-    """
-    slurm = cfg.get("slurm", {})
-    gpus_per_job = slurm.get("gpus_per_job", 1)
-    jobs = training_jobs(cfg)
-    for job in jobs:
-        resources = job_resources(cfg, job["family"], job["phase"], SimpleNamespace(**job["wildcards"]))
-        job["resources"] = {key: value for key, value in resources.items() if key != "tokens"}
-        job["tokens"] = resources["tokens"]
-        job["expected_hours"] = compute_seconds(cfg, job["family"], job["wildcards"]["size"],
-                                                  resources["tokens"]) / 3600
-        job["requested_gpu_hours"] = gpus_per_job * resources["runtime"] / 60
-        job["expected_gpu_hours"] = gpus_per_job * job["expected_hours"]
-
-    counts = Counter(job["rule"] for job in jobs)
-    moe_shapes = len(cfg["sweep"]["experts"]) * len(cfg["sweep"]["top_k"]) * len(cfg["sweep"]["granularity"])
-    n_models = len(cfg["dense_models"]) * len(cfg["training"]["seeds"])
-    counts["tokenize"] = 1
-    counts["upcycle"] = n_models * len(cfg["sweep"]["d1_tokens"]) * moe_shapes
-    counts.update({"aggregate": 1, "fit": 1, "report": 1})
+    ``concurrent_jobs``: training jobs running at once (the Slurm profile's ``jobs``), for the peak
+    disk of in-flight checkpoints."""
+    inventory = Inventory(sweep)
+    entries = [_job_entry(sweep, job) for job in inventory.jobs]
+    training = [entry for entry in entries if "expected_hours" in entry]
+    sizes = list(sweep.dense_models)
 
     rules = {}
-    sizes = list(cfg["dense_models"])
-    defaults = dict(default_resources or {})
-    for rule in RULE_ORDER:
-        if not counts.get(rule):
+    for rule in RULES:
+        rule_entries = [entry for entry in entries if entry["rule"] == rule]
+        if not rule_entries:
             continue
-        if rule in TRAINING_RULES:
-            rule_jobs = [job for job in jobs if job["rule"] == rule]
-            distinct: dict[tuple, dict] = {}
-            for job in rule_jobs:
-                size = job["wildcards"]["size"]
-                key = (size, job["tokens"], *(job["resources"][k] for k in RESOURCE_KEYS))
-                entry = distinct.setdefault(key, {**job["resources"], "size": size, "jobs": 0,
-                                                  "tokens": job["tokens"],
-                                                  "example": _job_label(rule, job["wildcards"])})
-                entry["jobs"] += 1
-            rules[rule] = {
-                "jobs": counts[rule],
-                "resources": sorted(distinct.values(), key=lambda r: (sizes.index(r["size"]), -r["tokens"])),
-                "requested_gpu_hours": sum(job["requested_gpu_hours"] for job in rule_jobs),
-                "expected_gpu_hours": sum(job["expected_gpu_hours"] for job in rule_jobs),
-                "tokens": sum(job["tokens"] for job in rule_jobs),
-                "source": "upcycling.resources (per job)",
-            }
-        else:
-            rules[rule] = {"jobs": counts[rule], "resources": [dict(defaults, jobs=counts[rule])] if defaults else [],
-                           "requested_gpu_hours": 0.0, "expected_gpu_hours": 0.0, "tokens": 0,
-                           "source": "profile default-resources"}
+        distinct: dict[tuple, dict] = {}
+        for entry in rule_entries:
+            size = entry["wildcards"].get("size", "-")
+            key = (size, entry["tokens"], *(entry["resources"].get(k) for k in RESOURCE_KEYS))
+            row = distinct.setdefault(key, {**entry["resources"], "size": size, "jobs": 0, "tokens": entry["tokens"],
+                                            "checkpoint_bytes": entry["checkpoint_bytes"], "example": entry["label"]})
+            row["jobs"] += 1
+        rules[rule] = {
+            "jobs": len(rule_entries),
+            "resources": sorted(distinct.values(),
+                                key=lambda r: (sizes.index(r["size"]) if r["size"] in sizes else -1, -r["tokens"])),
+            "requested_gpu_hours": sum(e.get("requested_gpu_hours", 0.0) for e in rule_entries),
+            "expected_gpu_hours": sum(e.get("expected_gpu_hours", 0.0) for e in rule_entries),
+            "tokens": sum(e["tokens"] for e in rule_entries),
+            "output_bytes": sum(e["output_bytes"] for e in rule_entries),
+            "largest_checkpoint_bytes": max(e["checkpoint_bytes"] for e in rule_entries),
+        }
 
     # What a preempted job costs: the work since its last checkpoint (at most checkpoint_every_tokens).
-    ckpt = cfg["training"]["checkpoint_every_tokens"]
+    ckpt = sweep.training.checkpoint_every_tokens
     preemption = {}
     for family in ("dense", "upcycled", "scratch"):
-        if not any(job["family"] == family for job in jobs):
-            continue
-        for size in cfg["dense_models"]:
-            seconds = compute_seconds(cfg, family, size, ckpt)
-            preemption[f"{family}/{size}"] = {"minutes": seconds / 60,
-                                              "gpu_hours": max(gpus_per_job, 0) * seconds / 3600}
+        if any(job.lineage is not None and job.lineage.family == family for job in inventory.jobs):
+            for size in sizes:
+                seconds = compute_seconds(sweep, family, size, ckpt)
+                preemption[f"{family}/{size}"] = {"minutes": seconds / 60,
+                                                  "gpu_hours": sweep.slurm.gpus_per_job * seconds / 3600}
 
-    longest = max(jobs, key=lambda job: job["resources"]["runtime"]) if jobs else None
+    lasting = sum(e["output_bytes"] for e in entries if e["rule"] in ("dense_final", "upcycle"))
+    stable = sum(e["output_bytes"] for e in entries if e["rule"].endswith("_stable"))
+    in_flight = sum(sorted((e["checkpoint_bytes"] for e in training), reverse=True)[:concurrent_jobs])
+    longest = max(training, key=lambda e: e["resources"]["runtime"]) if training else None
+    largest = max(training, key=lambda e: e["checkpoint_bytes"]) if training else None
     totals = {
-        "jobs": sum(counts.values()),
-        "training_jobs": len(jobs),
-        "tokens_trained": sum(job["tokens"] for job in jobs),
-        "requested_gpu_hours": sum(job["requested_gpu_hours"] for job in jobs),
-        "expected_gpu_hours": sum(job["expected_gpu_hours"] for job in jobs),
-        "requested_job_hours": sum(job["resources"]["runtime"] for job in jobs) / 60,
-        "expected_job_hours": sum(job["expected_hours"] for job in jobs),
-        "longest_job": None if longest is None else {
-            "job": _job_label(longest["rule"], longest["wildcards"]), "runtime": longest["resources"]["runtime"]},
-        "max_mem_mb": max((job["resources"]["mem_mb"] for job in jobs), default=0),
-        "runs": len(sweep.all_metrics(cfg)),
+        "jobs": len(entries),
+        "training_jobs": len(training),
+        "tokens_trained": sum(e["tokens"] for e in training),
+        "requested_gpu_hours": sum(e["requested_gpu_hours"] for e in training),
+        "expected_gpu_hours": sum(e["expected_gpu_hours"] for e in training),
+        "requested_job_hours": sum(e["resources"]["runtime"] for e in training) / 60,
+        "expected_job_hours": sum(e["expected_hours"] for e in training),
+        "longest_job": None if longest is None else {"job": longest["label"],
+                                                     "runtime": longest["resources"]["runtime"]},
+        "max_mem_mb": max((e["resources"]["mem_mb"] for e in training), default=0),
+        "runs": len(inventory.of_rule("dense_final") + inventory.of_rule("upcycled_final")
+                    + inventory.of_rule("scratch_final")),
+        "largest_checkpoint": None if largest is None else {
+            "job": largest["label"], "bytes": largest["checkpoint_bytes"],
+            "save_seconds": largest["checkpoint_bytes"] / CHECKPOINT_WRITE_BYTES_PER_S},
+        "disk_lasting_bytes": lasting,
+        "disk_peak_bytes": lasting + stable + in_flight,
     }
     return {
-        "gpus_per_job": gpus_per_job,
-        "nodes": slurm.get("nodes", 1),
-        "schedule": cfg["training"]["schedule"],
+        "gpus_per_job": sweep.slurm.gpus_per_job,
+        "nodes": sweep.slurm.nodes,
+        "schedule": sweep.training.schedule,
         "checkpoint_every_tokens": ckpt,
-        "signal_seconds_before_limit": slurm.get("signal_seconds_before_limit", 300),
+        "signal_seconds_before_limit": sweep.slurm.signal_seconds_before_limit,
+        "keep_stable_checkpoints": sweep.training.keep_stable_checkpoints,
         "rules": rules,
         "totals": totals,
         "preemption_loss": preemption,
-        "jobs": [{k: job[k] for k in ("rule", "wildcards", "tokens", "resources", "expected_hours")} for job in jobs],
+        "jobs": entries,
     }
-
-
-def _job_label(rule: str, wildcards: dict) -> str:
-    return rule + "[" + ",".join(f"{k}={v}" for k, v in wildcards.items()) + "]"
 
 
 # ----------------------------------------------------------------------------- text
@@ -180,34 +136,38 @@ def _tokens(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def _duration(minutes: float) -> str:
     if minutes >= 120:
         return f"{minutes / 60:.1f} h"
     return f"{minutes:.0f} min" if minutes >= 1 else f"{minutes * 60:.0f} s"
 
 
-def format_plan(plan: dict) -> str:
+def format_plan(result: dict) -> str:
     """The plan as a text report for the admin."""
-    totals = plan["totals"]
-    gpus = plan["gpus_per_job"]
+    totals, gpus = result["totals"], result["gpus_per_job"]
     lines = [f"Sweep plan: {totals['runs']} runs, {totals['jobs']} jobs ({totals['training_jobs']} training jobs, "
-             f"{plan['schedule']} schedule), {gpus} GPU(s) x {plan['nodes']} node(s) per training job",
-             ""]
+             f"{result['schedule']} schedule), {gpus} GPU(s) x {result['nodes']} node(s) per training job", ""]
     header = (f"{'rule':<16} {'jobs':>5}  {'size':<8} {'tokens/job':>10} {'x jobs':>6}  {'runtime':>9} {'mem':>9} "
-              f"{'GPUs':>4} {'CPUs':>4} {'nodes':>5}")
+              f"{'GPUs':>4} {'CPUs':>4} {'nodes':>5} {'checkpoint':>10} {'save':>7}")
     lines += [header, "-" * len(header)]
-    for rule, info in plan["rules"].items():
-        resources = info["resources"]
-        if not resources:
-            lines.append(f"{rule:<16} {info['jobs']:>5}  (the profile's default-resources)")
-            continue
-        for index, res in enumerate(resources):
+    for rule, info in result["rules"].items():
+        for index, res in enumerate(info["resources"]):
             name, count = (rule, f"{info['jobs']:>5}") if index == 0 else ("", "     ")
-            runtime = _duration(float(res["runtime"])) if "runtime" in res else "default"
-            mem = f"{float(res['mem_mb']) / 1024:.1f} GB" if "mem_mb" in res else "default"
             tokens = _tokens(res["tokens"]) if res.get("tokens") else "-"
-            lines.append(f"{name:<16} {count}  {res.get('size', '-'):<8} {tokens:>10} {res['jobs']:>6}  {runtime:>9} "
-                         f"{mem:>9} {res.get('gpu', 0):>4} {res.get('cpus_per_task', '-'):>4} {res.get('nodes', 1):>5}")
+            checkpoint = _bytes(res["checkpoint_bytes"]) if res["checkpoint_bytes"] else "-"
+            save = (_duration(res["checkpoint_bytes"] / CHECKPOINT_WRITE_BYTES_PER_S / 60)
+                    if res["checkpoint_bytes"] else "-")
+            lines.append(f"{name:<16} {count}  {res['size']:<8} {tokens:>10} {res['jobs']:>6}  "
+                         f"{_duration(float(res['runtime'])):>9} {float(res['mem_mb']) / 1024:>6.1f} GB "
+                         f"{res.get('gpu', 0):>4} {res.get('cpus_per_task', '-'):>4} {res.get('nodes', 1):>5} "
+                         f"{checkpoint:>10} {save:>7}")
     lines += ["",
               f"Tokens trained: {_tokens(totals['tokens_trained'])} over all training jobs",
               f"GPU-hours requested (GPUs x runtime, margin and start-up included): {totals['requested_gpu_hours']:,.1f}",
@@ -218,10 +178,22 @@ def format_plan(plan: dict) -> str:
     if totals["longest_job"]:
         lines.append(f"Longest job: {_duration(totals['longest_job']['runtime'])} ({totals['longest_job']['job']}); "
                      f"largest memory request {totals['max_mem_mb'] / 1024:.1f} GB")
-    lines += ["",
-              f"Preemption: training jobs checkpoint every {_tokens(plan['checkpoint_every_tokens'])} tokens and on the "
-              f"USR1 warning {plan['signal_seconds_before_limit']} s before their limit; a preempted job loses at most:"]
-    for name, loss in plan["preemption_loss"].items():
+    if totals["largest_checkpoint"]:
+        largest = totals["largest_checkpoint"]
+        lines.append(f"Largest checkpoint: {_bytes(largest['bytes'])} ({largest['job']}), about "
+                     f"{_duration(largest['save_seconds'] / 60)} to save at "
+                     f"{_bytes(CHECKPOINT_WRITE_BYTES_PER_S)}/s; the warning signal comes "
+                     f"{result['signal_seconds_before_limit']} s before the limit")
+    stable_note = ("kept (training.keep_stable_checkpoints)" if result["keep_stable_checkpoints"]
+                   else "deleted once every job that reads them is done")
+    lines += [f"Disk: exports {_bytes(totals['disk_lasting_bytes'])} stay; stable checkpoints are {stable_note}; "
+              f"peak at most {_bytes(totals['disk_peak_bytes'])} (every stable checkpoint at once, plus those of "
+              "the jobs in flight). Final jobs delete their checkpoints (training.keep_final_checkpoints).",
+              "",
+              f"Preemption: training jobs checkpoint every {_tokens(result['checkpoint_every_tokens'])} tokens and on "
+              f"the USR1 warning {result['signal_seconds_before_limit']} s before their limit; a preempted job loses "
+              "at most:"]
+    for name, loss in result["preemption_loss"].items():
         lines.append(f"  {name:<24} {_duration(loss['minutes']):>9}  ({loss['gpu_hours']:.2f} GPU-hours)")
     return "\n".join(lines)
 
@@ -229,37 +201,15 @@ def format_plan(plan: dict) -> str:
 # ----------------------------------------------------------------------------- CLI (`upcycling plan`)
 
 
-def profile_default_resources(profile: str | os.PathLike | None) -> dict:
-    """``default-resources`` of a Snakemake profile directory (or config file); {} if none."""
-    if not profile:
-        return {}
-    path = Path(profile)
-    if path.is_dir():
-        path = next((path / name for name in ("profile.yaml", "config.yaml") if (path / name).is_file()), path)
-    if not path.is_file():
-        return {}
-    data = yaml.safe_load(path.read_text()) or {}
-    defaults = data.get("default-resources") or {}
-    if isinstance(defaults, list):  # ["mem_mb=1000", ...]
-        defaults = dict(item.split("=", 1) for item in defaults)
-    return {key: value for key, value in defaults.items() if key in RESOURCE_KEYS or key.startswith("slurm_")}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="config/config.yaml", help="sweep config YAML (no corpus needed)")
     parser.add_argument("--workdir", default=".", help="directory that relative paths in the config start from")
-    parser.add_argument("--profile", default=str(Path(__file__).resolve().parents[2] / "profiles" / "slurm"),
-                        help="Snakemake profile whose default-resources the non-training rules get")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (every job included)")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config_for_plan(args.config, base_dir=args.workdir)
-    result = plan(cfg, profile_default_resources(args.profile))
-    if args.json:
-        print(json.dumps(result, indent=1, default=str))
-    else:
-        print(format_plan(result))
+    result = plan(load_sweep(args.config, base_dir=args.workdir, check_corpus=False))
+    print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))
     for key in ("requested_gpu_hours", "expected_gpu_hours"):
         if not math.isfinite(result["totals"][key]):
             raise ConfigError(f"the plan's {key} is not finite: check slurm.throughput_tokens_per_s")

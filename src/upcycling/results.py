@@ -2,7 +2,8 @@
 
 Public functions:
 
-- ``read_metrics(path) -> dict``: one metrics JSON, validated (ValueError naming the file)
+- ``read_metrics(path, expected_fingerprint=None) -> dict``: one metrics JSON, validated
+  against the metrics schema (MetricsError naming the file)
 - ``build_dataset(records, config_text, code_version) -> xr.Dataset``: records -> Dataset
 - ``aggregate(metrics_paths, out_zarr, config_text, code_version) -> xr.Dataset``: read,
   build, write atomically (temporary store next to ``out_zarr``, then rename)
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -37,6 +36,8 @@ import pandas as pd
 import xarray as xr
 
 from upcycling.laws import Law, get_law
+from upcycling.metrics import FORMAT_VERSION, MetricsError, validate
+from upcycling.publish import staging_dir
 
 __all__ = [
     "COORDS",
@@ -52,7 +53,6 @@ __all__ = [
     "write_store",
 ]
 
-FORMAT_VERSION = 1
 # coordinate -> Python type of its values (strings are labels, the rest integers)
 COORDS: dict[str, type] = {
     "size": str,
@@ -68,9 +68,6 @@ COORDS: dict[str, type] = {
 SCALARS = ("final_val_loss", "flops", "n_params", "active_params", "dense_params",
            "non_embedding_params", "active_non_embedding_params", "dense_non_embedding_params",
            "tokens_seen", "wall_time_s")
-INITS = ("dense", "upcycled", "scratch")
-# Second-stage methods ("dense" for the dense runs themselves); see docs/contracts.md.
-METHODS = ("dense", "moe_upcycle", "continue", "grow_depth", "grow_width")
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,66 +75,32 @@ METHODS = ("dense", "moe_upcycle", "continue", "grow_depth", "grow_width")
 # --------------------------------------------------------------------------------------------
 
 
-def _coordinate(value: Any, kind: type) -> Any:
-    """The coordinate as ``kind``, or None when it is missing or of the wrong type."""
-    if value is None or isinstance(value, bool):
-        return None
-    if kind is str:
-        return value if isinstance(value, str) and value else None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
-def _number(value: Any) -> float:
-    if value is None or isinstance(value, bool):
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def read_metrics(path: str | Path) -> dict[str, Any]:
+def read_metrics(path: str | Path, expected_fingerprint: str | None = None) -> dict[str, Any]:
     """One run's metrics JSON as ``{"path", "coords", <scalars>, "curve_tokens",
-    "curve_val_loss"}``. ValueError naming the file when it is unreadable, lacks (or has
-    malformed) coordinates, or has no final validation loss."""
+    "curve_val_loss"}``, validated against the metrics schema (upcycling.metrics). MetricsError
+    naming the file: unreadable, not following the schema, or (``expected_fingerprint``) made by
+    a job spec other than the one the current sweep expects there."""
     path = Path(path)
     try:
         payload = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read metrics JSON ({error})") from error
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: metrics JSON is not an object")
-    version = payload.get("format_version", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION}")
-    raw = payload.get("coords")
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: no 'coords' object (needs {', '.join(COORDS)})")
-    coords = {name: _coordinate(raw.get(name), kind) for name, kind in COORDS.items()}
-    missing = [name for name, value in coords.items() if value is None]
-    if missing:
-        raise ValueError(f"{path}: missing or malformed coordinates: {', '.join(missing)}")
-    if coords["init"] not in INITS:
-        raise ValueError(f"{path}: coordinate init={coords['init']!r} is not one of {INITS}")
-    if coords["method"] not in METHODS:
-        raise ValueError(f"{path}: coordinate method={coords['method']!r} is not one of {METHODS}")
-    record: dict[str, Any] = {"path": str(path), "coords": coords}
+        raise MetricsError(f"{path}: cannot read metrics JSON ({error}): rerun the job that writes it") from error
+    validate(payload, str(path))
+    if not math.isfinite(payload["final_val_loss"]):
+        raise MetricsError(f"{path}: final_val_loss is {payload['final_val_loss']}, not a finite number")
+    if expected_fingerprint is not None and payload["spec_sha256"] != expected_fingerprint:
+        raise MetricsError(
+            f"{path}: made by other settings than the current sweep's (its spec fingerprint differs): a store "
+            "must not mix runs of different settings at one coordinate; rerun snakemake, which redoes this run")
+    record: dict[str, Any] = {"path": str(path), "coords": dict(payload["coords"])}
     for name in SCALARS:
-        record[name] = _number(payload.get(name))
-    if not math.isfinite(record["final_val_loss"]):
-        raise ValueError(f"{path}: final_val_loss is missing or not a finite number")
-    curve = payload.get("curve") or {}
-    tokens = curve.get("tokens") or []
-    losses = curve.get("val_loss") or []
-    if len(tokens) != len(losses):
-        raise ValueError(f"{path}: curve.tokens ({len(tokens)}) and curve.val_loss "
-                         f"({len(losses)}) differ in length")
-    record["curve_tokens"] = np.asarray(tokens, dtype=np.int64)
-    record["curve_val_loss"] = np.asarray([_number(v) for v in losses], dtype=float)
+        record[name] = float(payload[name])
+    curve = payload["curve"]
+    if len(curve["tokens"]) != len(curve["val_loss"]):
+        raise MetricsError(f"{path}: curve.tokens ({len(curve['tokens'])}) and curve.val_loss "
+                           f"({len(curve['val_loss'])}) differ in length")
+    record["curve_tokens"] = np.asarray(curve["tokens"], dtype=np.int64)
+    record["curve_val_loss"] = np.asarray(curve["val_loss"], dtype=float)
     return record
 
 
@@ -165,8 +128,8 @@ def build_dataset(records: list[Mapping[str, Any]], config_text: str,
         key = tuple(record["coords"][name] for name in COORDS)
         if key in seen:
             described = ", ".join(f"{n}={v}" for n, v in zip(COORDS, key))
-            raise ValueError(f"duplicate run coordinates ({described}) in {seen[key]} and "
-                             f"{record['path']}")
+            raise MetricsError(f"duplicate run coordinates ({described}) in {seen[key]} and "
+                               f"{record['path']}: remove the stale one")
         seen[key] = record["path"]
 
     coords = {name: _coordinate_values(name, (r["coords"][name] for r in records))
@@ -199,42 +162,29 @@ def build_dataset(records: list[Mapping[str, Any]], config_text: str,
 
 
 def write_store(ds: xr.Dataset, out_zarr: str | Path) -> Path:
-    """Write ``ds`` to a temporary store next to ``out_zarr``, then rename it into place.
-
-    An existing store is moved aside only once the new one is complete, and deleted last, so
-    a crash never leaves a half-written store under the final name.
-    """
-    out_zarr = Path(out_zarr)
-    out_zarr.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out_zarr.with_name(f".{out_zarr.name}.tmp-{os.getpid()}")
-    previous = out_zarr.with_name(f".{out_zarr.name}.old-{os.getpid()}")
-    for leftover in (temporary, previous):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    with warnings.catch_warnings():
+    """Write ``ds`` to a staged store next to ``out_zarr`` and publish it there atomically: a
+    crash never leaves a half-written store under the final name."""
+    with staging_dir(out_zarr) as staged, warnings.catch_warnings():
         # Consolidated metadata is an extension of zarr v3 (hence zarr's warning); readers that do
         # not know it read the per-array metadata, and a plain `xarray.open_zarr(path)` opens the
         # store at once and without a warning.
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        ds.to_zarr(temporary, mode="w", consolidated=True)
-    if out_zarr.exists():
-        os.replace(out_zarr, previous)
-    os.replace(temporary, out_zarr)
-    if previous.exists():
-        shutil.rmtree(previous)
-    return out_zarr
+        ds.to_zarr(staged, mode="w", consolidated=True)
+    return Path(out_zarr)
 
 
-def aggregate(metrics_paths: Iterable[str | Path], out_zarr: str | Path, config_text: str,
+def aggregate(metrics_paths: Iterable[str | Path] | Mapping[str, str], out_zarr: str | Path, config_text: str,
               code_version: str) -> xr.Dataset:
     """Read every metrics JSON, build the results Dataset and write it to ``out_zarr``.
 
-    ValueError naming the file(s) for a file without its coordinates, or two files with the
-    same coordinate tuple.
+    ``metrics_paths``: the files, or a mapping file -> the spec fingerprint the sweep expects of
+    it (what the aggregate rule passes). MetricsError naming the file(s) for a file that breaks
+    the contract, was made by other settings, or shares its coordinates with another file.
     """
-    records = [read_metrics(path) for path in metrics_paths]
+    expected = dict(metrics_paths) if isinstance(metrics_paths, Mapping) else dict.fromkeys(metrics_paths)
+    records = [read_metrics(path, fingerprint) for path, fingerprint in expected.items()]
     if not records:
-        raise ValueError("aggregate: no metrics files given")
+        raise MetricsError("aggregate: no metrics files given: the sweep has no runs")
     ds = build_dataset(records, config_text, code_version)
     write_store(ds, out_zarr)
     return ds

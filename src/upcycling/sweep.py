@@ -1,117 +1,212 @@
-"""The sweep as jobs: which runs exist, how WSD chains them, and where each job writes.
+"""The sweep config as one typed, frozen object.
 
-Pure functions of the config, shared by the Snakefile (targets and rule inputs), the CLI (which
-job to build from wildcards) and the admin's plan. A *run* is one trained model at one token
-budget D (it writes a metrics JSON); with WSD a run is a chain of stable jobs plus its own decay
-job, and runs of the same model share the stable jobs.
+The YAML is read once, checked against the JSON schema (which holds every default: there are no
+defaults in this module) and by the semantic checks in :mod:`upcycling.config`, then turned into
+the frozen dataclasses below. Everything downstream (the job inventory, resources, the plan, the
+CLI) reads attributes of :class:`Sweep`, never ``.get(key, default)`` on dicts.
 
-Families: ``dense`` (size, seed, D1), ``upcycled`` (size, seed, D1, E, k, G, D2) and ``scratch``
-(size, seed, E, k, G, D).
+``Sweep.mapping`` keeps the validated mapping itself: it is what gets written (the store's
+``config`` attribute) and hashed.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import copy
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True)
-class Lineage:
-    """Everything that one chain of jobs shares: the model and where it starts."""
+class Corpus:
+    paths: tuple[str, ...]
+    text_field: str
+    val_fraction: float
+    split_seed: int
 
-    family: str  # dense | upcycled | scratch
-    size: str
-    seed: int
-    d1: int = 0  # upcycled: the dense budget it was upcycled from
-    experts: int = 1
-    top_k: int = 1
-    granularity: int = 1
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    vocab_size: int
+    path: str | None
+    min_frequency: int
+
+
+@dataclass(frozen=True)
+class Data:
+    seq_len: int
+    max_epochs: float
+
+
+@dataclass(frozen=True)
+class DenseModel:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn_hidden: int
+    rope_theta: float
+
+
+@dataclass(frozen=True)
+class Training:
+    micro_batch_size: int
+    grad_accum_steps: int
+    lr: float
+    min_lr_ratio: float
+    warmup_tokens: int
+    schedule: str
+    decay_fraction: float
+    weight_decay: float
+    adam_betas: tuple[float, float]
+    grad_clip: float
+    eval_every_tokens: int
+    eval_windows: int
+    checkpoint_every_tokens: int
+    log_every_steps: int
+    zero_stage: int
+    precision: str
+    compile: bool
+    seeds: tuple[int, ...]
+    keep_final_checkpoints: bool
+    keep_stable_checkpoints: bool
 
     @property
-    def name(self) -> str:
-        base = f"{self.family}/{self.size}/seed{self.seed}"
-        if self.family == "dense":
-            return base
-        moe = f"e{self.experts}_k{self.top_k}_g{self.granularity}"
-        return f"{base}/d1_{self.d1}/{moe}" if self.family == "upcycled" else f"{base}/{moe}"
+    def wsd(self) -> bool:
+        return self.schedule == "wsd"
+
+    def decay_start(self, budget: int) -> int:
+        """WSD: the token count where the run of budget D leaves the stable phase."""
+        return int(budget * (1 - self.decay_fraction))
 
 
-def budgets(cfg: dict, family: str) -> list[int]:
-    """The token budgets D of a family's runs."""
-    if family == "dense":
-        return list(cfg["sweep"]["d1_tokens"])
-    if family == "upcycled":
-        return list(cfg["sweep"]["d2_tokens"])
-    return list(cfg["baselines"].get("scratch_d_tokens", cfg["sweep"]["d2_tokens"]))
+@dataclass(frozen=True)
+class ModelConfigAxis:
+    """Extra upcycled runs for the model-configuration law: other expert counts / top-k at one
+    (D1, D2) pair, for every dense size."""
+
+    experts: tuple[int, ...]
+    top_k: tuple[int, ...]
+    d1_tokens: int
+    d2_tokens: int
 
 
-def decay_start(cfg: dict, budget: int) -> int:
-    """WSD: the token count where the run of budget D leaves the stable phase."""
-    return int(budget * (1 - cfg["training"]["decay_fraction"]))
+@dataclass(frozen=True)
+class Axes:
+    d1_tokens: tuple[int, ...]
+    d2_tokens: tuple[int, ...]
+    experts: tuple[int, ...]
+    top_k: tuple[int, ...]
+    granularity: tuple[int, ...]
+    model_config: ModelConfigAxis | None
 
 
-def stable_points(cfg: dict, family: str) -> list[int]:
-    return [decay_start(cfg, budget) for budget in budgets(cfg, family)] if cfg["training"]["schedule"] == "wsd" else []
+@dataclass(frozen=True)
+class MoESettings:
+    aux_loss_coef: float
+    z_loss_coef: float
+    capacity_factor: float
+    drop_tokens: bool
+    ep_size: int
+    router_init_std: float
+    copy_optimizer_state: bool
 
 
-def previous_stable_point(cfg: dict, family: str, point: int) -> int | None:
-    points = stable_points(cfg, family)
-    index = points.index(point)
-    return points[index - 1] if index else None
+@dataclass(frozen=True)
+class Baselines:
+    dense: bool
+    scratch_moe: bool
+    scratch_d_tokens: tuple[int, ...] | None
 
 
-def lineages(cfg: dict) -> list[Lineage]:
-    sweep, baselines = cfg["sweep"], cfg["baselines"]
-    result: list[Lineage] = []
-    moe_shapes = [(e, k, g) for e in sweep["experts"] for k in sweep["top_k"] for g in sweep["granularity"]]
-    for size in cfg["dense_models"]:
-        for seed in cfg["training"]["seeds"]:
-            result.append(Lineage("dense", size, seed))
-            for d1 in sweep["d1_tokens"]:
-                result.extend(Lineage("upcycled", size, seed, d1, e, k, g) for e, k, g in moe_shapes)
-            if baselines.get("scratch_moe", True):
-                result.extend(Lineage("scratch", size, seed, 0, e, k, g) for e, k, g in moe_shapes)
-    return result
+@dataclass(frozen=True)
+class FitSettings:
+    bootstrap: int
+    huber_delta: float
+    seed: int
 
 
-# ----------------------------------------------------------------------------- paths
+@dataclass(frozen=True)
+class SlurmSettings:
+    partition: str | None
+    account: str | None
+    gpus_per_job: int
+    nodes: int
+    cpus_per_gpu: int
+    cpu_threads: int
+    runtime_margin: float
+    startup_minutes: float
+    throughput_tokens_per_s: Mapping[str, float] | None
+    moe_throughput_factor: float
+    signal_seconds_before_limit: int
 
 
-def results_root(cfg: dict) -> Path:
-    return Path(cfg.get("results_dir", "results"))
+@dataclass(frozen=True)
+class Sweep:
+    results_dir: Path
+    corpus: Corpus
+    tokenizer: TokenizerSettings
+    data: Data
+    dense_models: Mapping[str, DenseModel]
+    training: Training
+    sweep: Axes
+    moe: MoESettings
+    baselines: Baselines
+    fit: FitSettings
+    slurm: SlurmSettings
+    # The validated mapping itself (plain dicts and lists, a private copy): what is written and hashed.
+    mapping: dict[str, Any] = dataclasses.field(repr=False, compare=False, metadata={"raw": True})
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> Sweep:
+        """The typed sweep of a mapping that the schema validated and filled with defaults."""
+        return _build(cls, {**mapping, "mapping": copy.deepcopy(dict(mapping))})
+
+    @property
+    def scratch_d_tokens(self) -> tuple[int, ...]:
+        return self.baselines.scratch_d_tokens or self.sweep.d2_tokens
+
+    @property
+    def tokens_dir(self) -> Path:
+        return self.results_dir / "tokens"
 
 
-def tokens_dir(cfg: dict) -> Path:
-    return results_root(cfg) / "tokens"
+# ----------------------------------------------------------------------------- mapping -> dataclasses
 
 
-def run_dir(cfg: dict, lineage: Lineage, budget: int) -> Path:
-    prefix = {"dense": "d1", "upcycled": "d2", "scratch": "d"}[lineage.family]
-    return results_root(cfg) / lineage.name / f"{prefix}_{budget}"
+def _build(cls, values: Mapping[str, Any]):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in values:
+            raise KeyError(f"{cls.__name__}.{field.name}: missing from the validated config "
+                           "(every key needs a schema default)")
+        value = values[field.name]
+        kwargs[field.name] = value if field.metadata.get("raw") else _convert(hints[field.name], value)
+    unknown = set(values) - {field.name for field in dataclasses.fields(cls)}
+    if unknown:
+        raise KeyError(f"{cls.__name__}: keys {sorted(unknown)} have no field (add them to upcycling.sweep)")
+    return cls(**kwargs)
 
 
-def metrics_path(cfg: dict, lineage: Lineage, budget: int) -> Path:
-    return run_dir(cfg, lineage, budget) / "metrics.json"
-
-
-def stable_state_path(cfg: dict, lineage: Lineage, point: int) -> Path:
-    return results_root(cfg) / lineage.name / f"stable_{point}.json"
-
-
-def checkpoint_dir(cfg: dict, lineage: Lineage, job: str) -> Path:
-    """DeepSpeed checkpoints live outside Snakemake's outputs, so a failed or preempted job's
-    checkpoint survives Snakemake's cleanup of incomplete outputs and the rerun resumes from it."""
-    return results_root(cfg) / "checkpoints" / lineage.name / job
-
-
-def dense_export_dir(cfg: dict, size: str, seed: int, d1: int) -> Path:
-    return run_dir(cfg, Lineage("dense", size, seed), d1) / "hf"
-
-
-def upcycled_init_dir(cfg: dict, lineage: Lineage) -> Path:
-    return results_root(cfg) / lineage.name / "init"
-
-
-def all_metrics(cfg: dict) -> list[Path]:
-    """Every run's metrics JSON: the targets that the aggregate rule gathers."""
-    return [metrics_path(cfg, lineage, budget) for lineage in lineages(cfg) for budget in budgets(cfg, lineage.family)]
+def _convert(hint, value):
+    if value is None:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return _convert(next(arg for arg in args if arg is not type(None)), value)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value)
+    if hint is Path:
+        return Path(value)
+    if origin is tuple:
+        item = args[0]
+        return tuple(_convert(item, element) for element in value)
+    if origin in (collections.abc.Mapping, dict):
+        value_type = args[1]
+        # Read-only: the sweep is frozen all the way down.
+        return types.MappingProxyType({key: _convert(value_type, element) for key, element in value.items()})
+    return value

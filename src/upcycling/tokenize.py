@@ -57,6 +57,8 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -71,13 +73,13 @@ LOG_EVERY_S = 10.0
 _NEW_PARAGRAPH = re.compile(r"\n[^\S\n]*\n\s*(?=\S)")
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """An input of the tokens stage (corpus file, split, tokenizer.json) that cannot work.
 
     The message names the file and the fix. Raised before any output is written."""
 
 
-class TokenFilesError(ValueError):
+class TokenFilesError(InputError):
     """Token files that do not match their meta.json (or are missing)."""
 
 

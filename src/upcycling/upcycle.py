@@ -20,6 +20,7 @@ import dataclasses
 import torch
 
 from .flops import ModelConfig
+from .model import expert_weight_name, router_weight_name
 
 
 def moe_config(dense_cfg: ModelConfig, experts: int, top_k: int, granularity: int) -> ModelConfig:
@@ -49,13 +50,11 @@ def _expand_ffns(dense_state: dict[str, torch.Tensor], cfg: ModelConfig, down_sc
         dense_ffn = f"blocks.{layer}.ffn"
         gate, up = dense_state[f"{dense_ffn}.gate_up.weight"].split(cfg.ffn_hidden, dim=0)
         down = dense_state[f"{dense_ffn}.down.weight"]
-        moe = f"{dense_ffn}.moe.deepspeed_moe"
-        moe_state[f"{moe}.gate.wg.weight"] = router().to(down.dtype)
+        moe_state[router_weight_name(layer)] = router().to(down.dtype)
         for expert in range(cfg.experts):
             hidden = slice((expert % granularity) * slice_hidden, (expert % granularity + 1) * slice_hidden)
-            prefix = f"{moe}.experts.deepspeed_experts.{expert}"
-            moe_state[f"{prefix}.gate_up.weight"] = torch.cat([gate[hidden], up[hidden]]).clone()
-            moe_state[f"{prefix}.down.weight"] = (down[:, hidden] * down_scale).clone()
+            moe_state[expert_weight_name(layer, expert, "gate_up.weight")] = torch.cat([gate[hidden], up[hidden]]).clone()
+            moe_state[expert_weight_name(layer, expert, "down.weight")] = (down[:, hidden] * down_scale).clone()
     return moe_state
 
 

@@ -1,64 +1,68 @@
-# Shared by every rule: the checked config, the results root, the sweep's jobs.
-from pathlib import Path
+# Shared by every rule_name: the checked sweep, its job inventory, and how a rule_name reads its jobs.
+import re
 
-from upcycling import sweep
-from upcycling.config import ConfigError, validate_config, write_config
-from upcycling.launch import srun_prefix
-from upcycling.resources import cpus_per_process, job_resources, launch_resources, processes, scheduler_placement
+from upcycling.config import ConfigError, sweep_from_mapping
+from upcycling.jobs import LOGS, PATTERNS, Inventory
+from upcycling.resources import job_resources, training_threads
 
-# Semantic checks the schema cannot express; a bad config stops here, before any job runs.
+# The schema's defaults and the semantic checks; a bad config stops here, before any job runs.
 try:
-    validate_config(config, workflow.basedir, check_schema=False)
+    SWEEP = sweep_from_mapping(config, workflow.basedir)
 except ConfigError as exc:
     raise WorkflowError(f"invalid config: {exc}") from None
+INVENTORY = Inventory(SWEEP)
+R = SWEEP.results_dir
+BASEDIR = workflow.basedir  # where relative corpus and tokenizer paths start
 
-R = sweep.results_root(config)
-# Jobs read the sweep the DAG was built from, --config KEY=VALUE overrides included.
-CONFIG_ARGS = f"--config {write_config(config, R / 'sweep.yaml')}"
-LOGS = R / "logs"
-WSD = config["training"]["schedule"] == "wsd"
-# One process per GPU: a job with several starts them with srun inside its allocation ("" for one).
-_PER_NODE, _NODES = processes(config)
-TRAIN = " ".join(["OMP_NUM_THREADS={threads}", *srun_prefix(_PER_NODE, _NODES, cpus_per_process(config)),
-                  "upcycling train", CONFIG_ARGS])
+# A training job: its spec (params) is everything its result depends on; launcher and run_options
+# (resources) are how it runs, which Snakemake's rerun triggers ignore. The log keeps every attempt.
+TRAIN = ("OMP_NUM_THREADS={threads} {resources.launcher} upcycling train --spec {params.spec:q} "
+         "{resources.run_options} >> {log} 2>&1")
+
 
 wildcard_constraints:
-    size="|".join(config["dense_models"]),
+    size="|".join(re.escape(size) for size in SWEEP.dense_models),
     seed=r"\d+",
     d1=r"\d+",
     d2=r"\d+",
     d=r"\d+",
     point=r"\d+",
-    experts=r"\d+",
-    top_k=r"\d+",
-    granularity=r"\d+",
+    variant=r"e\d+_k\d+_g\d+",
 
 
-def stable_input(family, lineage_path):
-    """Input function: the previous stable job of a chain (nothing for the first)."""
-
-    def inputs(wildcards):
-        previous = sweep.previous_stable_point(config, family, int(wildcards.point))
-        return [] if previous is None else [str(R / lineage_path.format(**wildcards) / f"stable_{previous}.json")]
-
-    return inputs
-
-
-def decay_input(family, lineage_path):
-    """Input function: a run's stable job (WSD) or nothing (cosine runs start fresh)."""
-
-    def inputs(wildcards):
-        if not WSD:
-            return []
-        budget = int(getattr(wildcards, {"dense": "d1", "upcycled": "d2", "scratch": "d"}[family]))
-        return [str(R / lineage_path.format(**wildcards) / f"stable_{sweep.decay_start(config, budget)}.json")]
-
-    return inputs
+def outputs(rule_name):
+    """The rule's output patterns; a stable checkpoint is temp() unless the config keeps them."""
+    patterns = {name: str(R / pattern) for name, pattern in PATTERNS[rule_name].items()}
+    if rule_name.endswith("_stable"):
+        stable_dir = directory(patterns["checkpoint"])
+        patterns["checkpoint"] = stable_dir if SWEEP.training.keep_stable_checkpoints else temp(stable_dir)
+    return patterns
 
 
-def resources_for(family, phase):
-    """Scheduler resources of a training rule: runtime and memory per job from its wildcards, how
-    it is launched and placed from the config."""
-    per_job = {name: (lambda wildcards, name=name: job_resources(config, family, phase, wildcards)[name])
-               for name in ("runtime", "mem_mb", "cpus_per_task", "slurm_extra")}
-    return {**per_job, **launch_resources(config), **scheduler_placement(config)}
+def log_of(rule_name):
+    return str(R / LOGS[rule_name])
+
+
+def inputs_of(rule_name):
+    return lambda wildcards: dict(INVENTORY.find(rule_name, wildcards).inputs)
+
+
+def spec_of(rule_name):
+    return lambda wildcards: INVENTORY.find(rule_name, wildcards).params
+
+
+_RESOURCES = {}
+
+
+def resources_of(rule_name):
+    """Per-job resources (upcycling.resources) as Snakemake resource callables."""
+
+    def value(wildcards, name):
+        job = INVENTORY.find(rule_name, wildcards)
+        if job.label not in _RESOURCES:
+            _RESOURCES[job.label] = job_resources(SWEEP, job)
+        return _RESOURCES[job.label][name]
+
+    jobs = INVENTORY.of_rule(rule_name)
+    names = job_resources(SWEEP, jobs[0]) if jobs else {}
+    return {name: (lambda wildcards, name=name: value(wildcards, name)) for name in names}

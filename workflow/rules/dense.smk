@@ -1,39 +1,36 @@
-DENSE = "dense/{size}/seed{seed}"
-
-
 rule dense_stable:
     """WSD stable phase of a dense model, continued from the previous stable point of its chain."""
     input:
-        meta=rules.tokenize.output.meta,
-        previous=stable_input("dense", DENSE),
+        unpack(inputs_of("dense_stable")),
     output:
-        R / DENSE / "stable_{point}.json",
+        **outputs("dense_stable"),
+    params:
+        spec=spec_of("dense_stable"),
     log:
-        LOGS / DENSE / "stable_{point}.log",
-    threads: 1
+        log_of("dense_stable"),
+    threads: training_threads(SWEEP)
     resources:
-        **resources_for("dense", "stable"),
+        **resources_of("dense_stable"),
     conda:
         "../../envs/gpu.yml"
     shell:
-        TRAIN + " --family dense --size {wildcards.size} --seed {wildcards.seed} --stable {wildcards.point} > {log} 2>&1"
+        TRAIN
 
 
 rule dense_final:
     """A dense run's end: its WSD decay (or a whole cosine run) to D1; metrics + Llama export."""
     input:
-        meta=rules.tokenize.output.meta,
-        stable=decay_input("dense", DENSE),
+        unpack(inputs_of("dense_final")),
     output:
-        metrics=R / DENSE / "d1_{d1}" / "metrics.json",
-        weights=R / DENSE / "d1_{d1}" / "hf" / "model.safetensors",
-        hf_config=R / DENSE / "d1_{d1}" / "hf" / "config.json",
+        **outputs("dense_final"),
+    params:
+        spec=spec_of("dense_final"),
     log:
-        LOGS / DENSE / "d1_{d1}.log",
-    threads: 1
+        log_of("dense_final"),
+    threads: training_threads(SWEEP)
     resources:
-        **resources_for("dense", "final"),
+        **resources_of("dense_final"),
     conda:
         "../../envs/gpu.yml"
     shell:
-        TRAIN + " --family dense --size {wildcards.size} --seed {wildcards.seed} --budget {wildcards.d1} > {log} 2>&1"
+        TRAIN

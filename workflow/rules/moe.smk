@@ -1,79 +1,74 @@
-SCRATCH = "scratch/{size}/seed{seed}/e{experts}_k{top_k}_g{granularity}"
-MOE_ARGS = "--size {wildcards.size} --seed {wildcards.seed} --experts {wildcards.experts} --top-k {wildcards.top_k} --granularity {wildcards.granularity}"
-
-
-def upcycled_init(wildcards):
-    """The first job of an upcycled chain starts from the upcycled weights."""
-    first = WSD and sweep.previous_stable_point(config, "upcycled", int(wildcards.point)) is None
-    return [rules.upcycle.output.weights.format(**wildcards)] if first else []
-
-
 rule upcycled_stable:
-    """WSD stable phase of an upcycled MoE."""
+    """WSD stable phase of an upcycled MoE (the first starts from the upcycled export)."""
     input:
-        init=upcycled_init,
-        previous=stable_input("upcycled", UPCYCLED),
+        unpack(inputs_of("upcycled_stable")),
     output:
-        R / UPCYCLED / "stable_{point}.json",
+        **outputs("upcycled_stable"),
+    params:
+        spec=spec_of("upcycled_stable"),
     log:
-        LOGS / UPCYCLED / "stable_{point}.log",
-    threads: 1
+        log_of("upcycled_stable"),
+    threads: training_threads(SWEEP)
     resources:
-        **resources_for("upcycled", "stable"),
+        **resources_of("upcycled_stable"),
     conda:
         "../../envs/gpu.yml"
     shell:
-        TRAIN + " --family upcycled --d1 {wildcards.d1} " + MOE_ARGS + " --stable {wildcards.point} > {log} 2>&1"
+        TRAIN
 
 
 rule upcycled_final:
     """An upcycled run's end at D2: its decay (WSD) or whole cosine run; writes its metrics."""
     input:
-        init=lambda wildcards: [] if WSD else [rules.upcycle.output.weights.format(**wildcards)],
-        stable=decay_input("upcycled", UPCYCLED),
+        unpack(inputs_of("upcycled_final")),
     output:
-        R / UPCYCLED / "d2_{d2}" / "metrics.json",
+        **outputs("upcycled_final"),
+    params:
+        spec=spec_of("upcycled_final"),
     log:
-        LOGS / UPCYCLED / "d2_{d2}.log",
-    threads: 1
+        log_of("upcycled_final"),
+    threads: training_threads(SWEEP)
     resources:
-        **resources_for("upcycled", "final"),
+        **resources_of("upcycled_final"),
     conda:
         "../../envs/gpu.yml"
     shell:
-        TRAIN + " --family upcycled --d1 {wildcards.d1} " + MOE_ARGS + " --budget {wildcards.d2} > {log} 2>&1"
+        TRAIN
 
 
 rule scratch_stable:
     """WSD stable phase of the same MoE trained from scratch (the guidance's baseline)."""
     input:
-        meta=rules.tokenize.output.meta,
-        previous=stable_input("scratch", SCRATCH),
+        unpack(inputs_of("scratch_stable")),
     output:
-        R / SCRATCH / "stable_{point}.json",
+        **outputs("scratch_stable"),
+    params:
+        spec=spec_of("scratch_stable"),
     log:
-        LOGS / SCRATCH / "stable_{point}.log",
-    threads: 1
+        log_of("scratch_stable"),
+    threads: training_threads(SWEEP)
     resources:
-        **resources_for("scratch", "stable"),
+        **resources_of("scratch_stable"),
     conda:
         "../../envs/gpu.yml"
     shell:
-        TRAIN + " --family scratch " + MOE_ARGS + " --stable {wildcards.point} > {log} 2>&1"
+        TRAIN
 
 
 rule scratch_final:
+    """A from-scratch MoE run's end at D: its decay (WSD) or whole cosine run; writes its metrics."""
     input:
-        meta=rules.tokenize.output.meta,
-        stable=decay_input("scratch", SCRATCH),
+        unpack(inputs_of("scratch_final")),
     output:
-        R / SCRATCH / "d_{d}" / "metrics.json",
+        **outputs("scratch_final"),
+    params:
+        spec=spec_of("scratch_final"),
     log:
-        LOGS / SCRATCH / "d_{d}.log",
-    threads: 1
+        log_of("scratch_final"),
+    threads: training_threads(SWEEP)
     resources:
-        **resources_for("scratch", "final"),
+        **resources_of("scratch_final"),
     conda:
         "../../envs/gpu.yml"
     shell:
-        TRAIN + " --family scratch " + MOE_ARGS + " --budget {wildcards.d} > {log} 2>&1"
+        TRAIN

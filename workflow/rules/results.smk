@@ -1,49 +1,60 @@
+from upcycling.report import FIGURES
+
+
 rule aggregate:
     """Every run's metrics JSON -> one xarray/zarr store (NaN where a combination was not run)."""
     input:
-        lambda wildcards: [str(path) for path in sweep.all_metrics(config)],
+        unpack(inputs_of("aggregate")),
     output:
-        directory(R / "losses.zarr"),
+        directory(outputs("aggregate")["store"]),
+    params:
+        spec=spec_of("aggregate"),
     log:
-        LOGS / "aggregate.log",
+        log_of("aggregate"),
+    resources:
+        **resources_of("aggregate"),
     conda:
         "../../envs/cpu.yml"
     shell:
-        "upcycling aggregate {CONFIG_ARGS} --out {output} {input} > {log} 2>&1"
+        "upcycling aggregate --spec {params.spec:q} >> {log} 2>&1"
 
 
 rule fit:
     """The scaling laws and their baselines, fitted with lmfit (Huber on log loss, bootstrap)."""
     input:
-        rules.aggregate.output,
+        **inputs_of("fit")({}),
     output:
-        directory(R / "fits"),
+        directory(outputs("fit")["fits"]),
+    params:
+        spec=spec_of("fit"),
     log:
-        LOGS / "fit.log",
+        log_of("fit"),
     threads: 2
+    resources:
+        **resources_of("fit"),
     conda:
         "../../envs/cpu.yml"
     shell:
-        "OMP_NUM_THREADS=1 upcycling fit {CONFIG_ARGS} --store {input} --out-dir {output} --workers {threads} > {log} 2>&1"
+        "OMP_NUM_THREADS=1 upcycling fit --spec {params.spec:q} --store {input.store} --out-dir {output}"
+        " --workers {threads} >> {log} 2>&1"
 
 
 rule report:
     """Markdown summary and figures: law fits, residuals, the a3 effect, the break-even curve."""
     input:
-        store=rules.aggregate.output,
-        fits=rules.fit.output,
+        **inputs_of("report")({}),
     output:
-        summary=R / "report" / "summary.md",
-        guidance=R / "report" / "guidance.json",
+        **outputs("report"),
         figures=[
-            report(R / "report" / name, caption="../report/figures.rst", category="Scaling laws")
-            for name in ("loss_vs_d2.png", "residuals.png", "effective_exponent.png", "break_even.png",
-                         "equal_compute.png")
+            report(str(R / "report" / name), caption="../report/figures.rst", category="Scaling laws")
+            for name in FIGURES.values()
         ],
     log:
-        LOGS / "report.log",
+        log_of("report"),
+    resources:
+        **resources_of("report"),
     conda:
         "../../envs/cpu.yml"
     shell:
-        "upcycling report {CONFIG_ARGS} --store {input.store} --fits {input.fits}"
-        " --out-dir $(dirname {output.summary}) > {log} 2>&1"
+        "upcycling report --store {input.store} --fits {input.fits} --out-dir $(dirname {output.summary})"
+        " >> {log} 2>&1"

@@ -1,14 +1,15 @@
 rule tokenize:
     """Corpus -> tokenizer.json, train.bin/val.bin token memmaps and meta.json."""
     output:
-        train=R / "tokens" / "train.bin",
-        val=R / "tokens" / "val.bin",
-        meta=R / "tokens" / "meta.json",
-        tokenizer=R / "tokens" / "tokenizer.json",
+        **outputs("tokenize"),
+    params:
+        spec=spec_of("tokenize"),
     log:
-        LOGS / "tokenize.log",
+        log_of("tokenize"),
     threads: 2
+    resources:
+        **resources_of("tokenize"),
     conda:
         "../../envs/cpu.yml"
     shell:
-        "RAYON_NUM_THREADS={threads} upcycling tokenize {CONFIG_ARGS} > {log} 2>&1"
+        "RAYON_NUM_THREADS={threads} upcycling tokenize --spec {params.spec:q} --workdir {BASEDIR:q} >> {log} 2>&1"

@@ -1,19 +1,17 @@
-UPCYCLED = "upcycled/{size}/seed{seed}/d1_{d1}/e{experts}_k{top_k}_g{granularity}"
-
-
 rule upcycle:
-    """Dense checkpoint at D1 -> MoE initial checkpoint (HF Mixtral layout), routers fresh."""
+    """Dense export at D1 -> the MoE's initial export (HF Mixtral layout), routers fresh."""
     input:
-        weights=rules.dense_final.output.weights,
-        hf_config=rules.dense_final.output.hf_config,
+        unpack(inputs_of("upcycle")),
     output:
-        weights=R / UPCYCLED / "init" / "model.safetensors",
-        hf_config=R / UPCYCLED / "init" / "config.json",
+        **outputs("upcycle"),
+    params:
+        spec=spec_of("upcycle"),
     log:
-        LOGS / UPCYCLED / "upcycle.log",
+        log_of("upcycle"),
     threads: 1
+    resources:
+        **resources_of("upcycle"),
     conda:
         "../../envs/cpu.yml"
     shell:
-        "upcycling upcycle {CONFIG_ARGS} --size {wildcards.size} --seed {wildcards.seed} --d1 {wildcards.d1}"
-        " --experts {wildcards.experts} --top-k {wildcards.top_k} --granularity {wildcards.granularity} > {log} 2>&1"
+        "upcycling upcycle --spec {params.spec:q} >> {log} 2>&1"

@@ -1,0 +1,391 @@
+"""The job inventory: every job of the DAG, as a pure function of the sweep.
+
+The Snakefile's rules, ``upcycling plan``, the per-job resources, the CLI (which builds a job from
+its identity) and the tests all read this one list; nothing else enumerates jobs.
+
+A *run* is one trained model at one token budget D (it writes a metrics JSON). Lineages: ``dense``
+(size, seed), ``upcycled`` (size, seed, D1, variant) and ``scratch`` (size, seed, variant), where
+the variant names the second-stage model: ``e4_k2_g1`` for an MoE of 4 experts, top-2,
+granularity 1. With WSD a lineage is a chain of stable jobs plus one decay job per budget; with
+cosine, one job per budget.
+
+Every job carries a *spec*: the part of the sweep its result depends on, plus the fingerprint of
+the job it starts from. The spec is the job's Snakemake ``params`` (so Snakemake's params trigger
+reruns exactly the jobs a config change touches, and their downstream) and what the job itself
+runs from (``upcycling train --spec ...``): a job cannot run with settings other than the ones its
+DAG was built from. Operational settings that do not change a result (log and checkpoint
+intervals, keeping final checkpoints) are not in the spec: they ride in ``run_options``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .flops import ModelConfig
+from .sweep import Sweep
+
+# Output paths of every rule, relative to the results directory; {wildcards} as the rules name them.
+DENSE = "dense/{size}/seed{seed}"
+UPCYCLED = "upcycled/{size}/seed{seed}/d1_{d1}/{variant}"
+SCRATCH = "scratch/{size}/seed{seed}/{variant}"
+PATTERNS: dict[str, dict[str, str]] = {
+    "tokenize": {"train": "tokens/train.bin", "val": "tokens/val.bin", "meta": "tokens/meta.json",
+                 "tokenizer": "tokens/tokenizer.json"},
+    "dense_stable": {"checkpoint": f"checkpoints/{DENSE}/stable_{{point}}"},
+    "dense_final": {"metrics": f"{DENSE}/d1_{{d1}}/metrics.json",
+                    "weights": f"{DENSE}/d1_{{d1}}/hf/model.safetensors",
+                    "hf_config": f"{DENSE}/d1_{{d1}}/hf/config.json"},
+    "upcycle": {"weights": f"{UPCYCLED}/init/model.safetensors", "hf_config": f"{UPCYCLED}/init/config.json"},
+    "upcycled_stable": {"checkpoint": f"checkpoints/{UPCYCLED}/stable_{{point}}"},
+    "upcycled_final": {"metrics": f"{UPCYCLED}/d2_{{d2}}/metrics.json"},
+    "scratch_stable": {"checkpoint": f"checkpoints/{SCRATCH}/stable_{{point}}"},
+    "scratch_final": {"metrics": f"{SCRATCH}/d_{{d}}/metrics.json"},
+    "aggregate": {"store": "losses.zarr"},
+    "fit": {"fits": "fits"},
+    "report": {"summary": "report/summary.md", "guidance": "report/guidance.json"},
+}
+LOGS: dict[str, str] = {
+    "tokenize": "logs/tokenize.log",
+    "dense_stable": f"logs/{DENSE}/stable_{{point}}.log",
+    "dense_final": f"logs/{DENSE}/d1_{{d1}}.log",
+    "upcycle": f"logs/{UPCYCLED}/upcycle.log",
+    "upcycled_stable": f"logs/{UPCYCLED}/stable_{{point}}.log",
+    "upcycled_final": f"logs/{UPCYCLED}/d2_{{d2}}.log",
+    "scratch_stable": f"logs/{SCRATCH}/stable_{{point}}.log",
+    "scratch_final": f"logs/{SCRATCH}/d_{{d}}.log",
+    "aggregate": "logs/aggregate.log",
+    "fit": "logs/fit.log",
+    "report": "logs/report.log",
+}
+BUDGET_KEY = {"dense": "d1", "upcycled": "d2", "scratch": "d"}  # the wildcard of a run's budget D
+TRAINING_RULES = tuple(f"{family}_{phase}" for family in BUDGET_KEY for phase in ("stable", "final"))
+RULES = ("tokenize", "dense_stable", "dense_final", "upcycle", "upcycled_stable", "upcycled_final",
+         "scratch_stable", "scratch_final", "aggregate", "fit", "report")
+# Training settings that change a result (the rest of the section is operational).
+RESULT_TRAINING_KEYS = ("micro_batch_size", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_tokens", "schedule",
+                        "decay_fraction", "weight_decay", "adam_betas", "grad_clip", "eval_every_tokens",
+                        "eval_windows", "zero_stage", "precision", "compile")
+
+
+def fingerprint(payload: Any) -> str:
+    """sha256 of the canonical JSON of ``payload``."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def moe_variant(experts: int, top_k: int, granularity: int) -> str:
+    return f"e{experts}_k{top_k}_g{granularity}"
+
+
+def parse_variant(variant: str) -> tuple[int, int, int]:
+    """``"e4_k2_g1"`` -> (4, 2, 1)."""
+    try:
+        experts, top_k, granularity = (int(part[1:]) for part in variant.split("_"))
+    except ValueError:
+        raise ValueError(f"variant {variant!r} is not of the form e<experts>_k<top_k>_g<granularity>") from None
+    return experts, top_k, granularity
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Everything one chain of jobs shares: the model, where it starts, and its runs' budgets."""
+
+    family: str  # dense | upcycled | scratch
+    size: str
+    seed: int
+    budgets: tuple[int, ...]
+    d1: int = 0  # upcycled: the dense budget it starts from
+    experts: int = 1
+    top_k: int = 1
+    granularity: int = 1
+    method: str = "dense"  # second-stage method; "dense" for the dense runs
+
+    @property
+    def variant(self) -> str:
+        return moe_variant(self.experts, self.top_k, self.granularity) if self.family != "dense" else ""
+
+    @property
+    def wildcards(self) -> dict[str, str]:
+        wildcards = {"size": self.size, "seed": str(self.seed)}
+        if self.family == "upcycled":
+            wildcards["d1"] = str(self.d1)
+        if self.family != "dense":
+            wildcards["variant"] = self.variant
+        return wildcards
+
+    @property
+    def name(self) -> str:
+        return {"dense": DENSE, "upcycled": UPCYCLED, "scratch": SCRATCH}[self.family].format(**self.wildcards)
+
+
+@dataclass(frozen=True)
+class Job:
+    rule: str
+    wildcards: Mapping[str, str]
+    outputs: Mapping[str, str]
+    inputs: Mapping[str, str]
+    log: str
+    spec: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    lineage: Lineage | None = None
+    phase: str | None = None  # training jobs: stable | final
+    tokens: int = 0  # tokens this job trains
+
+    @property
+    def label(self) -> str:
+        return _label(self.rule, self.wildcards)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.spec)
+
+    @property
+    def params(self) -> str:
+        """The Snakemake ``params`` value: the spec as canonical JSON."""
+        return json.dumps(self.spec, sort_keys=True, separators=(",", ":"))
+
+
+def _label(rule: str, wildcards: Mapping[str, str]) -> str:
+    return f"{rule}[{','.join(f'{k}={v}' for k, v in wildcards.items())}]"
+
+
+# ----------------------------------------------------------------------------- lineages
+
+
+def model_config(sweep: Sweep, size: str, vocab_size: int, experts: int = 1, top_k: int = 1,
+                 granularity: int = 1) -> ModelConfig:
+    dims = sweep.dense_models[size]
+    return ModelConfig(vocab_size=vocab_size, d_model=dims.d_model, n_layers=dims.n_layers, n_heads=dims.n_heads,
+                       ffn_hidden=dims.ffn_hidden, seq_len=sweep.data.seq_len, rope_theta=dims.rope_theta,
+                       experts=experts, top_k=top_k if experts > 1 else 1,
+                       granularity=granularity if experts > 1 else 1)
+
+
+def lineages(sweep: Sweep) -> list[Lineage]:
+    axes = sweep.sweep
+    shapes = [(e, k, g) for e in axes.experts for k in axes.top_k for g in axes.granularity]
+    result: list[Lineage] = []
+    for size in sweep.dense_models:
+        for seed in sweep.training.seeds:
+            result.append(Lineage("dense", size, seed, axes.d1_tokens))
+            for d1 in axes.d1_tokens:
+                result.extend(Lineage("upcycled", size, seed, axes.d2_tokens, d1, e, k, g, "moe_upcycle")
+                              for e, k, g in shapes)
+            if axes.model_config is not None:
+                extra = axes.model_config
+                result.extend(Lineage("upcycled", size, seed, (extra.d2_tokens,), extra.d1_tokens, e, k, 1,
+                                      "moe_upcycle")
+                              for e in extra.experts for k in extra.top_k if (e, k, 1) not in shapes)
+            if sweep.baselines.scratch_moe:
+                result.extend(Lineage("scratch", size, seed, sweep.scratch_d_tokens, 0, e, k, g, "moe_upcycle")
+                              for e, k, g in shapes)
+    return result
+
+
+def stable_points(sweep: Sweep, lineage: Lineage) -> list[int]:
+    """WSD: where each run of the lineage leaves the stable phase, in order (none for cosine)."""
+    if not sweep.training.wsd:
+        return []
+    return sorted({sweep.training.decay_start(budget) for budget in lineage.budgets})
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def _model_fields(config: ModelConfig) -> dict:
+    fields = dataclasses.asdict(config)
+    fields.pop("vocab_size")  # known once the tokens exist; the trainer reads it from meta.json
+    return fields
+
+
+def _train_spec(sweep: Sweep, label: str, lineage: Lineage, phase: str, end_tokens: int, start: dict, upstream: str,
+                tokens_fingerprint: str, outputs: Mapping[str, str], partial: Path) -> dict:
+    training = sweep.training
+    vocab = sweep.tokenizer.vocab_size
+    is_moe = lineage.family != "dense"
+    model = model_config(sweep, lineage.size, vocab, lineage.experts if is_moe else 1, lineage.top_k,
+                         lineage.granularity)
+    final = phase == "final"
+    decay = None
+    if final:
+        decay = [training.decay_start(end_tokens) if training.wsd else None, end_tokens]
+    coords = None
+    if final:
+        coords = {"size": lineage.size, "init": lineage.family, "method": lineage.method, "seed": lineage.seed,
+                  "d1_tokens": end_tokens if lineage.family == "dense" else lineage.d1,
+                  "d2_tokens": 0 if lineage.family == "dense" else end_tokens,
+                  "experts": lineage.experts, "top_k": lineage.top_k, "granularity": lineage.granularity}
+    export = None
+    if final and lineage.family == "dense":
+        export = str(Path(outputs["weights"]).parent)
+    return {
+        "job": label,
+        "run_id": f"{lineage.name}/{Path(partial.name).stem}",
+        "family": lineage.family,
+        "phase": phase,
+        "seed": lineage.seed,
+        "model": _model_fields(model),
+        "dense_model": _model_fields(model_config(sweep, lineage.size, vocab)),
+        "moe": dataclasses.asdict(sweep.moe) if is_moe else None,
+        "training": {key: getattr(training, key) for key in RESULT_TRAINING_KEYS},
+        # One process per GPU: the global batch is micro_batch_size x grad_accum_steps x processes.
+        "processes": max(sweep.slurm.gpus_per_job, 1),
+        "end_tokens": end_tokens,
+        "decay": decay,
+        "tokens_dir": str(sweep.tokens_dir),
+        "tokens": tokens_fingerprint,
+        "start": start,
+        "upstream": upstream,
+        "checkpoint": outputs.get("checkpoint"),
+        "partial": str(partial),
+        "metrics": outputs.get("metrics"),
+        "export": export,
+        "export_adam_moments": export is not None and sweep.moe.copy_optimizer_state,
+        "coords": coords,
+    }
+
+
+def _outputs(sweep: Sweep, rule: str, wildcards: Mapping[str, str]) -> dict[str, str]:
+    return {name: str(sweep.results_dir / pattern.format(**wildcards)) for name, pattern in PATTERNS[rule].items()}
+
+
+def _log(sweep: Sweep, rule: str, wildcards: Mapping[str, str]) -> str:
+    return str(sweep.results_dir / LOGS[rule].format(**wildcards))
+
+
+# ----------------------------------------------------------------------------- the inventory
+
+
+def jobs(sweep: Sweep) -> list[Job]:
+    """Every job of the sweep, each after the jobs it depends on."""
+    return list(_jobs(sweep))
+
+
+def _jobs(sweep: Sweep) -> Iterator[Job]:
+    root, training = sweep.results_dir, sweep.training
+    tokenize_spec = {"corpus": dataclasses.asdict(sweep.corpus), "tokenizer": dataclasses.asdict(sweep.tokenizer),
+                     "out": str(sweep.tokens_dir)}
+    tokenize = Job("tokenize", {}, _outputs(sweep, "tokenize", {}), {}, _log(sweep, "tokenize", {}),
+                   tokenize_spec)
+    yield tokenize
+    meta = tokenize.outputs["meta"]
+    dense_exports: dict[tuple[str, int, int], Job] = {}
+    metrics_jobs: list[Job] = []
+
+    ordered = sorted(lineages(sweep), key=lambda lineage: ("dense", "upcycled", "scratch").index(lineage.family))
+    for lineage in ordered:
+        inputs = {"meta": meta}
+        start: dict = {}
+        upstream = tokenize.fingerprint
+        if lineage.family == "upcycled":
+            dense = dense_exports[(lineage.size, lineage.seed, lineage.d1)]
+            wildcards = lineage.wildcards
+            outputs = _outputs(sweep, "upcycle", wildcards)
+            init = Job("upcycle", wildcards, outputs,
+                       {"weights": dense.outputs["weights"], "hf_config": dense.outputs["hf_config"]},
+                       _log(sweep, "upcycle", wildcards),
+                       {"dense": str(Path(dense.outputs["weights"]).parent), "out": str(Path(outputs["weights"]).parent),
+                        "experts": lineage.experts, "top_k": lineage.top_k, "granularity": lineage.granularity,
+                        "router_init_std": sweep.moe.router_init_std, "seed": lineage.seed,
+                        "copy_optimizer_state": sweep.moe.copy_optimizer_state, "upstream": dense.fingerprint},
+                       lineage)
+            yield init
+            inputs = {**inputs, "init": init.outputs["weights"]}
+            start, upstream = {"export": init.spec["out"]}, init.fingerprint
+
+        stable_by_point: dict[int, Job] = {}
+        previous = None
+        for point in stable_points(sweep, lineage):
+            rule = f"{lineage.family}_stable"
+            wildcards = {**lineage.wildcards, "point": str(point)}
+            outputs = _outputs(sweep, rule, wildcards)
+            if previous is None:
+                job_inputs, job_start, job_upstream = inputs, start, upstream
+            else:
+                job_inputs = {"meta": meta, "checkpoint": previous.outputs["checkpoint"]}
+                job_start = {"checkpoint": previous.outputs["checkpoint"]}
+                job_upstream = previous.fingerprint
+            partial = Path(outputs["checkpoint"] + ".partial")
+            spec = _train_spec(sweep, _label(rule, wildcards), lineage, "stable", point, job_start, job_upstream,
+                               tokenize.fingerprint, outputs, partial)
+            previous_point = int(previous.wildcards["point"]) if previous else 0
+            job = Job(rule, wildcards, outputs, job_inputs, _log(sweep, rule, wildcards), spec, lineage, "stable",
+                      point - previous_point)
+            yield job
+            stable_by_point[point] = previous = job
+
+        for budget in lineage.budgets:
+            rule = f"{lineage.family}_final"
+            wildcards = {**lineage.wildcards, BUDGET_KEY[lineage.family]: str(budget)}
+            outputs = _outputs(sweep, rule, wildcards)
+            if training.wsd:
+                stable = stable_by_point[training.decay_start(budget)]
+                job_inputs = {"meta": meta, "checkpoint": stable.outputs["checkpoint"]}
+                job_start, job_upstream = {"checkpoint": stable.outputs["checkpoint"]}, stable.fingerprint
+                trained = budget - training.decay_start(budget)
+            else:
+                job_inputs, job_start, job_upstream, trained = inputs, start, upstream, budget
+            partial = Path(sweep.results_dir / "checkpoints" / lineage.name / f"{BUDGET_KEY[lineage.family]}_{budget}.partial")
+            spec = _train_spec(sweep, _label(rule, wildcards), lineage, "final", budget, job_start, job_upstream,
+                               tokenize.fingerprint, outputs, partial)
+            job = Job(rule, wildcards, outputs, job_inputs, _log(sweep, rule, wildcards), spec, lineage, "final",
+                      trained)
+            yield job
+            metrics_jobs.append(job)
+            if lineage.family == "dense":
+                dense_exports[(lineage.size, lineage.seed, budget)] = job
+
+    runs = {job.outputs["metrics"]: job.fingerprint for job in metrics_jobs}
+    aggregate = Job("aggregate", {}, _outputs(sweep, "aggregate", {}),
+                    {f"run{index}": path for index, path in enumerate(runs)}, _log(sweep, "aggregate", {}),
+                    {"runs": runs, "config": result_config(sweep), "out": str(root / PATTERNS["aggregate"]["store"])})
+    yield aggregate
+    fit = Job("fit", {}, _outputs(sweep, "fit", {}), {"store": aggregate.outputs["store"]}, _log(sweep, "fit", {}),
+              {"fit": dataclasses.asdict(sweep.fit)})
+    yield fit
+    yield Job("report", {}, _outputs(sweep, "report", {}),
+              {"store": aggregate.outputs["store"], "fits": fit.outputs["fits"]}, _log(sweep, "report", {}))
+
+
+def result_config(sweep: Sweep) -> dict:
+    """The sweep without what cannot change a result (the fit and the scheduler settings)."""
+    return {key: value for key, value in sweep.mapping.items() if key not in ("fit", "slurm")}
+
+
+class UnknownJob(InputError):
+    """A job that the sweep does not have."""
+
+
+class Inventory:
+    """The jobs of one sweep, looked up the way Snakemake names them: rule and wildcards."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+        self.jobs = jobs(sweep)
+        self._by_key = {(job.rule, _key(job.wildcards)): job for job in self.jobs}
+
+    def find(self, rule: str, wildcards: Mapping[str, Any]) -> Job:
+        try:
+            return self._by_key[(rule, _key(wildcards))]
+        except KeyError:
+            names = ", ".join(f"{k}={v}" for k, v in wildcards.items() if not k.startswith("_"))
+            raise UnknownJob(f"no {rule} job with {names} in this sweep: check the job's arguments against the "
+                              "config's sweep (upcycling plan --json lists every job)") from None
+
+    def of_rule(self, rule: str) -> list[Job]:
+        return [job for job in self.jobs if job.rule == rule]
+
+    def targets(self) -> list[str]:
+        """What `snakemake` builds by default: the store, the fits and the report."""
+        return [*self.find("aggregate", {}).outputs.values(), *self.find("fit", {}).outputs.values(),
+                *self.find("report", {}).outputs.values()]
+
+
+def _key(wildcards) -> tuple:
+    """Snakemake's Wildcards (a named list) or a mapping -> a hashable, order-free key."""
+    return tuple(sorted((str(k), str(v)) for k, v in wildcards.items() if not str(k).startswith("_")))

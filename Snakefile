@@ -7,10 +7,11 @@ min_version("9.0")
 
 
 # A sweep given with --configfile replaces the default one whole (Snakemake would merge the two,
-# leaking the default's model sizes and budgets into it).
+# leaking the default's model sizes and budgets into it). The default is found next to this file,
+# whatever --directory the results go to; its relative corpus paths start here too.
 if not workflow.overwrite_configfiles:
 
-    configfile: "config/config.yaml"
+    configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 include: "workflow/rules/common.smk"

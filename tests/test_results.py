@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,20 +10,22 @@ import xarray as xr
 
 from upcycling import laws, report, results
 from upcycling.fitting import FitResult
+from upcycling.metrics import MetricsError
 
 CONFIG_TEXT = "fit:\n  bootstrap: 4\n  huber_delta: 1.0e-3\n"
 
 
 def write_metrics(root, coords, loss, *, n1, n2, n_total, tokens, curve_tokens=None,
-                  name=None):
+                  name=None, fingerprint=None):
     """One metrics JSON as the trainer writes it (docs/contracts.md)."""
     curve_tokens = curve_tokens if curve_tokens is not None else [tokens // 2, tokens]
     run_id = name or "/".join(str(coords[k]) for k in results.COORDS)
     path = root / run_id / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "format_version": 1,
+        "format_version": 2,
         "run_id": run_id,
+        "job": f"job[{run_id}]",
         "coords": coords,
         "n_params": n_total,
         "active_params": n2,
@@ -38,7 +41,15 @@ def write_metrics(root, coords, loss, *, n1, n2, n_total, tokens, curve_tokens=N
                   "val_loss": [loss + 0.1 * (len(curve_tokens) - i)
                                for i in range(len(curve_tokens))]},
         "train_curve": {"tokens": [], "loss": []},
-        "config_sha256": "0" * 64,
+        "expert_load": None,
+        "model": {},
+        "training": {},
+        "moe": None,
+        "processes": 1,
+        "precision": "fp32",
+        "device": "cpu",
+        "spec_sha256": fingerprint or "0" * 64,
+        "checkpoint_fingerprint": "test",
         "code_version": "test",
     }
     path.write_text(json.dumps(payload))
@@ -126,16 +137,39 @@ def test_missing_coordinate_names_the_file(tmp_path):
     payload = json.loads(broken.read_text())
     del payload["coords"]["d2_tokens"]
     broken.write_text(json.dumps(payload))
-    with pytest.raises(ValueError, match=rf"{broken}.*d2_tokens"):
+    with pytest.raises(MetricsError, match=rf"{broken}.*coords.*d2_tokens"):
         results.aggregate(paths + [broken], tmp_path / "losses.zarr", CONFIG_TEXT, "x")
     assert not (tmp_path / "losses.zarr").exists()
+
+
+def test_aggregate_refuses_a_run_made_by_other_settings(tmp_path):
+    """A metrics file whose spec fingerprint is not the one the sweep expects (a stale run left by
+    other settings) is refused, naming the file, and no store is written."""
+    paths = small_sweep(tmp_path / "runs")
+    expected = {str(path): "0" * 64 for path in paths}
+    results.aggregate(expected, tmp_path / "ok.zarr", CONFIG_TEXT, "x")  # every fingerprint as expected
+    stale = paths[1]
+    expected[str(stale)] = "1" * 64
+    with pytest.raises(MetricsError, match=rf"{stale}: made by other settings"):
+        results.aggregate(expected, tmp_path / "losses.zarr", CONFIG_TEXT, "x")
+    assert not (tmp_path / "losses.zarr").exists()
+
+
+def test_the_contract_documents_every_field_of_the_metrics_schema():
+    """docs/contracts.md names every property of the schema that the trainer writes against."""
+    from upcycling.metrics import schema
+
+    contract = (Path(__file__).parents[1] / "docs" / "contracts.md").read_text()
+    properties = schema()["properties"]
+    for name in [*properties, *properties["coords"]["properties"]]:
+        assert f'"{name}"' in contract, name
 
 
 def test_duplicate_coordinates_name_both_files(tmp_path):
     paths = small_sweep(tmp_path / "runs")
     twin = write_metrics(tmp_path / "runs", coords("xs", "dense", 1000, 0), 4.0, n1=100, n2=100,
                          n_total=100, tokens=1000, name="twin")
-    with pytest.raises(ValueError, match=rf"duplicate.*{paths[0]}.*{twin}"):
+    with pytest.raises(MetricsError, match=rf"duplicate.*{paths[0]}.*{twin}"):
         results.aggregate(paths + [twin], tmp_path / "losses.zarr", CONFIG_TEXT, "x")
 
 
@@ -145,10 +179,10 @@ def test_malformed_metrics_are_errors(tmp_path):
     payload = json.loads(path.read_text())
     payload["final_val_loss"] = None
     path.write_text(json.dumps(payload))
-    with pytest.raises(ValueError, match=rf"{path}.*final_val_loss"):
+    with pytest.raises(MetricsError, match=rf"{path}.*final_val_loss"):
         results.read_metrics(path)
     path.write_text("{not json")
-    with pytest.raises(ValueError, match=str(path)):
+    with pytest.raises(MetricsError, match=str(path)):
         results.read_metrics(path)
 
 

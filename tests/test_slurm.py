@@ -25,81 +25,67 @@ import pytest
 import yaml
 
 from conftest import REPO, cli_env, read_json, write_config
-from upcycling import launch, sweep
-from upcycling.plan import format_plan, load_config_for_plan, plan
-from upcycling.resources import job_resources, launch_resources, training_resources
+from upcycling import jobargs, launch
+from upcycling.config import load_sweep, sweep_from_mapping
+from upcycling.jobs import RULES, TRAINING_RULES, Inventory
+from upcycling.plan import format_plan, plan
+from upcycling.resources import job_resources, launch_resources, launcher, training_resources
 
 START = REPO / "scripts" / "slurm" / "start-local-cluster.sh"
 SLURM_TINY = REPO / "tests" / "configs" / "slurm_tiny.yaml"
 PAPER = REPO / "config" / "paper.yaml"
-TRAINING_RULES = ("dense_stable", "dense_final", "upcycled_stable", "upcycled_final", "scratch_stable",
-                  "scratch_final")
 
 
 # ----------------------------------------------------------------------------- no cluster needed
 
 
-def test_expand_nodelist():
-    assert launch.expand_nodelist("vm") == ["vm"]
-    assert launch.expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
-    assert launch.expand_nodelist("r[1-2]n[08-09]") == ["r1n08", "r1n09", "r2n08", "r2n09"]
-    assert launch.expand_nodelist("a[9-11]") == ["a9", "a10", "a11"]
-    with pytest.raises(ValueError):
-        launch.expand_nodelist("gpu[01-02")
+def _sweep(path=PAPER, **slurm):
+    mapping = yaml.safe_load(Path(path).read_text())
+    mapping.setdefault("slurm", {}).update(slurm)
+    return sweep_from_mapping(mapping, REPO, check_corpus=False)
 
 
-def test_env_from_slurm_maps_a_step_task():
-    environ = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
-               "SLURM_NODEID": "1", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "123456",
-               "SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_STEP_NODELIST": "gpu[017-018]"}
-    env = launch.env_from_slurm(environ)
-    assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "NODE_RANK": "1", "MASTER_ADDR": "gpu017",
-                   "MASTER_PORT": str(12000 + 123456 % 20000)}
+STEP = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}
+
+
+def _slurm_environ(monkeypatch, environ):
+    for key in [key for key in os.environ if key.startswith("SLURM_")] + ["RANK", "MASTER_ADDR", "MASTER_PORT"]:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_a_step_task_gets_its_rank_from_slurm(monkeypatch):
+    _slurm_environ(monkeypatch, STEP)
+    env = launch.slurm_torch_env()
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("5", "8", "1", "4")
+    assert env["MASTER_ADDR"] == "gpu017"  # the job's first host, expanded from Slurm's node list
     # Every rank of the job derives the same master address and port.
-    other = launch.env_from_slurm({**environ, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})
+    _slurm_environ(monkeypatch, {**STEP, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})
+    other = launch.slurm_torch_env()
     assert (other["MASTER_ADDR"], other["MASTER_PORT"]) == (env["MASTER_ADDR"], env["MASTER_PORT"])
-    # A port or address already given wins.
-    assert launch.env_from_slurm({**environ, "MASTER_PORT": "29500"})["MASTER_PORT"] == "29500"
-    assert environ.get("RANK") is None  # pure: the input is not touched
+    _slurm_environ(monkeypatch, {**STEP, "MASTER_PORT": "29500"})  # a port already given wins
+    assert launch.slurm_torch_env()["MASTER_PORT"] == "29500"
 
 
-def test_env_from_slurm_outside_a_step_is_one_process():
-    """The batch script itself (no SLURM_STEP_ID) says NTASKS=8 but is a single process."""
-    environ = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "7",
-               "SLURM_JOB_NODELIST": "node1"}
-    env = launch.env_from_slurm(environ)
-    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("0", "1", "0", "node1")
-    with pytest.raises(KeyError):
-        launch.env_from_slurm({"SLURM_NTASKS": "2"})
-    with pytest.raises(ValueError):
-        launch.env_from_slurm({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0",
-                               "SLURM_JOB_NODELIST": "n1"})
+def test_one_process_outside_a_multi_task_step(monkeypatch):
+    """The batch script (no SLURM_STEP_ID) says NTASKS=8 but is one process; a one-task step and a
+    launcher that set RANK (torchrun) are left to themselves."""
+    batch = {key: value for key, value in STEP.items() if not key.startswith("SLURM_STEP")}
+    for environ in (batch, {**STEP, "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"}, {**STEP, "RANK": "0"}, {}):
+        _slurm_environ(monkeypatch, environ)
+        assert launch.slurm_torch_env() == {}
 
 
-def test_apply_slurm_env_only_for_multi_process_steps():
-    step = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-            "SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "vm"}
-    environ = dict(step)
-    assert launch.apply_slurm_env(environ)["RANK"] == "1"
-    assert environ["WORLD_SIZE"] == "2" and environ["MASTER_ADDR"] == "vm"
-    # RANK already set (torchrun, deepspeed launcher): untouched.
-    assert launch.apply_slurm_env({**step, "RANK": "0"}) == {}
-    # One task: left to the trainer's single-process path (a free local port).
-    single = {**step, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0"}
-    assert launch.apply_slurm_env(dict(single)) == {}
-    assert launch.apply_slurm_env({"PATH": "/bin"}) == {}
-
-
-def test_train_command_and_resources():
-    assert launch.train_command("c.yaml", ["--family", "dense"], gpus_per_node=1) == \
-        ["upcycling", "train", "--config", "c.yaml", "--family", "dense"]
-    command = launch.train_command("c.yaml", ["--size", "s"], gpus_per_node=8, nodes=2, cpus_per_task=4)
-    assert command[:6] == ["srun", "--nodes=2", "--ntasks-per-node=8", "--kill-on-bad-exit=1",
-                           "--cpus-per-task=4", "upcycling"]
-    assert command[6:] == ["train", "--config", "c.yaml", "--size", "s"]
+def test_launcher_and_launch_resources():
+    assert launcher(_sweep(gpus_per_job=1)) == "" and launcher(_sweep(gpus_per_job=0)) == ""
+    assert launcher(_sweep(gpus_per_job=16, nodes=2)) == (
+        "srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 --cpus-per-task=4")
 
     def launch_for(gpus, nodes):
-        return launch_resources({"slurm": {"gpus_per_job": gpus, "nodes": nodes}})
+        return launch_resources(_sweep(gpus_per_job=gpus, nodes=nodes))
 
     # One process: the plugin starts it; GPUs as --gpus.
     assert launch_for(1, 1) == {"nodes": 1, "gpu": 1} and launch_for(0, 1) == {"nodes": 1, "gpu": 0}
@@ -120,35 +106,38 @@ def _sbatch_line(resources: dict) -> str:
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-    job = SimpleNamespace(resources=_Resources({k: v for k, v in resources.items() if k != "tokens"}), threads=1)
+    ours = ("launcher", "run_options")  # read by the rule's shell command, not by the plugin
+    job = SimpleNamespace(resources=_Resources({k: v for k, v in resources.items() if k not in ours}), threads=1)
     params = dict(run_uuid="run", slurm_logfile="log", comment_str="rule", account="", partition="", workdir="/w")
     return get_submit_command(job, params) + set_gres_string(job)
 
 
+def _first(sweep, rule):
+    return Inventory(sweep).of_rule(rule)[0]
+
+
 def test_the_plugin_turns_multi_gpu_resources_into_one_task_per_gpu():
-    cfg = load_config_for_plan(PAPER, base_dir=REPO)
-    wildcards = SimpleNamespace(size="370m", seed=0, d1=2_000_000_000, d2=4_000_000_000, experts=8, top_k=2,
-                                granularity=1)
-    line = _sbatch_line(job_resources(cfg, "upcycled", "final", wildcards)).split()
+    sweep = _sweep()
+    line = _sbatch_line(job_resources(sweep, _first(sweep, "upcycled_final"))).split()
     assert {"--nodes=1", "--ntasks-per-node=8", "--cpus-per-task=4", "--gpus=8", "--signal=USR1@600"} <= set(line)
-    cfg["slurm"].update(gpus_per_job=16, nodes=2)
-    line = _sbatch_line(job_resources(cfg, "dense", "final", SimpleNamespace(size="370m", seed=0, d1=2_000_000_000)))
+    sweep = _sweep(gpus_per_job=16, nodes=2)
+    line = _sbatch_line(job_resources(sweep, _first(sweep, "dense_final")))
     assert {"--nodes=2", "--ntasks-per-node=8", "--gres=gpu:8"} <= set(line.split()) and "--gpus" not in line
 
 
 def test_runtime_leaves_room_for_the_warning_signal():
     """The job must finish its tokens before USR1 arrives; memory grows with processes per node."""
-    cfg = {"tokenizer": {"vocab_size": 512},
-           "dense_models": {"xs": {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden": 64}},
-           "data": {"seq_len": 32}, "slurm": {"gpus_per_job": 1, "throughput_tokens_per_s": {"xs": 1000},
-                                "runtime_margin": 1.0, "startup_minutes": 0, "signal_seconds_before_limit": 600}}
-    one = training_resources(cfg, "dense", "final", "xs", tokens=600_000)
-    assert one["runtime"] == 600_000 / 1000 / 60 + 10 and one["slurm_extra"] == "--signal=USR1@600"
-    cfg["slurm"]["gpus_per_job"] = 4
-    four = training_resources(cfg, "dense", "final", "xs", tokens=600_000)
-    assert four["runtime"] < one["runtime"]
+    slurm = dict(throughput_tokens_per_s={"xs": 1000}, runtime_margin=1.0, startup_minutes=0,
+                 signal_seconds_before_limit=600)
+    one = _sweep(SLURM_TINY, gpus_per_job=1, **slurm)
+    job = _first(one, "dense_final")
+    resources = training_resources(one, job)
+    assert resources["runtime"] == math.ceil(job.tokens / 1000 / 60 + 10)
+    assert resources["slurm_extra"] == "--signal=USR1@600"
+    four = _sweep(SLURM_TINY, gpus_per_job=4, **slurm)
+    assert training_resources(four, job)["runtime"] <= resources["runtime"]
     # GPU processes keep their state on the GPU: host memory grows by one runtime per process.
-    assert four["mem_mb"] - one["mem_mb"] == 3 * 6000
+    assert training_resources(four, job)["mem_mb"] - resources["mem_mb"] == 3 * 6000
 
 
 def test_submit_cli_parses_training_arguments():
@@ -157,56 +146,47 @@ def test_submit_cli_parses_training_arguments():
     args = parser.parse_args(["--config", "c.yaml", "--timeout-min", "30", "--", "--family", "dense", "--size",
                               "xs", "--budget", "8192"])
     assert args.timeout_min == 30 and args.train_args[-2:] == ["--budget", "8192"]
-    assert launch.parse_train_args(args.train_args[1:]).budget == 8192
+    assert jobargs.job_key(jobargs.parse(args.train_args[1:])) == ("dense_final", {"size": "xs", "seed": "0",
+                                                                                   "d1": "8192"})
     with pytest.raises(ValueError):
-        launch.parse_train_args(["--family", "dense", "--size", "xs"])
+        jobargs.parse(["--family", "dense", "--size", "xs"])
 
 
 def test_plan_of_the_paper_config():
-    cfg = load_config_for_plan(PAPER, base_dir=REPO)  # its corpus (/data/corpus) need not exist
-    result = plan(cfg)
-    rules = result["rules"]
-    n_models = len(cfg["dense_models"]) * len(cfg["training"]["seeds"])
-    shapes = len(cfg["sweep"]["experts"]) * len(cfg["sweep"]["top_k"]) * len(cfg["sweep"]["granularity"])
-    d1, d2, ds = (len(cfg["sweep"]["d1_tokens"]), len(cfg["sweep"]["d2_tokens"]),
-                  len(cfg["baselines"]["scratch_d_tokens"]))
-    # Job counts follow the sweep: one stable job per WSD stable point of each lineage, one final
-    # job per budget, one upcycle per (model, D1, MoE shape).
-    assert rules["dense_stable"]["jobs"] == n_models * len(sweep.stable_points(cfg, "dense")) == n_models * d1
-    assert rules["dense_final"]["jobs"] == n_models * d1
-    assert rules["upcycle"]["jobs"] == n_models * d1 * shapes
-    assert rules["upcycled_stable"]["jobs"] == n_models * d1 * shapes * d2
-    assert rules["upcycled_final"]["jobs"] == n_models * d1 * shapes * d2
-    assert rules["scratch_final"]["jobs"] == n_models * shapes * ds
-    assert rules["tokenize"]["jobs"] == rules["aggregate"]["jobs"] == 1
-    assert result["totals"]["runs"] == len(sweep.all_metrics(cfg))
-    training = [job for job in result["jobs"]]
-    assert len(training) == sum(rules[rule]["jobs"] for rule in TRAINING_RULES if rule in rules)
+    sweep = _sweep()  # its corpus (/data/corpus) need not exist
+    result = plan(sweep)
+    rules, inventory = result["rules"], Inventory(sweep)
+    for rule in RULES:
+        assert rules[rule]["jobs"] == len(inventory.of_rule(rule)), rule
+    training = [job for job in result["jobs"] if "expected_hours" in job]
+    assert len(training) == sum(rules[rule]["jobs"] for rule in TRAINING_RULES)
     for job in training:
         res = job["resources"]
-        assert res["runtime"] > 0 and res["mem_mb"] > 0 and res["gpu"] == cfg["slurm"]["gpus_per_job"]
+        assert res["runtime"] > 0 and res["mem_mb"] > 0 and res["gpu"] == sweep.slurm.gpus_per_job
         # One process per GPU, each with its own CPUs, started by the rule's srun.
-        assert res["nodes"] == 1 and res["cpus_per_task"] == cfg["slurm"]["cpus_per_gpu"]
-        assert res["mpi"] == "srun" and res["tasks_per_node"] == cfg["slurm"]["gpus_per_job"]
+        assert res["nodes"] == 1 and res["cpus_per_task"] == sweep.slurm.cpus_per_gpu
+        assert job["checkpoint_bytes"] > 0
     for key in ("requested_gpu_hours", "expected_gpu_hours"):
         assert math.isfinite(result["totals"][key]) and result["totals"][key] > 0
     # Requested time carries the margin and start-up: more than the compute itself.
     assert result["totals"]["requested_gpu_hours"] > result["totals"]["expected_gpu_hours"]
+    # Disk: the largest checkpoint (1.4B dense + 8 experts, bf16 + fp32 Adam: 14 bytes/param) is tens of GB.
+    assert 2e10 < result["totals"]["largest_checkpoint"]["bytes"] < 2e11
+    assert result["totals"]["disk_peak_bytes"] > result["totals"]["disk_lasting_bytes"] > 0
     # Paper scale: D into the tens of billions, models from ~100M to over 1B parameters.
-    assert max(cfg["sweep"]["d1_tokens"]) >= 10**10 and max(cfg["sweep"]["d2_tokens"]) >= 10**10
+    assert max(sweep.sweep.d1_tokens) >= 10**10 and max(sweep.sweep.d2_tokens) >= 10**10
     text = format_plan(result)
-    assert "GPU-hours requested" in text and "upcycled_final" in text
+    assert "GPU-hours requested" in text and "Largest checkpoint" in text and "Disk:" in text
     for rule in ("tokenize", "dense_stable", "upcycled_final", "report"):
         assert re.search(rf"^{rule}\s+{rules[rule]['jobs']}\s", text, re.M), rule
 
 
 def test_paper_config_model_sizes():
     from upcycling.flops import count_params
-    from upcycling.model import model_config_from
+    from upcycling.jobs import model_config
 
-    cfg = load_config_for_plan(PAPER, base_dir=REPO)
-    totals = [count_params(model_config_from(cfg, size, cfg["tokenizer"]["vocab_size"])).total
-              for size in cfg["dense_models"]]
+    sweep = _sweep()
+    totals = [count_params(model_config(sweep, size, sweep.tokenizer.vocab_size)).total for size in sweep.dense_models]
     assert len(totals) == 4 and totals == sorted(totals)
     assert 80e6 < totals[0] < 200e6 and totals[-1] > 1e9
 
@@ -220,7 +200,7 @@ def test_plan_config_checks_still_apply(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="k <= E"):
-        load_config_for_plan(bad)
+        load_sweep(bad, check_corpus=False)
 
 
 def test_plan_cli_on_the_paper_config():
@@ -280,9 +260,10 @@ def _remote_plan_totals(config_path: str) -> dict:
     """Runs on a Slurm node: imports upcycling and plans the sweep there."""
     import socket
 
-    from upcycling.plan import load_config_for_plan, plan
+    from upcycling.config import load_sweep
+    from upcycling.plan import plan
 
-    totals = plan(load_config_for_plan(config_path))["totals"]
+    totals = plan(load_sweep(config_path, check_corpus=False))["totals"]
     return {"host": socket.gethostname(), "job_id": os.environ.get("SLURM_JOB_ID"),
             "training_jobs": totals["training_jobs"], "expected_gpu_hours": totals["expected_gpu_hours"]}
 
@@ -300,7 +281,7 @@ def test_submitit_runs_a_function_on_slurm(slurm_cluster, tmp_path, monkeypatch)
     executor.update_parameters(timeout_min=5, cpus_per_task=1, mem_gb=1, name="upcycling-plan")
     job = executor.submit(_remote_plan_totals, str(PAPER))
     result = job.result()
-    local = plan(load_config_for_plan(PAPER))["totals"]
+    local = plan(_sweep())["totals"]
     assert result["job_id"] == job.job_id
     assert result["training_jobs"] == local["training_jobs"]
     assert result["expected_gpu_hours"] == pytest.approx(local["expected_gpu_hours"])
@@ -379,9 +360,8 @@ def _snakemake(workdir: Path, config: Path, targets: list[str], *extra: str, tim
                # Faster polling for seconds-long jobs (the profile's 40 s suit hours-long ones).
                "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
                "--latency-wait", "5",
-               # Two jobs side by side on the 2-CPU node (the rules ask 2 CPUs per training job).
-               "--default-resources", "cpus_per_task=1", "mem_mb=2000", "runtime=10",
-               "--set-resources", *[f"{rule}:cpus_per_task=1" for rule in TRAINING_RULES],
+               # Two jobs side by side on the 2-CPU node.
+               "--set-resources", *[f"{rule}:mem_mb=2000" for rule in RULES],
                *extra, "--", *targets]
     process = subprocess.Popen(command, cwd=workdir, env=slurm_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -394,8 +374,9 @@ def _snakemake(workdir: Path, config: Path, targets: list[str], *extra: str, tim
 CANCELLED_RULE = "upcycled_stable"
 # The job to cancel: the long stable job (to D2's stable point 196608) of the D1=16384 upcycled
 # chain. Its run at D2=262144 depends on it; the chain's run at D2=8192 does not.
-CANCELLED_LINEAGE = sweep.Lineage("upcycled", "xs", 0, 16384, 4, 2, 1)
-CANCELLED_POINT, DEPENDENT_D2 = 196608, 262144
+CANCELLED = {"size": "xs", "seed": "0", "d1": "16384", "variant": "e4_k2_g1", "point": "196608"}
+CANCELLED_POINT = 196608
+DEPENDENT = {**{k: v for k, v in CANCELLED.items() if k != "point"}, "d2": "262144"}
 
 
 def _newest_run_id(workdir: Path, ignore: set) -> str | None:
@@ -447,11 +428,13 @@ def sweep_under_slurm(slurm_cluster, tmp_path_factory):
     """
     workdir = tmp_path_factory.mktemp("slurm_sweep")
     config = write_config(workdir, base=SLURM_TINY)
-    cfg = load_config_for_plan(config, base_dir=workdir)
-    metrics = [str(path) for path in sweep.all_metrics(cfg)]
-    targets = [str(sweep.results_root(cfg) / "losses.zarr")] if _aggregate_available() else metrics
-    job_log = sweep.results_root(cfg) / "logs" / CANCELLED_LINEAGE.name / f"stable_{CANCELLED_POINT}.log"
-    checkpoint = sweep.checkpoint_dir(cfg, CANCELLED_LINEAGE, f"stable_{CANCELLED_POINT}")
+    inventory = Inventory(load_sweep(config, base_dir=workdir))
+    cfg = inventory.sweep
+    metrics = [job.outputs["metrics"] for job in inventory.jobs if "metrics" in job.outputs]
+    targets = [inventory.find("aggregate", {}).outputs["store"]] if _aggregate_available() else metrics
+    cancelled = inventory.find(CANCELLED_RULE, CANCELLED)
+    job_log = Path(cancelled.log)
+    checkpoint = Path(cancelled.spec["partial"])
 
     runs = []
     for index, (extra, signal) in enumerate(((["--retries", "0"], None), (["--rerun-triggers=mtime"], "USR1"))):
@@ -459,7 +442,7 @@ def sweep_under_slurm(slurm_cluster, tmp_path_factory):
             job_log.unlink(missing_ok=True)
             runs[0]["before"] = {path: (Path(path).stat().st_mtime_ns, read_json(path)["final_val_loss"])
                                  for path in metrics if Path(path).is_file()}
-            runs[0]["checkpoint_after"] = (checkpoint / "latest").is_file()
+            runs[0]["checkpoint_after"] = (checkpoint / "manifest.json").is_file()
         old_logs = set((workdir / ".snakemake" / "log").glob("*.snakemake.log"))
         started = time.monotonic()
         process = _snakemake(workdir, config, targets, *extra, wait=False)
@@ -475,7 +458,8 @@ def sweep_under_slurm(slurm_cluster, tmp_path_factory):
                      "seconds": time.monotonic() - started})
     wait_for(lambda: sacct_state(runs[0]["job_id"]) == "CANCELLED", 60, "sacct to report the cancellation")
     print(f"\nsnakemake --profile slurm: first run {runs[0]['seconds']:.0f} s, rerun {runs[1]['seconds']:.0f} s")
-    return {"workdir": workdir, "cfg": cfg, "metrics": metrics, "targets": targets, "first": runs[0],
+    return {"workdir": workdir, "cfg": cfg, "inventory": inventory, "metrics": metrics, "targets": targets,
+            "first": runs[0],
             "second": runs[1], "before": runs[0]["before"]}
 
 
@@ -492,7 +476,7 @@ def test_snakemake_slurm_profile_end_to_end(sweep_under_slurm):
     assert stats.get("upcycled_final") == 4 and stats.get("dense_stable") == 2, first["output"][:3000]
     # The rerun completed the sweep.
     assert second["returncode"] == 0, second["output"][-4000:]
-    assert len(run["metrics"]) == len(cfg["sweep"]["d1_tokens"]) * (1 + len(cfg["sweep"]["d2_tokens"]))
+    assert len(run["metrics"]) == len(cfg.sweep.d1_tokens) * (1 + len(cfg.sweep.d2_tokens))
     for path in run["metrics"]:
         metrics = read_json(path)
         assert math.isfinite(metrics["final_val_loss"]) and metrics["tokens_seen"] > 0
@@ -503,9 +487,7 @@ def test_snakemake_slurm_profile_end_to_end(sweep_under_slurm):
 @pytest.mark.slurm
 def test_scancel_then_rerun_redoes_only_that_job_and_its_dependents(sweep_under_slurm):
     run = sweep_under_slurm
-    cfg = run["cfg"]
-    stable_marker = sweep.stable_state_path(cfg, CANCELLED_LINEAGE, CANCELLED_POINT)
-    dependent_metrics = str(sweep.metrics_path(cfg, CANCELLED_LINEAGE, DEPENDENT_D2))
+    dependent_metrics = run["inventory"].find("upcycled_final", DEPENDENT).outputs["metrics"]
     # What the rerun ran: the cancelled job, the run that depends on it, and the aggregate if targeted.
     stats = _job_stats(run["second"]["output"])
     expected = {CANCELLED_RULE: 1, "upcycled_final": 1}
@@ -513,7 +495,7 @@ def test_scancel_then_rerun_redoes_only_that_job_and_its_dependents(sweep_under_
         expected["aggregate"] = 1
     assert stats == expected, run["second"]["output"][:4000]
     assert dependent_metrics not in run["before"]  # it could not run after the cancellation
-    assert stable_marker.is_file() and Path(dependent_metrics).is_file()
+    assert Path(dependent_metrics).is_file()
     # Every other run is untouched: same file, same loss.
     assert len(run["before"]) == len(run["metrics"]) - 1
     for path, (mtime_ns, loss) in run["before"].items():

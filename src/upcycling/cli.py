@@ -39,10 +39,18 @@ def _add_rank(record: logging.LogRecord) -> bool:
     return True
 
 
-def _setup_logging() -> None:
+def _setup_logging(history: str | None = None) -> None:
+    """Log lines to stdout (Snakemake's per-attempt log) and, when given, appended to ``history``:
+    Snakemake deletes a job's log before every attempt, the history keeps them all."""
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
+    root = logging.getLogger()
+    if history:
+        Path(history).parent.mkdir(parents=True, exist_ok=True)
+        appended = logging.FileHandler(history, mode="a")
+        appended.setFormatter(root.handlers[0].formatter)
+        root.addHandler(appended)
+    for handler in root.handlers:
         handler.addFilter(_add_rank)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
@@ -269,6 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every-steps", type=_positive(int), help="progress line every N steps")
     p.add_argument("--checkpoint-every-tokens", type=_positive(int), help="save a checkpoint every N tokens")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep a final job's DeepSpeed checkpoint")
+    p.add_argument("--history-log", help="also append the log lines here (every attempt, with a header each)")
 
     p = command("upcycle", cmd_upcycle, "dense export -> MoE initial export")
     _add_source(p, "upcycle job's spec")
@@ -320,11 +329,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging()
+    _setup_logging(getattr(args, "history_log", None))
     try:
         return args.func(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(args, "history_log", None):
+            with open(args.history_log, "a") as history:
+                history.write(f"error: {exc}\n")
         return 2
 
 

@@ -353,8 +353,12 @@ def _jobs(sweep: Sweep) -> Iterator[Job]:
 
 
 def result_config(sweep: Sweep) -> dict:
-    """The sweep without what cannot change a result (the fit and the scheduler settings)."""
-    return {key: value for key, value in sweep.mapping.items() if key not in ("fit", "slurm")}
+    """The sweep without what cannot change a result: the fit, the scheduler settings, and how
+    training jobs log and keep checkpoints."""
+    config = {key: value for key, value in sweep.mapping.items() if key not in ("fit", "slurm")}
+    config["training"] = {key: value for key, value in config["training"].items()
+                          if key in RESULT_TRAINING_KEYS or key == "seeds"}
+    return config
 
 
 class UnknownJob(InputError):

@@ -6,7 +6,7 @@ Two ways a training stage runs on a Slurm cluster:
   A job with one GPU is one process; a job with more GPUs or nodes starts one process per GPU
   with ``srun`` inside its allocation (the rule's ``launcher`` resource, upcycling.resources), and
   every process takes RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from Slurm's
-  variables through submitit's ``TorchDistributedEnvironment`` (:func:`apply_slurm_env`, at the
+  variables, read through submitit's ``SlurmJobEnvironment`` (:func:`apply_slurm_env`, at the
   start of ``upcycling train``).
 * From Python (``upcycling submit``, :func:`submit_training`): submitit submits one training job
   as a :class:`TrainingTask`, a ``submitit.helpers.Checkpointable``: on a time-out or a preemption
@@ -38,6 +38,7 @@ from .resources import job_resources
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # the trainer's exit code after a stop signal (upcycling.train.EXIT_PREEMPTED)
+PORT_BASE, PORT_SPAN = 12000, 20000  # below Linux's ephemeral ports (32768+)
 
 
 # ----------------------------------------------------------------------------- Slurm environment
@@ -49,9 +50,9 @@ def slurm_torch_env() -> dict[str, str]:
     Only inside a step (``srun``) with several tasks: a process outside any step (the batch script
     itself) or a one-task step is one process whatever ``--ntasks`` says, and is left to the
     trainer's single-process path (a free local port, so two one-GPU jobs on a node never share
-    one). A launcher that set RANK itself (torchrun, deepspeed) is left alone. Rank, local rank,
-    master address (first host of the job) and port (derived from the job id, the same on every
-    rank) come from submitit's TorchDistributedEnvironment; the world is the step's task count.
+    one). A launcher that set RANK itself (torchrun, deepspeed) is left alone. Ranks and the job's
+    hosts (Slurm's compressed node list expanded) come from submitit's SlurmJobEnvironment; the
+    master is the job's first host, its port derived from the job id (the same on every rank).
     """
     environ = os.environ
     if "RANK" in environ or "SLURM_STEP_ID" not in environ:
@@ -59,13 +60,13 @@ def slurm_torch_env() -> dict[str, str]:
     tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
     if tasks <= 1:
         return {}
-    from submitit.helpers import TorchDistributedEnvironment
+    from submitit.slurm.slurm import SlurmJobEnvironment
 
-    dist_env = TorchDistributedEnvironment()
+    job = SlurmJobEnvironment()
     nodes = int(environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_JOB_NUM_NODES") or 1)
-    return {"RANK": str(dist_env.rank), "WORLD_SIZE": str(tasks), "LOCAL_RANK": str(dist_env.local_rank),
-            "LOCAL_WORLD_SIZE": str(tasks // nodes), "MASTER_ADDR": environ.get("MASTER_ADDR") or dist_env.master_addr,
-            "MASTER_PORT": str(dist_env.master_port)}
+    return {"RANK": str(job.global_rank), "WORLD_SIZE": str(tasks), "LOCAL_RANK": str(job.local_rank),
+            "LOCAL_WORLD_SIZE": str(tasks // nodes), "MASTER_ADDR": environ.get("MASTER_ADDR") or job.hostnames[0],
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(PORT_BASE + int(job.job_id) % PORT_SPAN)}
 
 
 def apply_slurm_env() -> dict[str, str]:

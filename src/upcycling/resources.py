@@ -149,6 +149,12 @@ def output_bytes(sweep: Sweep, job: Job) -> int:
     return 0
 
 
+def history_log(job: Job) -> str:
+    """Where a training job's log lines of every attempt are appended (Snakemake deletes the job's
+    own log before each attempt)."""
+    return job.log.removesuffix(".log") + ".attempts.log"
+
+
 def training_resources(sweep: Sweep, job: Job) -> dict:
     """Per training job: runtime (min), memory per node (MB), CPUs per process, the warning signal."""
     slurm = sweep.slurm
@@ -163,7 +169,8 @@ def training_resources(sweep: Sweep, job: Job) -> dict:
     else:
         mem_mb = (CPU_BASE_MEM_MB + math.ceil(params * CPU_BYTES_PER_PARAM / 1e6)) * per_node
     options = (f"--log-every-steps {sweep.training.log_every_steps} "
-               f"--checkpoint-every-tokens {sweep.training.checkpoint_every_tokens}")
+               f"--checkpoint-every-tokens {sweep.training.checkpoint_every_tokens} "
+               f"--history-log {history_log(job)}")
     if sweep.training.keep_final_checkpoints:
         options += " --keep-checkpoint"
     # USR1 to every process of the job `warn` seconds before the limit: the trainer checkpoints

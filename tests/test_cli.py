@@ -1,0 +1,64 @@
+"""Every error the project raises for bad input reaches the user as one `error: ...` line and exit
+status 2, with no traceback: a bad config, a truncated corpus, an unknown job, a spec that is not
+JSON, a corrupt export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO, run_cli, write_config
+
+
+def _one_error_line(result, *phrases: str) -> str:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_bad_config(tmp_path):
+    config = write_config(tmp_path, {"sweep": {"top_k": [8]}})
+    _one_error_line(run_cli(["check-config", "--config", str(config)], cwd=tmp_path, check=False),
+                    "config key 'sweep.top_k'", "k <= E")
+
+
+def test_a_truncated_gzip_corpus(tmp_path):
+    text = (REPO / "data/corpus/shakespeare/hamlet.txt.gz").read_bytes()
+    broken = tmp_path / "broken.txt.gz"
+    broken.write_bytes(text[: len(text) // 2])
+    whole = str(REPO / "data/corpus/shakespeare/macbeth.txt.gz")
+    config = write_config(tmp_path, {"corpus": {"paths": [whole, str(broken)]}})
+    result = run_cli(["tokenize", "--config", str(config)], cwd=tmp_path, check=False)
+    _one_error_line(result, str(broken), "gzip")
+    assert not (tmp_path / "results" / "tokens").exists()
+
+
+@pytest.mark.parametrize("args,phrases", [
+    (["--family", "dense", "--size", "xs", "--budget", "5"], ["no dense_final job with size=xs, seed=0, d1=5"]),
+    (["--family", "upcycled", "--size", "xs", "--budget", "8192"], ["--d1"]),
+    (["--spec", "{not json"], ["--spec is not JSON"]),
+])
+def test_a_job_that_is_not_in_the_sweep(tiny_workdir, args, phrases):
+    result = run_cli(["train", "--config", str(tiny_workdir / "config.yaml"), *args], cwd=tiny_workdir, check=False)
+    _one_error_line(result, *phrases)
+
+
+def test_a_corrupt_export(tmp_path):
+    from upcycling.export import save_hf
+    from upcycling.flops import ModelConfig
+    from upcycling.model import Transformer
+
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, ffn_hidden=32, seq_len=8)
+    save_hf(Transformer(cfg).state_dict(), cfg, tmp_path / "dense")
+    weights = tmp_path / "dense" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100] + bytes(100))  # same size, other bytes
+    spec = {"dense": str(tmp_path / "dense"), "out": str(tmp_path / "moe"), "experts": 4, "top_k": 2,
+            "granularity": 1, "router_init_std": 0.02, "seed": 0, "copy_optimizer_state": False}
+    result = run_cli(["upcycle", "--spec", json.dumps(spec)], cwd=tmp_path, check=False)
+    _one_error_line(result, str(weights), "sha256")
+    assert not (tmp_path / "moe").exists()

@@ -23,9 +23,10 @@ import time
 
 import torch
 
+from upcycling import distributed
 from upcycling.flops import ModelConfig, count_params, train_flops_per_token
 from upcycling.model import MoEOptions, Transformer
-from upcycling.train import build_engine, init_distributed, peak_flops
+from upcycling.train import build_engine, peak_flops
 
 PRESETS = {  # d_model, n_layers, n_heads, ffn_hidden
     "cpu": (256, 4, 4, 688),
@@ -45,7 +46,8 @@ def batches(vocab: int, seq_len: int, rows: int, count: int, device) -> list[tup
 
 def training_config(args) -> dict:
     return {"micro_batch_size": args.batch, "grad_accum_steps": 1, "grad_clip": 1.0, "zero_stage": args.zero,
-            "precision": "auto", "lr": 3e-4, "weight_decay": 0.1, "adam_betas": [0.9, 0.95]}
+            "precision": "auto", "lr": 3e-4, "weight_decay": 0.1, "adam_betas": [0.9, 0.95],
+            "compile": args.compile}
 
 
 def synchronize():
@@ -53,28 +55,43 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-def plain_stepper(cfg: ModelConfig):
+def plain_stepper(cfg: ModelConfig, args):
+    """The same model and optimizer in a plain PyTorch loop, in the precision the engine uses:
+    bf16 weights and activations with fp32 master weights on GPU (what DeepSpeed's bf16 optimizer
+    keeps), fp32 on CPU."""
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Transformer(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                  foreach=torch.cuda.is_available())
-    use_bf16 = torch.cuda.is_available()
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    master = Transformer(cfg).to(device)
+    model = Transformer(cfg).to(device, dtype=torch.bfloat16) if cuda else master
+    if cuda:
+        model.load_state_dict(master.state_dict())
+    if args.compile:
+        model.compile()
+    optimizer = torch.optim.AdamW(master.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=cuda or None)
+    pairs = list(zip(model.parameters(), master.parameters()))
 
     def step(inputs, targets):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            _, loss, moe_loss = model(inputs, targets)
+        _, loss, moe_loss = model(inputs, targets)
         (loss + moe_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if cuda:  # bf16 gradients into the fp32 master copy, as the engine does
+            for low, high in pairs:
+                high.grad = low.grad.float()
+                low.grad = None
+        torch.nn.utils.clip_grad_norm_(master.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            with torch.no_grad():
+                torch._foreach_copy_([low for low, _ in pairs], [high for _, high in pairs])
 
     return step
 
 
-def engine_stepper(cfg: ModelConfig, args, moe: MoEOptions | None = None):
+def engine_stepper(cfg: ModelConfig, args, device, moe: MoEOptions | None = None):
     torch.manual_seed(0)
-    engine = build_engine(Transformer(cfg, moe), training_config(args))
+    engine = build_engine(Transformer(cfg, moe), training_config(args), device)
 
     def step(inputs, targets):
         _, loss, moe_loss = engine(inputs, targets)
@@ -118,6 +135,8 @@ def main() -> int:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--only", choices=["dense", "moe"], help="time only the dense pair or only the MoE pair")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models (training.compile)")
     parser.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: known GPUs only)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--check", action="store_true", help="fail past the targets (15%% overhead, MoE 2x)")
@@ -125,7 +144,7 @@ def main() -> int:
     if args.peak_flops:
         os.environ["UPCYCLING_PEAK_FLOPS"] = str(args.peak_flops)
 
-    init_distributed()
+    device = distributed.init()
     d_model, n_layers, n_heads, ffn_hidden = PRESETS[args.preset]
     dense = ModelConfig(vocab_size=args.vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                         ffn_hidden=ffn_hidden, seq_len=args.seq_len)
@@ -133,7 +152,6 @@ def main() -> int:
     # active parameters: FFN hidden = k x expert hidden.
     moe = ModelConfig(**{**dense.__dict__, "experts": args.experts, "top_k": args.top_k})
     dense_same_active = ModelConfig(**{**dense.__dict__, "ffn_hidden": args.top_k * ffn_hidden})
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     data = batches(args.vocab, args.seq_len, args.batch, args.warmup + args.steps, device)
     tokens = args.steps * args.batch * args.seq_len  # per round
     peak = peak_flops()
@@ -149,27 +167,36 @@ def main() -> int:
 
     print(f"device: {where}; preset {args.preset} seq {args.seq_len} batch {args.batch}, best of {args.rounds} rounds of {args.steps} steps")
     results = {"device": where, "preset": args.preset, "seq_len": args.seq_len, "batch": args.batch}
-    steppers = {"dense_engine": engine_stepper(dense, args)}
-    if not args.skip_plain:
-        steppers["dense_plain"] = plain_stepper(dense)
-    steppers["dense_same_active"] = engine_stepper(dense_same_active, args)
-    steppers["moe_engine"] = engine_stepper(moe, args, MoEOptions(drop_tokens=False))
+    steppers = {}
+    if args.only != "moe":
+        steppers["dense_engine"] = engine_stepper(dense, args, device)
+        if not args.skip_plain:
+            steppers["dense_plain"] = plain_stepper(dense, args)
+    if args.only != "dense":
+        steppers["dense_same_active"] = engine_stepper(dense_same_active, args, device)
+        steppers["moe_engine"] = engine_stepper(moe, args, device, MoEOptions(drop_tokens=False))
     seconds = interleaved_best(steppers, data, args.warmup, args.rounds)
-    results["dense_engine"] = report("dense, DeepSpeed engine", dense, seconds["dense_engine"])
-    if not args.skip_plain:
+    if "dense_engine" in seconds:
+        results["dense_engine"] = report("dense, DeepSpeed engine", dense, seconds["dense_engine"])
+    if "dense_plain" in seconds:
         results["dense_plain"] = report("dense, plain PyTorch", dense, seconds["dense_plain"])
         results["engine_overhead"] = seconds["dense_engine"] / seconds["dense_plain"] - 1
         print(f"engine overhead vs plain PyTorch: {results['engine_overhead']:+.1%}")
-    results["dense_same_active"] = report(f"dense, FFN {args.top_k}x (= MoE active)", dense_same_active,
-                                          seconds["dense_same_active"])
-    results["moe_engine"] = report(f"MoE E={args.experts} k={args.top_k}, engine", moe, seconds["moe_engine"])
-    results["moe_cost_per_token_vs_dense"] = seconds["moe_engine"] / seconds["dense_same_active"]
-    print(f"MoE cost per token vs dense with the same active params: {results['moe_cost_per_token_vs_dense']:.2f}x")
+    if "moe_engine" in seconds:
+        results["dense_same_active"] = report(f"dense, FFN {args.top_k}x (= MoE active)", dense_same_active,
+                                              seconds["dense_same_active"])
+        results["moe_engine"] = report(f"MoE E={args.experts} k={args.top_k}, engine", moe, seconds["moe_engine"])
+        results["moe_cost_per_token_vs_dense"] = seconds["moe_engine"] / seconds["dense_same_active"]
+        print(f"MoE cost per token vs dense with the same active params: "
+              f"{results['moe_cost_per_token_vs_dense']:.2f}x")
+    if torch.cuda.is_available():
+        results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"peak GPU memory (all models of this run): {results['peak_memory_gib']:.1f} GiB")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
     if args.check:
-        failed = results.get("engine_overhead", 0) > 0.15 or results["moe_cost_per_token_vs_dense"] > 2.0
+        failed = results.get("engine_overhead", 0) > 0.15 or results.get("moe_cost_per_token_vs_dense", 0) > 2.0
         return 1 if failed else 0
     return 0
 

@@ -10,15 +10,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 
 
+CUDA = torch.cuda.is_available()
+
+
 def cli_env(**extra: str) -> dict:
     env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    if not CUDA:
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator where there is no GPU
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     # The tests' own modules (faults.py: hooks the trainer installs) are importable in subprocesses.

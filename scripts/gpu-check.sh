@@ -6,10 +6,7 @@
 #   bash scripts/gpu-check.sh                # the whole check
 #   GPU_CHECK_QUICK=1 bash scripts/gpu-check.sh   # the benchmarks with fewer steps
 #
-# Installing: with `upcycling`, DeepSpeed and Snakemake importable in `python3` nothing is
-# installed. Otherwise a virtual environment that sees the system's packages (the GPU machine's
-# own CUDA torch) is made in $GPU_CHECK_VENV, and the package is installed into it: from the
-# wheels in ./.whl when there are some (a machine without internet), else from the index.
+# Installing: scripts/gpu-env.sh (nothing when the package, DeepSpeed and Snakemake import).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-results/gpu-check}
@@ -23,20 +20,7 @@ fi
 mkdir -p "$out"
 started=$(date +%s)
 
-if ! "$python" -c "import upcycling, deepspeed, snakemake" 2>/dev/null; then
-  venv=${GPU_CHECK_VENV:-/tmp/upcycling-gpu-venv}
-  "$python" -m venv --system-site-packages "$venv"
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    "$venv/bin/pip" install -q --no-index --no-deps .whl/*.whl
-    "$venv/bin/pip" install -q --no-index --no-deps --no-build-isolation -e .
-  else
-    "$venv/bin/pip" install -q -e ".[test]"
-  fi
-  python="$venv/bin/python"
-  export PATH="$venv/bin:$PATH"
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
+source scripts/gpu-env.sh
 "$python" -c "import torch, deepspeed; print(f'gpu-check: {torch.cuda.get_device_name()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}')" \
   | tee "$out/versions.txt"
 

@@ -88,7 +88,13 @@ def peak_flops() -> float | None:
     return None
 
 
-def build_engine(model: Transformer, training: dict, device: torch.device):
+def build_engine(model: Transformer, training: dict, device: torch.device, bf16_mode: str = "autocast"):
+    """The DeepSpeed engine over the model with torch's AdamW.
+
+    bf16 (``bf16_mode``): "autocast" keeps fp32 weights (the master copy), computes in bf16 under
+    torch.autocast (DeepSpeed's ``torch_autocast``) and steps a fused AdamW on fp32 parameters;
+    "optimizer" is DeepSpeed's bf16 optimizer (bf16 weights, fp32 master copies in the optimizer).
+    """
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -110,10 +116,14 @@ def build_engine(model: Transformer, training: dict, device: torch.device):
         "gradient_accumulation_steps": training["grad_accum_steps"],
         "gradient_clipping": training["grad_clip"],
         "zero_optimization": {"stage": training["zero_stage"]},
-        "bf16": {"enabled": use_bf16(training)},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
+    if use_bf16(training):
+        if bf16_mode == "autocast":
+            ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        else:
+            ds_config["bf16"] = {"enabled": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 

@@ -56,57 +56,29 @@ def synchronize():
 
 
 def plain_stepper(cfg: ModelConfig, args):
-    """The same model and optimizer in a plain PyTorch loop, in the precision the engine uses on
-    GPU: fp32 weights under bf16 autocast, or (--bf16 optimizer) bf16 weights and activations with
-    fp32 master weights (what DeepSpeed's bf16 optimizer keeps); fp32 on CPU."""
+    """The same model and optimizer in a plain PyTorch loop, in the precision the engine uses:
+    fp32 weights under bf16 autocast with a fused AdamW on GPU, fp32 on CPU."""
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
-    if cuda and args.bf16 == "autocast":
-        model = Transformer(cfg).to("cuda")
-        if args.compile:
-            model.compile()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-
-        def autocast_step(inputs, targets):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss, moe_loss = model(inputs, targets)
-            (loss + moe_loss).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return autocast_step
-    device = "cuda" if cuda else "cpu"
-    master = Transformer(cfg).to(device)
-    model = Transformer(cfg).to(device, dtype=torch.bfloat16) if cuda else master
-    if cuda:
-        model.load_state_dict(master.state_dict())
+    model = Transformer(cfg).to("cuda" if cuda else "cpu")
     if args.compile:
         model.compile()
-    optimizer = torch.optim.AdamW(master.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                  fused=cuda or None)
-    pairs = list(zip(model.parameters(), master.parameters()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda or None)
 
     def step(inputs, targets):
-        _, loss, moe_loss = model(inputs, targets)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            _, loss, moe_loss = model(inputs, targets)
         (loss + moe_loss).backward()
-        if cuda:  # bf16 gradients into the fp32 master copy, as the engine does
-            for low, high in pairs:
-                high.grad = low.grad.float()
-                low.grad = None
-        torch.nn.utils.clip_grad_norm_(master.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            with torch.no_grad():
-                torch._foreach_copy_([low for low, _ in pairs], [high for _, high in pairs])
 
     return step
 
 
 def engine_stepper(cfg: ModelConfig, args, device, moe: MoEOptions | None = None):
     torch.manual_seed(0)
-    engine = build_engine(Transformer(cfg, moe), training_config(args), device, bf16_mode=args.bf16)
+    engine = build_engine(Transformer(cfg, moe), training_config(args), device)
 
     def step(inputs, targets):
         _, loss, moe_loss = engine(inputs, targets)
@@ -152,8 +124,6 @@ def main() -> int:
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--only", choices=["dense", "moe"], help="time only the dense pair or only the MoE pair")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (training.compile)")
-    parser.add_argument("--bf16", choices=["autocast", "optimizer"], default="autocast",
-                        help="GPU bf16: fp32 weights under autocast, or DeepSpeed's bf16 optimizer")
     parser.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: known GPUs only)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--check", action="store_true", help="fail past the targets (15%% overhead, MoE 2x)")

@@ -37,10 +37,11 @@ bench() {  # name, then bench_train.py arguments
   "$python" benchmarks/bench_train.py --seq-len 1024 --vocab 32768 --steps "$steps" --rounds "$rounds" \
     --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log" | grep -v "^\[" || true
 }
-bench dense-125m --preset 125m --batch 16 --only dense
-bench dense-350m --preset 350m --batch 16 --only dense
-bench moe-350m-e8k2 --preset 350m --batch 8 --only moe --experts 8 --top-k 2
-[ -n "${GPU_CHECK_COMPILE:-}" ] && bench dense-350m-compiled --preset 350m --batch 16 --only dense --compile
+# torch.compile on (training.compile: true in config/paper.yaml); GPU_CHECK_EAGER=1 adds eager runs.
+bench dense-125m --preset 125m --batch 16 --only dense --compile
+bench dense-350m --preset 350m --batch 16 --only dense --compile
+bench moe-350m-e8k2 --preset 350m --batch 8 --only moe --experts 8 --top-k 2 --compile
+[ -n "${GPU_CHECK_EAGER:-}" ] && bench dense-350m-eager --preset 350m --batch 16 --only dense
 
 # 3. The report.
 "$python" - "$out" "$tests_status" "$started" <<'EOF'

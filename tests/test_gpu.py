@@ -12,6 +12,7 @@ there is none; `scripts/gpu-check.sh` runs it with the benchmarks on a GPU machi
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -54,7 +55,11 @@ def test_tiny_pipeline_end_to_end_on_one_gpu_in_bf16(tmp_path):
     assert {m["coords"]["init"] for m in metrics} == {"dense", "upcycled", "scratch"}
     for run in metrics:
         assert run["precision"] == "bf16" and run["device"] == torch.cuda.get_device_name(), run["run_id"]
-        assert run["final_val_loss"] < run["curve"]["val_loss"][0], run["run_id"]
+        # Better than a uniform guess over the vocabulary; runs from a fresh init learn. (An upcycled
+        # run may end above its start: it starts from the dense model's loss, with fresh routers.)
+        assert run["final_val_loss"] < math.log(run["model"]["vocab_size"]), run["run_id"]
+        if run["coords"]["init"] != "upcycled":
+            assert run["final_val_loss"] < run["curve"]["val_loss"][0], run["run_id"]
     assert (workdir / "results" / "report" / "summary.md").stat().st_size > 0
 
 

@@ -88,12 +88,15 @@ def peak_flops() -> float | None:
     return None
 
 
-def build_engine(model: Transformer, training: dict, device: torch.device, bf16_mode: str = "autocast"):
+def build_engine(model: Transformer, training: dict, device: torch.device):
     """The DeepSpeed engine over the model with torch's AdamW.
 
-    bf16 (``bf16_mode``): "autocast" keeps fp32 weights (the master copy), computes in bf16 under
-    torch.autocast (DeepSpeed's ``torch_autocast``) and steps a fused AdamW on fp32 parameters;
-    "optimizer" is DeepSpeed's bf16 optimizer (bf16 weights, fp32 master copies in the optimizer).
+    bf16 is DeepSpeed's ``torch_autocast``: the weights stay fp32 (they are the master copy), the
+    forward and backward compute in bf16 under torch.autocast, and a fused AdamW steps the fp32
+    parameters. Measured on an H100 (350M dense, README): the engine then costs 4.7% over the same
+    loop in plain PyTorch, against 18.6% with DeepSpeed's bf16 optimizer (bf16 weights, fp32 masters
+    inside the optimizer); and checkpoints, exports and the Adam-moment copy of upcycling see plain
+    per-parameter fp32 state.
     """
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -120,10 +123,7 @@ def build_engine(model: Transformer, training: dict, device: torch.device, bf16_
         "wall_clock_breakdown": False,
     }
     if use_bf16(training):
-        if bf16_mode == "autocast":
-            ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-        else:
-            ds_config["bf16"] = {"enabled": True}
+        ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 

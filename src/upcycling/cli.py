@@ -200,26 +200,36 @@ def cmd_aggregate(args) -> int:
 def cmd_fit(args) -> int:
     cfg = _load(args)
     from .export import atomic_dir, commit_dir
-    from .report import fit_all
+    from .fitstage import fit_all
     from .results import load_losses
 
-    fits = fit_all(load_losses(args.store), cfg["fit"], out_dir=None, workers=args.workers)
+    try:
+        fits = fit_all(load_losses(args.store), cfg["fit"], out_dir=None, workers=args.workers,
+                       counts=args.parameter_counts, monotone=args.more_data_never_hurts)
+    except ValueError as error:  # a store without the chosen parameter counts
+        raise SystemExit(f"error: {error}") from None
     out_dir = Path(args.out_dir)
     tmp = atomic_dir(out_dir)  # all fits appear together, or none
     for key, fit in fits.items():
         fit.save(tmp / f"{key}.json")
     commit_dir(tmp, out_dir)
-    log.info("fit: %d laws fitted, %d skipped -> %s", sum(fit.ok for fit in fits.values()),
-             sum(not fit.ok for fit in fits.values()), out_dir)
+    statuses = [fit.status for fit in fits.values()]
+    log.info("fit: %d laws fitted (%d converged, %d at a bound, %d singular, %d not converged), "
+             "%d skipped -> %s", sum(s != "skipped" for s in statuses), statuses.count("converged"),
+             statuses.count("at_bound"), statuses.count("singular"), statuses.count("not_converged"),
+             statuses.count("skipped"), out_dir)
     return 0
 
 
 def cmd_report(args) -> int:
     _load(args)
-    from .report import load_fits, write_report
+    from .fitstage import load_fits
+    from .report import write_report
     from .results import load_losses
 
     fits = load_fits(args.fits)
+    if not fits:
+        raise SystemExit(f"error: no fits in {args.fits}: run `upcycling fit` first")
     written = write_report(load_losses(args.store), fits, None, args.out_dir)
     log.info("report: %s", ", ".join(str(path) for path in written.values()))
     return 0
@@ -228,16 +238,20 @@ def cmd_report(args) -> int:
 def cmd_predict(args) -> int:
     import json
 
-    from .fitting import to_jsonable
-    from .report import load_fits, predict
+    from .advice import predict
+    from .fitresult import to_jsonable
+    from .fitstage import load_fits
 
     if args.top_k > args.experts:
         raise SystemExit(f"--top-k {args.top_k} is more than --experts {args.experts}: routing picks k of E experts")
     fits = load_fits(args.fits)
     if not fits:
         raise SystemExit(f"no fits in {args.fits}: run the pipeline (or `upcycling fit`) first")
-    result = predict(fits, args.n1, args.d1, args.d2, args.experts, args.top_k, args.granularity,
-                     count_sunk_cost=args.count_sunk_cost)
+    try:
+        result = predict(fits, args.n1, args.d1, args.d2, args.experts, args.top_k, args.granularity,
+                         method=args.method, count_sunk_cost=args.count_sunk_cost)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     print(json.dumps(to_jsonable(result), indent=1))
     return 0
 
@@ -307,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", required=True, help="results store (losses.zarr)")
     p.add_argument("--out-dir", required=True, help="where the fits' JSON files go")
     p.add_argument("--workers", type=int, default=1, help="laws fitted side by side, one process each")
+    p.add_argument("--parameter-counts", choices=["non_embedding", "total"], default="non_embedding",
+                   help="N1, N2 and P without (default) or with the embedding parameters (docs/fits.md)")
+    p.add_argument("--more-data-never-hurts", action="store_true",
+                   help="prior: keep every data exponent's local slope >= 0 (reported per fit; off by default)")
     p.set_defaults(func=cmd_fit)
 
     p = commands.add_parser("report", help="summary.md and figures from a store and its fits")
@@ -318,12 +336,15 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("predict", help="planning: predicted loss, and upcycle or train from scratch")
     p.add_argument("--fits", default="results/fits", help="directory of fitted laws")
-    p.add_argument("--n1", type=_positive(float), required=True, help="dense model parameters (e.g. 3.5e8)")
+    p.add_argument("--n1", type=_positive(float), required=True,
+                   help="dense model parameters, counted as the fits count them (non-embedding by default)")
     p.add_argument("--d1", type=_positive(float), required=True, help="dense pretraining tokens")
     p.add_argument("--d2", type=_positive(float), required=True, help="MoE training tokens after upcycling")
     p.add_argument("--experts", type=_positive(int), required=True)
     p.add_argument("--top-k", type=_positive(int), required=True)
     p.add_argument("--granularity", type=_positive(int), default=1)
+    p.add_argument("--method", default="moe_upcycle",
+                   choices=["moe_upcycle", "continue", "grow_depth", "grow_width"], help="second-stage method")
     p.add_argument("--count-sunk-cost", action="store_true",
                    help="count the dense model's compute against upcycling (default: it exists anyway)")
     p.set_defaults(func=cmd_predict)

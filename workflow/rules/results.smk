@@ -13,7 +13,7 @@ rule aggregate:
 
 
 rule fit:
-    """The scaling laws and their baselines, fitted with lmfit (Huber on log loss, bootstrap)."""
+    """The scaling laws and their baselines per method (Huber on log loss, bootstrap, diagnostics)."""
     input:
         rules.aggregate.output,
     output:
@@ -27,18 +27,21 @@ rule fit:
         "OMP_NUM_THREADS=1 upcycling fit {CONFIG_ARGS} --store {input} --out-dir {output} --workers {threads} > {log} 2>&1"
 
 
+from upcycling.figures import FIGURES as REPORT_FIGURES  # the report's figures, listed once
+
+
 rule report:
-    """Markdown summary and figures: law fits, residuals, the a3 effect, the break-even curve."""
+    """summary.md (findings first, then the tables), findings.json, guidance.json and the figures."""
     input:
         store=rules.aggregate.output,
         fits=rules.fit.output,
     output:
         summary=R / "report" / "summary.md",
+        findings=R / "report" / "findings.json",
         guidance=R / "report" / "guidance.json",
         figures=[
             report(R / "report" / name, caption="../report/figures.rst", category="Scaling laws")
-            for name in ("loss_vs_d2.png", "residuals.png", "effective_exponent.png", "break_even.png",
-                         "equal_compute.png")
+            for name in REPORT_FIGURES.values()
         ],
     log:
         LOGS / "report.log",

@@ -211,11 +211,12 @@ def _health(fits) -> list[dict]:
             "sentence": f"{counts['converged']} of {len(fitted)} fitted laws converged cleanly; "
                         f"{counts['at_bound']} end on a bound, {counts['singular']} have a "
                         f"singular J^T J, {counts['not_converged']} did not converge; "
-                        f"{skipped} laws were not fitted (too few runs)."}]
+                        f"{skipped} laws were not fitted (see 'Laws not fitted')."}]
     for fit in sorted(fitted, key=lambda f: f.key):
         if fit.status != "converged":
             out.append({"topic": "health", "subject": fit.key, "data": {"status": fit.status},
-                        "sentence": f"{_subject(fit)}: {fit.status}: {fit.status_detail}."})
+                        "sentence": f"{_subject(fit)} is {fit.status.replace('_', ' ')}: "
+                                    f"{fit.status_detail}."})
         if fit.law.endswith(("_no_interaction", "_additive")):
             continue  # baselines: counted below, not itemised
         for name in fit.not_identified():

@@ -219,12 +219,22 @@ def plan_fits(table: pd.DataFrame) -> list[FitTask]:
 # --------------------------------------------------------------------------------------------
 
 
+# what to add to the sweep when a law has too few runs
+_HINTS = {
+    "model_config": "run other expert counts or top-k at one (D1, D2) pair for every dense size "
+                    "(the sweep's sparsity axis)",
+    "joint": "run at least 3 dense sizes", "joint_no_interaction": "run at least 3 dense sizes",
+    "chinchilla_dense": "run at least 3 dense sizes", "chinchilla_scratch": "run at least 3 sizes",
+}
+
+
 def _fit_task(law: str, data: dict, context: dict, options: dict) -> FitResult:
     """One planned fit (module-level, so a worker process can run it)."""
     try:
         return fit_law(law, data, context=context, **options)
     except ValueError as error:
-        return FitResult.skipped(law, str(error), context)
+        hint = f" (to fit it: {_HINTS[law]})" if law in _HINTS else ""
+        return FitResult.skipped(law, f"{error}{hint}", context)
 
 
 def fit_all(ds: xr.Dataset, fit_cfg: Mapping[str, Any] | None,

@@ -305,7 +305,7 @@ def _status(solvers_agree: bool, at_bound: Mapping[str, str], singular: bool,
     if not solvers_agree:
         problems.append("the two optimisers disagree (not converged)")
     if at_bound:
-        problems.append("on a bound: " + "; ".join(f"{k} {v}" for k, v in at_bound.items()))
+        problems.append("on a bound: " + "; ".join(f"{k} ({v})" for k, v in at_bound.items()))
     if singular:
         problems.append(f"J^T J singular (condition number {condition:.3g})")
     if not solvers_agree:

@@ -122,6 +122,8 @@ def test_report_opens_with_findings_and_covers_the_three_laws(fitted, tmp_path):
                    "trained from scratch", "converged cleanly"):
         assert phrase in findings_text, phrase
     assert "non-embedding" in summary
+    # the methods compared: continue saturates most in the truths (alpha3 0.035 vs 0.02, 0.01)
+    assert "Saturation alpha3 by method (`joint` laws), largest first: continue" in summary
     items = json.loads(written["findings"].read_text())
     topics = {item["topic"] for item in items}
     assert {"interaction", "ordering", "comparison", "break_even", "model_config",

@@ -175,8 +175,30 @@ def _model_config(fits) -> list[dict]:
     return out
 
 
+def _across_methods(fits) -> list[dict]:
+    """One sentence ranking the methods by alpha3 (joint law, else the per-size laws)."""
+    by_method: dict[str, FitResult] = {}
+    for fit in _upcycled_fits(fits):  # joint first within each method
+        by_method.setdefault(fit.context.get("method"), fit)
+    if len(by_method) < 2:
+        return []
+    ranked = sorted(by_method.items(), key=lambda item: -item[1].params["alpha3"])
+    text = ""
+    for index, (method, fit) in enumerate(ranked):
+        if index:
+            above = ranked[index - 1][1].interval.get("alpha3", [math.nan] * 2)[0]
+            below = fit.interval.get("alpha3", [math.nan] * 2)[1]
+            text += " > " if above > below else " ~ "  # ~: the 95% intervals overlap
+        text += f"{method} {fmt(fit.params['alpha3'])} {_interval_text(fit, 'alpha3')}"
+    return [{"topic": "methods", "subject": "all",
+             "data": {m: f.params["alpha3"] for m, f in ranked},
+             "sentence": f"Saturation alpha3 by method (`{ranked[0][1].law}` laws), largest "
+                         f"first: {text} ('>': the 95% intervals separate them; '~': they "
+                         f"overlap)."}]
+
+
 def _methods(fits) -> list[dict]:
-    out = []
+    out = _across_methods(fits)
     for fit in _upcycled_fits(fits):
         method, moe = fit.context.get("method"), fit.context.get("moe")
         sizes = [fit.context["size"]] if fit.law == "dataset" else []

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from test_laws import TRUE_PARAMS
-from upcycling import diagnostics, laws
+from upcycling import diagnostics
 from upcycling.fitresult import FitResult
 from upcycling.fitting import check_data, fit_law, huber
 from upcycling.laws import LAWS

@@ -32,7 +32,6 @@ and predict them.
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass

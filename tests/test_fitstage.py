@@ -214,3 +214,13 @@ def test_fit_and_report_cli(fitted, tmp_path):
     assert np.isfinite(json.loads((tmp_path / "report" / "findings.json").read_text())[0]
                        ["data"]["alpha3"])
     assert "model_config.moe_upcycle` was not fitted" in summary  # no sparsity axis here
+
+
+def test_report_without_from_scratch_fits_says_there_is_no_guidance(fitted, tmp_path):
+    _, ds, fits = fitted
+    upcycled_only = {key: fit for key, fit in fits.items() if "scratch" not in key}
+    written = report.write_report(ds, upcycled_only, None, tmp_path)
+    summary = written["summary"].read_text()
+    assert "No pair of fitted upcycled and from-scratch laws: no guidance." in summary
+    assert json.loads(written["guidance"].read_text()) == []
+    assert "no from-scratch law of this method to compare with" in summary

@@ -243,12 +243,19 @@ def _health(fits) -> list[dict]:
             continue  # baselines: counted below, not itemised
         for name in fit.not_identified():
             entry = fit.identification[name]
-            fix = (f"{entry['extension']} would identify it (predicted interval "
-                   f"[{fmt(entry['predicted_interval'][0])}, {fmt(entry['predicted_interval'][1])}])"
-                   if entry.get("extension") else entry.get("extension_note", ""))
+            if name in fit.at_bound:
+                sentence = (f"{_subject(fit)}: {name} = {fmt(fit.params[name])} sits on its bound "
+                            f"({fit.at_bound[name]}): not identified by these runs, and the "
+                            f"local Fisher information cannot say which runs would identify it.")
+            else:
+                fix = (f"{entry['extension']} would identify it (predicted interval "
+                       f"[{fmt(entry['predicted_interval'][0])}, "
+                       f"{fmt(entry['predicted_interval'][1])}])"
+                       if entry.get("extension") else entry.get("extension_note", ""))
+                sentence = (f"{_subject(fit)}: {name} = {fmt(fit.params[name])} is not identified "
+                            f"by these runs ({entry['why']}); {fix}.")
             out.append({"topic": "health", "subject": fit.key, "data": entry,
-                        "sentence": f"{_subject(fit)}: {name} = {fmt(fit.params[name])} is not "
-                                    f"identified by these runs ({entry['why']}); {fix}."})
+                        "sentence": sentence})
     baselines = [fit.key for fit in fitted if fit.law.endswith(("_no_interaction", "_additive"))
                  and fit.not_identified()]
     if baselines:

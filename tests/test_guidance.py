@@ -148,3 +148,58 @@ def test_loss_functions_validate_laws():
     with pytest.raises(ValueError, match="needs the active parameters"):
         scratch_loss_fn(SimpleNamespace(law="chinchilla_scratch", params={}))
     assert guidance.DEFAULT_D2_RANGE[0] < guidance.DEFAULT_D2_RANGE[1]
+
+
+def test_crossings_finds_every_change_of_the_better_option():
+    """With the dense cost counted, from scratch gets N1 D1 / N2 extra tokens: ahead at small
+    D2, behind in between, ahead again at large D2 when it learns faster: two crossings."""
+    def up(d1, d2):
+        return 2.0 + 5.0 * np.asarray(d2, dtype=float) ** -0.2
+
+    def sc(d):
+        return 1.8 + 300.0 * np.asarray(d, dtype=float) ** -0.5
+
+    d1 = 1e4 * N2 / N1  # the dense cost buys the from-scratch run 1e4 tokens
+    found = guidance.crossings(up, sc, d1, n1=N1, n2=N2, count_sunk_cost=True,
+                               d2_range=(1.0, 1e9))
+    assert [c["better_after"] for c in found] == ["upcycle", "scratch"]
+    for crossing in found:
+        d2 = crossing["d2"]
+        assert up(d1, d2) == pytest.approx(sc(scratch_tokens(d1, d2, N1, N2, True)), rel=1e-10)
+    last = break_even_d2(up, sc, d1, n1=N1, n2=N2, count_sunk_cost=True, d2_range=(1.0, 1e9))
+    assert found[-1]["d2"] == pytest.approx(last.d2_star, rel=1e-9)
+    # without the dense cost only the last crossing remains
+    alone = guidance.crossings(up, sc, d1, n1=N1, n2=N2, count_sunk_cost=False,
+                               d2_range=(1e2, 1e9))
+    assert [c["better_after"] for c in alone] == ["scratch"]
+
+
+def test_break_even_samples_match_the_exact_root_per_sample():
+    scratch = scratch_with_same_constant(UPCYCLED.params["E"])
+    rng = np.random.default_rng(0)
+    up_samples = {k: list(v * np.exp(rng.normal(0, 0.02, 6))) for k, v in UPCYCLED.params.items()}
+    scratch_samples = {k: list(v * np.exp(rng.normal(0, 0.02, 6)))
+                       for k, v in scratch.params.items()}
+    up_fit = SimpleNamespace(law="dataset", params=UPCYCLED.params,
+                             bootstrap={"samples": up_samples})
+    scratch_fit = SimpleNamespace(law="chinchilla_scratch", params=scratch.params,
+                                  bootstrap={"samples": scratch_samples})
+    d2_range = guidance.search_range([1e4, 1e9], decades=1.0)
+    assert d2_range == pytest.approx((1e3, 1e10))
+    for counted in (False, True):
+        samples = guidance.break_even_samples(up_fit, scratch_fit, 1e6, n1=N1, n2=N2,
+                                              count_sunk_cost=counted, d2_range=d2_range)
+        assert samples.shape == (6,)
+        for i, value in enumerate(samples):
+            one_up = SimpleNamespace(law="dataset",
+                                     params={k: v[i] for k, v in up_samples.items()})
+            one_scratch = SimpleNamespace(law="chinchilla_scratch",
+                                          params={k: v[i] for k, v in scratch_samples.items()})
+            exact = numeric(one_up, one_scratch, 1e6, count_sunk_cost=counted, d2_range=d2_range)
+            if math.isfinite(exact.d2_star) and exact.d2_star > 0:
+                assert value == pytest.approx(exact.d2_star, rel=2e-3)  # linear interpolation
+            else:
+                assert value == exact.d2_star
+    empty = SimpleNamespace(law="dataset", params=UPCYCLED.params, bootstrap={})
+    assert guidance.break_even_samples(empty, scratch_fit, 1e6, n1=N1, n2=N2,
+                                       count_sunk_cost=False).size == 0

@@ -21,11 +21,12 @@ TRUE_PARAMS = {
     "scratch_power": dict(B=60.0, beta=0.3, E=2.5),
 }
 
-# columns of upcycling.results.runs_table
+# columns of upcycling.fitstage.runs_table
 TABLE_COLUMNS = {"size", "init", "method", "seed", "d1_tokens", "d2_tokens", "experts", "top_k",
                  "granularity", "final_val_loss", "flops", "n_params", "active_params",
                  "dense_params", "non_embedding_params", "active_non_embedding_params",
-                 "dense_non_embedding_params", "tokens_seen", "wall_time_s", "sparsity"}
+                 "dense_non_embedding_params", "tokens_seen", "wall_time_s", "n1_params",
+                 "n2_params", "total_params", "sparsity"}
 
 
 def random_variables(law, rng, n=9):
@@ -89,6 +90,24 @@ def test_registry_is_consistent(name):
         low, high = spec.bounds
         assert low < high
         assert all(low < value < high for value in spec.grid), spec
+
+
+@pytest.mark.parametrize("name", sorted(LAWS))
+def test_bounds_leave_every_sign_free_except_the_prior(name):
+    """Only amplitudes and E are positive (fitted as logs); no exponent's sign is bounded,
+    unless the "more data never hurts" prior is asked for."""
+    law = LAWS[name]
+    free, prior = law.bounds(), law.bounds(monotone=True)
+    for spec, (low, high), (prior_low, _) in zip(law.params, free, prior):
+        if spec.is_log_amplitude:
+            assert low <= -30 and prior_low == low, spec  # e^-30: the term is absent
+        else:
+            assert low < 0 < high, spec
+            assert prior_low == (0.0 if spec.monotone else low), spec
+    assert not any(spec.monotone for spec in law.params if spec.name == "alpha3")
+    terms = law.amplitude_terms()
+    assert set(terms) == {spec.name for spec in law.params if spec.is_log_amplitude}
+    assert len(set(terms.values())) == len(terms)  # one amplitude per term
 
 
 def test_law_formulas():

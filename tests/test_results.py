@@ -1,4 +1,4 @@
-"""The results store (metrics JSONs -> zarr) and the report built on it."""
+"""The results store (metrics JSONs -> zarr). The fits and the report on it: test_fitstage.py."""
 
 import json
 import math
@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from upcycling import laws, report, results
-from upcycling.fitting import FitResult
+from upcycling import fitstage, results
 from upcycling.metrics import MetricsError
 
 CONFIG_TEXT = "fit:\n  bootstrap: 4\n  huber_delta: 1.0e-3\n"
@@ -109,12 +108,14 @@ def test_aggregate_round_trip(tmp_path):
     assert np.isnan(float(ds["final_val_loss"].sel(coords("s", "upcycled", 1000, 1000))))
     assert int(np.isfinite(ds["final_val_loss"]).sum()) == len(paths)
 
-    table = results.runs_table(results.load_losses(store))
+    table = fitstage.runs_table(results.load_losses(store), counts="total")
     assert len(table) == len(paths)
-    upcycled = results.select_runs(table, "upcycled", size="xs", experts=4)
-    data = results.law_data(upcycled, "dataset")
+    upcycled = fitstage.select_runs(table, "upcycled", size="xs", experts=4)
+    data = fitstage.law_data(upcycled, "dataset")
     assert sorted(data) == ["d1", "d2", "loss"] and data["loss"].size == 4
     assert np.allclose(upcycled["sparsity"], 250 / 130)
+    non_embedding = fitstage.runs_table(results.load_losses(store))
+    assert np.allclose(fitstage.select_runs(non_embedding, "upcycled")["sparsity"], 125 / 65)
 
 
 def test_aggregate_replaces_an_existing_store(tmp_path):
@@ -184,117 +185,3 @@ def test_malformed_metrics_are_errors(tmp_path):
     path.write_text("{not json")
     with pytest.raises(MetricsError, match=str(path)):
         results.read_metrics(path)
-
-
-# ---- report on a synthetic study ------------------------------------------------------------
-
-DENSE_SIZES = {"xs": 2.0e5, "s": 6.0e5, "m": 1.8e6}
-TOKENS = [131072, 262144, 524288, 1048576]
-TRUE_DENSE = dict(E=2.0, A=300.0, alpha=0.35, B=800.0, beta=0.35)
-TRUE_JOINT = dict(A=400.0, alpha1=0.3, alpha2=0.4, alpha3=0.015, B=300.0, beta2=0.35, E=1.9)
-TRUE_SCRATCH = dict(E=1.9, A=280.0, alpha=0.35, B=150.0, beta=0.36)
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """A synthetic study (3 dense sizes; dense, upcycled and scratch runs), aggregated and
-    fitted."""
-    root = tmp_path_factory.mktemp("study")
-    rng = np.random.default_rng(0)
-
-    def noisy(value):
-        return float(value * np.exp(rng.normal(0.0, 0.002)))
-
-    paths = []
-    for size, n1 in DENSE_SIZES.items():
-        n2, n_total = int(1.3 * n1), int(2.5 * n1)
-        for d1 in TOKENS:
-            paths.append(write_metrics(root / "runs", coords(size, "dense", d1, 0),
-                                       noisy(laws.chinchilla(n1, d1, **TRUE_DENSE)),
-                                       n1=int(n1), n2=int(n1), n_total=int(n1), tokens=d1))
-            for d2 in TOKENS:
-                paths.append(write_metrics(root / "runs", coords(size, "upcycled", d1, d2),
-                                           noisy(laws.joint(d1, d2, n1, **TRUE_JOINT)),
-                                           n1=int(n1), n2=n2, n_total=n_total, tokens=d2))
-        for d in TOKENS:
-            paths.append(write_metrics(root / "runs", coords(size, "scratch", 0, d),
-                                       noisy(laws.chinchilla(n2, d, **TRUE_SCRATCH)),
-                                       n1=n2, n2=n2, n_total=n_total, tokens=d))
-    store = root / "losses.zarr"
-    results.aggregate(paths, store, CONFIG_TEXT, "test")
-    ds = results.load_losses(store)
-    fits = report.fit_all(ds, {"bootstrap": 4, "huber_delta": 1e-3, "seed": 0, "n_starts": 6},
-                          out_dir=root / "fits")
-    return root, ds, fits
-
-
-def test_fit_all_fits_what_the_data_supports(study):
-    root, ds, fits = study
-    for key in ("dataset.xs.e4k2g1", "dataset_additive.m.e4k2g1", "joint.e4k2g1",
-                "chinchilla_dense", "chinchilla_scratch.e4k2g1", "scratch_power.s.e4k2g1"):
-        assert fits[key].ok, (key, fits[key].reason)
-    # one MoE configuration per size: 3 (P, N2) configurations for 5 parameters
-    assert not fits["model_config"].ok
-    assert "model_config" in fits["model_config"].reason and "6" in fits["model_config"].reason
-    written = report.load_fits(root / "fits")
-    assert set(written) == set(fits)
-    assert written["joint.e4k2g1"].params == pytest.approx(fits["joint.e4k2g1"].params)
-    assert fits["joint.e4k2g1"].context["sizes"]["s"]["n1"] == DENSE_SIZES["s"]
-    assert fits["chinchilla_dense"].params["alpha"] == pytest.approx(TRUE_DENSE["alpha"], abs=0.1)
-
-
-def test_write_report(study, tmp_path):
-    _, ds, fits = study
-    guidance_rows = report.compute_guidance(fits)
-    assert guidance_rows and {"d2_star", "status", "count_sunk_cost"} <= set(guidance_rows[0])
-    written = report.write_report(ds, fits, guidance_rows, tmp_path / "report")
-    summary = written["summary"].read_text()
-    for heading in ("## Fitted laws", "## Laws against their baselines", "## When to stop",
-                    "## Laws not fitted", "`dataset.xs.e4k2g1`", "alpha3"):
-        assert heading in summary
-    for name, filename in report.FIGURES.items():
-        png = tmp_path / "report" / filename
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-        assert f"({filename})" in summary
-    assert json.loads(written["guidance"].read_text())
-
-
-def test_write_report_without_fits(study, tmp_path):
-    _, ds, _ = study
-    skipped = {"dataset": FitResult.skipped("dataset", "no upcycled runs in the store")}
-    written = report.write_report(ds, skipped, None, tmp_path)
-    assert "no upcycled runs" in written["summary"].read_text()
-    assert all((tmp_path / f).exists() for f in report.FIGURES.values())
-
-
-def test_predict(study):
-    _, _, fits = study
-    out = report.predict(fits, DENSE_SIZES["s"], 262144, 524288, experts=4, top_k=2)
-    assert out["law"] == "joint.e4k2g1"
-    low, high = out["interval"]
-    assert low <= out["loss"] <= high
-    true = laws.joint(262144, 524288, DENSE_SIZES["s"], **TRUE_JOINT)
-    assert out["loss"] == pytest.approx(true, rel=0.01)
-    assert out["recommendation"] in ("upcycle", "scratch")
-    assert set(out["by_accounting"]) == {"sunk_cost_counted", "sunk_cost_not_counted"}
-    counted = out["by_accounting"]["sunk_cost_counted"]
-    assert counted["scratch_tokens"] == pytest.approx(
-        524288 + DENSE_SIZES["s"] * 262144 / out["inputs"]["n2"])
-    json.dumps(out, allow_nan=False)
-    with pytest.raises(ValueError, match="no fitted law"):
-        report.predict(fits, DENSE_SIZES["s"], 1e5, 1e5, experts=8, top_k=2)
-
-
-def test_predict_cli_plans_from_saved_fits_and_refuses_bad_arguments(study, tmp_path):
-    from conftest import run_cli
-
-    _, _, fits = study
-    for key, fit in fits.items():
-        fit.save(tmp_path / "fits" / f"{key}.json")
-    args = ["predict", "--fits", str(tmp_path / "fits"), "--d1", "262144", "--d2", "524288", "--experts", "4"]
-    out = json.loads(run_cli([*args, "--n1", str(DENSE_SIZES["s"]), "--top-k", "2"], cwd=tmp_path).stdout)
-    assert out == json.loads(json.dumps(report.predict(fits, DENSE_SIZES["s"], 262144, 524288, 4, 2),
-                                        default=float))
-    for bad, named in ((["--n1", "-5", "--top-k", "2"], "--n1"), (["--n1", "1e6", "--top-k", "8"], "--top-k")):
-        result = run_cli([*args, *bad], cwd=tmp_path, check=False)
-        assert result.returncode != 0 and named in result.stderr, result.stderr

@@ -191,39 +191,59 @@ def cmd_aggregate(args) -> int:
 
 
 def cmd_fit(args) -> int:
+    from .fitstage import fit_all
     from .publish import staging_dir
-    from .report import fit_all
     from .results import load_losses
 
-    fits = fit_all(load_losses(args.store), _spec(args, "fit")["fit"], out_dir=None, workers=args.workers)
+    settings = dict(_spec(args, "fit")["fit"])
+    if args.parameter_counts:
+        settings["parameter_counts"] = args.parameter_counts
+    if args.more_data_never_hurts:
+        settings["more_data_never_hurts"] = True
+    try:
+        fits = fit_all(load_losses(args.store), settings, out_dir=None, workers=args.workers,
+                       counts=settings["parameter_counts"], monotone=settings["more_data_never_hurts"])
+    except ValueError as error:  # a store without the chosen parameter counts
+        raise InputError(str(error)) from None
     with staging_dir(args.out_dir) as staged:  # all fits appear together, or none
         for key, fit in fits.items():
             fit.save(staged / f"{key}.json")
-    log.info("fit: %d laws fitted, %d skipped -> %s", sum(fit.ok for fit in fits.values()),
-             sum(not fit.ok for fit in fits.values()), args.out_dir)
+    statuses = [fit.status for fit in fits.values()]
+    log.info("fit: %d laws fitted (%d converged, %d at a bound, %d singular, %d not converged), "
+             "%d skipped -> %s", sum(s != "skipped" for s in statuses), statuses.count("converged"),
+             statuses.count("at_bound"), statuses.count("singular"), statuses.count("not_converged"),
+             statuses.count("skipped"), args.out_dir)
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import load_fits, write_report
+    from .fitstage import load_fits
+    from .report import write_report
     from .results import load_losses
 
-    written = write_report(load_losses(args.store), load_fits(args.fits), None, args.out_dir)
+    fits = load_fits(args.fits)
+    if not fits:
+        raise InputError(f"no fits in {args.fits}: run `upcycling fit` first")
+    written = write_report(load_losses(args.store), fits, None, args.out_dir)
     log.info("report: %s", ", ".join(str(path) for path in written.values()))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .fitting import to_jsonable
-    from .report import load_fits, predict
+    from .advice import predict
+    from .fitresult import to_jsonable
+    from .fitstage import load_fits
 
     if args.top_k > args.experts:
         raise InputError(f"--top-k {args.top_k} is more than --experts {args.experts}: routing picks k of E experts")
     fits = load_fits(args.fits)
     if not fits:
         raise InputError(f"no fits in {args.fits}: run the pipeline (or `upcycling fit`) first")
-    result = predict(fits, args.n1, args.d1, args.d2, args.experts, args.top_k, args.granularity,
-                     count_sunk_cost=args.count_sunk_cost)
+    try:
+        result = predict(fits, args.n1, args.d1, args.d2, args.experts, args.top_k, args.granularity,
+                         method=args.method, count_sunk_cost=args.count_sunk_cost)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     print(json.dumps(to_jsonable(result), indent=1))
     return 0
 
@@ -297,6 +317,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="results store (losses.zarr)")
     p.add_argument("--out-dir", required=True, help="where the fits' JSON files go")
     p.add_argument("--workers", type=int, default=1, help="laws fitted side by side, one process each")
+    p.add_argument("--parameter-counts", choices=["non_embedding", "total"],
+                   help="N1, N2 and P without or with the embedding parameters (default: config fit.parameter_counts)")
+    p.add_argument("--more-data-never-hurts", action="store_true",
+                   help="prior: keep every data exponent's local slope >= 0 (default: config fit.more_data_never_hurts)")
 
     p = command("report", cmd_report, "summary.md and figures from a store and its fits")
     p.add_argument("--store", required=True)
@@ -305,12 +329,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("predict", cmd_predict, "planning: predicted loss, and upcycle or train from scratch")
     p.add_argument("--fits", default="results/fits", help="directory of fitted laws")
-    p.add_argument("--n1", type=_positive(float), required=True, help="dense model parameters (e.g. 3.5e8)")
+    p.add_argument("--n1", type=_positive(float), required=True,
+                   help="dense model parameters, counted as the fits count them (non-embedding by default)")
     p.add_argument("--d1", type=_positive(float), required=True, help="dense pretraining tokens")
     p.add_argument("--d2", type=_positive(float), required=True, help="MoE training tokens after upcycling")
     p.add_argument("--experts", type=_positive(int), required=True)
     p.add_argument("--top-k", type=_positive(int), required=True)
     p.add_argument("--granularity", type=_positive(int), default=1)
+    p.add_argument("--method", default="moe_upcycle",
+                   choices=["moe_upcycle", "continue", "grow_depth", "grow_width"], help="second-stage method")
     p.add_argument("--count-sunk-cost", action="store_true",
                    help="count the dense model's compute against upcycling (default: it exists anyway)")
 

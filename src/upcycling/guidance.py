@@ -9,6 +9,13 @@ Public functions:
 - ``scratch_tokens(d1, d2, n1, n2, count_sunk_cost) -> D_s``: equal-compute scratch tokens
 - ``break_even_d2(upcycled, scratch, d1, *, n1, n2, count_sunk_cost, d2_range, grid_points)
   -> BreakEven``: numeric (log grid + brentq)
+- ``crossings(upcycled, scratch, d1, *, n1, n2, count_sunk_cost, d2_range, grid_points)
+  -> list[dict]``: every D2 in range where the better option changes (brentq each)
+- ``break_even_samples(upcycled_fit, scratch_fit, d1, *, n1, n2, count_sunk_cost, d2_range,
+  grid_points) -> np.ndarray``: D2* of every pair of bootstrap samples (vectorised; a crossing
+  located by linear interpolation of the loss difference in log D2)
+- ``search_range(d2_values, decades=1.0) -> (low, high)``: the runs' D2 range and one decade
+  of extrapolation on each side
 - ``closed_form_break_even_d2(upcycled_fit, scratch_fit, d1, *, n1=None, n2=None,
   count_sunk_cost=False) -> float | None``: where a closed form exists
 - ``guidance_table(upcycled_fit, scratch_fit, d1_values, *, n1, n2, d2_range) -> list[dict]``
@@ -52,15 +59,18 @@ __all__ = [
     "DEFAULT_D2_RANGE",
     "BreakEven",
     "break_even_d2",
+    "break_even_samples",
     "closed_form_break_even_d2",
+    "crossings",
     "equal_compute_curves",
     "guidance_table",
     "scratch_loss_fn",
     "scratch_tokens",
+    "search_range",
     "upcycled_loss_fn",
 ]
 
-DEFAULT_D2_RANGE = (1.0e3, 1.0e16)  # tokens: from below tiny runs to beyond frontier runs
+DEFAULT_D2_RANGE = (1.0e3, 1.0e16)  # tokens: a wide default for callers that know no data range
 UPCYCLED_LAWS = ("dataset", "dataset_no_interaction", "joint", "joint_no_interaction")
 SCRATCH_LAWS = ("chinchilla_scratch", "chinchilla_dense", "scratch_power")
 
@@ -186,6 +196,74 @@ def break_even_d2(upcycled: Callable, scratch: Callable, d1: float, *, n1: float
     root = brentq(lambda x: float(difference(x)), log_grid[last], log_grid[last + 1],
                   xtol=1e-13, rtol=1e-14, maxiter=200)
     return BreakEven(d2_star=float(math.exp(root)), status="crossing", **result)
+
+
+def crossings(upcycled: Callable, scratch: Callable, d1: float, *, n1: float, n2: float,
+              count_sunk_cost: bool, d2_range: tuple[float, float] = DEFAULT_D2_RANGE,
+              grid_points: int = 600) -> list[dict[str, float | str]]:
+    """Every D2 in range where the sign of L_up - L_scratch changes: ``{"d2", "better_after"}``
+    (``"scratch"`` or ``"upcycle"``), in increasing D2. With the dense cost counted there can be
+    two: from scratch better at small D2 (the dense tokens it gets), upcycling in between."""
+    low, high = (float(v) for v in d2_range)
+
+    def difference(log_d2):
+        d2 = np.exp(log_d2)
+        return upcycled(d1, d2) - scratch(scratch_tokens(d1, d2, n1, n2, count_sunk_cost))
+
+    log_grid = np.linspace(math.log(low), math.log(high), grid_points)
+    sign = np.sign(difference(log_grid))
+    out = []
+    for i in np.flatnonzero(sign[:-1] * sign[1:] < 0):
+        root = brentq(lambda x: float(difference(x)), log_grid[i], log_grid[i + 1],
+                      xtol=1e-13, rtol=1e-14, maxiter=200)
+        out.append({"d2": float(math.exp(root)),
+                    "better_after": "scratch" if sign[i + 1] > 0 else "upcycle"})
+    return out
+
+
+def search_range(d2_values, decades: float = 1.0) -> tuple[float, float]:
+    """The runs' D2 range widened by ``decades`` of extrapolation on each side."""
+    values = np.asarray(d2_values, dtype=float)
+    return float(values.min() / 10 ** decades), float(values.max() * 10 ** decades)
+
+
+def _sample_params(fit, count: int) -> dict[str, np.ndarray]:
+    samples = fit.bootstrap.get("samples") or {}
+    return {name: np.asarray(values[:count], dtype=float)[:, None]
+            for name, values in samples.items()}
+
+
+def break_even_samples(upcycled_fit, scratch_fit, d1: float, *, n1: float, n2: float,
+                       count_sunk_cost: bool, d2_range: tuple[float, float] = DEFAULT_D2_RANGE,
+                       grid_points: int = 400) -> np.ndarray:
+    """D2* (same conventions as :func:`break_even_d2`) of each pair of bootstrap samples of the
+    two fits (the i-th of each: they are independent resamples), vectorised over samples."""
+    up_samples = upcycled_fit.bootstrap.get("samples") or {}
+    scratch_samples = scratch_fit.bootstrap.get("samples") or {}
+    count = min((len(v) for v in (*up_samples.values(), *scratch_samples.values())), default=0)
+    if count == 0 or not up_samples or not scratch_samples:
+        return np.empty(0)
+    log_grid = np.linspace(math.log(d2_range[0]), math.log(d2_range[1]), grid_points)
+    d2 = np.exp(log_grid)[None, :]
+    up_law, scratch_law = get_law(upcycled_fit.law), get_law(scratch_fit.law)
+    sizes = {"n1": n1} if "n1" in up_law.variables else {}
+    scratch_sizes = {"n": n2} if "n" in scratch_law.variables else {}
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = (up_law.predict(_sample_params(upcycled_fit, count), d1=d1, d2=d2, **sizes)
+                - scratch_law.predict(_sample_params(scratch_fit, count),
+                                      d=scratch_tokens(d1, d2, n1, n2, count_sunk_cost),
+                                      **scratch_sizes))
+    better = diff < 0
+    out = np.where(better[:, -1], math.inf, 0.0)
+    crossing = ~better[:, -1] & better.any(axis=1)
+    last = better.shape[1] - 1 - np.argmax(better[:, ::-1], axis=1)  # last index upcycle better
+    rows = np.flatnonzero(crossing)
+    if rows.size:
+        i = last[rows]
+        before, after = diff[rows, i], diff[rows, i + 1]
+        fraction = np.where(after != before, -before / (after - before), 0.5)
+        out[rows] = np.exp(log_grid[i] + fraction * (log_grid[i + 1] - log_grid[i]))
+    return out
 
 
 def closed_form_break_even_d2(upcycled_fit: FittedLaw, scratch_fit: FittedLaw, d1: float, *,

@@ -49,7 +49,8 @@ PATTERNS: dict[str, dict[str, str]] = {
     "scratch_final": {"metrics": f"{SCRATCH}/d_{{d}}/metrics.json"},
     "aggregate": {"store": "losses.zarr"},
     "fit": {"fits": "fits"},
-    "report": {"summary": "report/summary.md", "guidance": "report/guidance.json"},
+    "report": {"summary": "report/summary.md", "findings": "report/findings.json",
+               "guidance": "report/guidance.json"},
 }
 LOGS: dict[str, str] = {
     "tokenize": "logs/tokenize.log",

@@ -31,11 +31,20 @@ parameters (log-amplitudes and exponents). ``Law.design`` returns that linear ma
 
 Fits run on variables divided by a reference scale (the geometric mean of the data), which
 decorrelates amplitudes from exponents; ``Law.unscale`` maps the fitted parameters back to
-natural units (every law keeps its form under a rescaling of its variables). Bounds apply in
-that scaled space: exponents there are the local slopes at the centre of the data, kept >= 0
-(more data never hurts where the data are); for the interaction laws the natural alpha1 and
-alpha2 equal those slopes plus alpha3 times the log of the other variable's reference, so
-they may come out negative.
+natural units (every law keeps its form under a rescaling of its variables).
+
+Bounds. Only what the physics needs: amplitudes and E are positive (they are fitted as logs),
+and nothing constrains the sign of an exponent or of the interaction alpha3. The fit-space
+bounds are numerical limits far outside any plausible law (a log-amplitude's lower bound means
+"this term is zero"); a fit that ends on one says so (:mod:`upcycling.diagnostics`). The prior
+"more data never hurts" is an explicit option (``Law.bounds(monotone=True)``): it keeps the
+local slope of every data variable at the centre of the data >= 0 (the exponents marked
+``monotone``); for the interaction laws the natural alpha1 and alpha2 equal those slopes plus
+alpha3 times the log of the other variable's reference, so it also bounds alpha3.
+
+Parameter counts (N1, N2, P): the tidy-table columns ``n1_params``, ``n2_params`` and
+``sparsity`` that :mod:`upcycling.fitstage` derives from the store under one counting convention
+(non-embedding parameters by default; see docs/fits.md).
 """
 
 from __future__ import annotations
@@ -173,11 +182,13 @@ class ParamSpec:
     ``natural`` the name in the law's function. Bounds and the initial-value grid are in fit
     space, for variables scaled to their reference (geometric mean of the data): an amplitude's
     log is then the term's log-size at the centre of the data, an exponent the local slope there.
+    ``monotone``: an exponent that the "more data never hurts" prior keeps >= 0.
     """
 
     name: str
     bounds: tuple[float, float]
     grid: tuple[float, ...]
+    monotone: bool = False
 
     @property
     def is_log_amplitude(self) -> bool:
@@ -187,13 +198,21 @@ class ParamSpec:
     def natural(self) -> str:
         return self.name[4:] if self.is_log_amplitude else self.name
 
+    def prior_bounds(self, monotone: bool) -> tuple[float, float]:
+        """The bounds, with the "more data never hurts" prior applied when ``monotone``."""
+        if monotone and self.monotone:
+            return (max(self.bounds[0], 0.0), self.bounds[1])
+        return self.bounds
+
 
 # Shared bounds/grids. Amplitude grids are log term sizes at the data centre: losses of a few
-# nats split between reducible and irreducible parts put them within roughly [-4, 2].
+# nats split between reducible and irreducible parts put them within roughly [-4, 2]. The
+# bounds are numerical limits, not assumptions: a term below e^-30 nats is absent, exponents
+# beyond +-10 or |alpha3| > 1 would change the loss by e^10 over a factor e of tokens.
 _AMP = dict(bounds=(-30.0, 8.0), grid=(-3.0, -1.5, 0.0, 1.0))
-_EXPONENT = dict(bounds=(0.0, 5.0), grid=(0.1, 0.3, 0.7, 1.5))
+_EXPONENT = dict(bounds=(-10.0, 10.0), grid=(-0.2, 0.1, 0.3, 0.7, 1.5), monotone=True)
 _INTERACTION = dict(bounds=(-1.0, 1.0), grid=(-0.02, 0.0, 0.02, 0.08))
-_LOG_E = dict(bounds=(-12.0, 6.0), grid=(-1.0, 0.0, 0.7, 1.3))
+_LOG_E = dict(bounds=(-30.0, 6.0), grid=(-1.0, 0.0, 0.7, 1.3))
 
 
 def _p(name: str, kind: dict) -> ParamSpec:
@@ -228,6 +247,16 @@ class Law:
     @property
     def n_params(self) -> int:
         return len(self.params)
+
+    def bounds(self, monotone: bool = False) -> np.ndarray:
+        """Fit-space bounds, shape (params, 2); ``monotone``: the "more data never hurts" prior."""
+        return np.array([spec.prior_bounds(monotone) for spec in self.params], dtype=float)
+
+    def amplitude_terms(self) -> dict[str, int]:
+        """Log-amplitude parameter -> index of the one term it scales."""
+        probe = self.design({v: np.zeros(1) for v in self.variables})[0]
+        return {spec.name: int(np.flatnonzero(probe[:, i])[0])
+                for i, spec in enumerate(self.params) if spec.is_log_amplitude}
 
     @cached_property
     def model(self) -> lmfit.Model:
@@ -300,130 +329,54 @@ class Law:
         return np.linalg.solve(self.unscale_matrix(log_ref), np.asarray(theta, dtype=float))
 
 
-LAWS: dict[str, Law] = {
-    law.name: law
-    for law in [
-        Law(
-            name="dataset",
-            formula="L = A * D1^-alpha1 * D2^(-alpha2 + alpha3 * ln D1) + E",
-            function=dataset,
-            variables=("d1", "d2"),
-            fields={"d1": "d1_tokens", "d2": "d2_tokens"},
-            params=(_p("log_A", _AMP), _p("alpha1", _EXPONENT), _p("alpha2", _EXPONENT),
-                    _p("alpha3", _INTERACTION), _p("log_E", _LOG_E)),
-            terms=_dataset_terms,
-            baselines=("dataset_no_interaction", "dataset_additive"),
-            holdout=("d2", "d1"),
-            min_distinct={"d1": 2, "d2": 2},
-            description="upcycled MoE runs of one dense size and expert configuration",
-        ),
-        Law(
-            name="dataset_no_interaction",
-            formula="L = A * D1^-alpha1 * D2^-alpha2 + E",
-            function=dataset_no_interaction,
-            variables=("d1", "d2"),
-            fields={"d1": "d1_tokens", "d2": "d2_tokens"},
-            params=(_p("log_A", _AMP), _p("alpha1", _EXPONENT), _p("alpha2", _EXPONENT),
-                    _p("log_E", _LOG_E)),
-            terms=lambda x: _dataset_terms(x, interaction=False),
-            holdout=("d2", "d1"),
-            min_distinct={"d1": 2, "d2": 2},
-            description="baseline of the dataset law without the D1-D2 interaction",
-        ),
-        Law(
-            name="dataset_additive",
-            formula="L = A * D1^-alpha1 + B * D2^-alpha2 + E",
-            function=dataset_additive,
-            variables=("d1", "d2"),
-            fields={"d1": "d1_tokens", "d2": "d2_tokens"},
-            params=(_p("log_A", _AMP), _p("alpha1", _EXPONENT), _p("log_B", _AMP),
-                    _p("alpha2", _EXPONENT), _p("log_E", _LOG_E)),
-            terms=_additive_terms,
-            holdout=("d2", "d1"),
-            min_distinct={"d1": 2, "d2": 2},
-            description="baseline of the dataset law with independent D1 and D2 terms",
-        ),
-        Law(
-            name="model_config",
-            formula="L = A * P^-beta1 + F * N2^-beta2 + E",
-            function=model_config,
-            variables=("p", "n2"),
-            fields={"p": "sparsity", "n2": "active_params"},
-            params=(_p("log_A", _AMP), _p("beta1", _EXPONENT), _p("log_F", _AMP),
-                    _p("beta2", _EXPONENT), _p("log_E", _LOG_E)),
-            terms=_model_config_terms,
-            holdout=("n2", "p"),
-            min_distinct={"p": 2, "n2": 2},
-            description="upcycled MoE runs at one (D1, D2) over sparsities and sizes",
-        ),
-        Law(
-            name="joint",
-            formula="L = A * D1^-alpha1 * D2^(-alpha2 + alpha3 * ln D1) + B * N1^-beta2 + E",
-            function=joint,
-            variables=("d1", "d2", "n1"),
-            fields={"d1": "d1_tokens", "d2": "d2_tokens", "n1": "dense_params"},
-            params=(_p("log_A", _AMP), _p("alpha1", _EXPONENT), _p("alpha2", _EXPONENT),
-                    _p("alpha3", _INTERACTION), _p("log_B", _AMP), _p("beta2", _EXPONENT),
-                    _p("log_E", _LOG_E)),
-            terms=_joint_terms,
-            baselines=("joint_no_interaction",),
-            holdout=("d2", "d1", "n1"),
-            min_distinct={"d1": 2, "d2": 2, "n1": 3},
-            description="upcycled MoE runs of one expert configuration over dense sizes",
-        ),
-        Law(
-            name="joint_no_interaction",
-            formula="L = A * D1^-alpha1 * D2^-alpha2 + B * N1^-beta2 + E",
-            function=joint_no_interaction,
-            variables=("d1", "d2", "n1"),
-            fields={"d1": "d1_tokens", "d2": "d2_tokens", "n1": "dense_params"},
-            params=(_p("log_A", _AMP), _p("alpha1", _EXPONENT), _p("alpha2", _EXPONENT),
-                    _p("log_B", _AMP), _p("beta2", _EXPONENT), _p("log_E", _LOG_E)),
-            terms=lambda x: _joint_terms(x, interaction=False),
-            holdout=("d2", "d1", "n1"),
-            min_distinct={"d1": 2, "d2": 2, "n1": 3},
-            description="baseline of the joint law without the D1-D2 interaction",
-        ),
-        Law(
-            name="chinchilla_dense",
-            formula="L = E + A / N^alpha + B / D^beta",
-            function=chinchilla,
-            variables=("n", "d"),
-            fields={"n": "dense_params", "d": "d1_tokens"},
-            params=(_p("log_E", _LOG_E), _p("log_A", _AMP), _p("alpha", _EXPONENT),
-                    _p("log_B", _AMP), _p("beta", _EXPONENT)),
-            terms=_chinchilla_terms,
-            holdout=("d", "n"),
-            min_distinct={"n": 3, "d": 2},
-            description="dense runs (N = parameters, D = dense tokens)",
-        ),
-        Law(
-            name="chinchilla_scratch",
-            formula="L = E + A / N^alpha + B / D^beta",
-            function=chinchilla,
-            variables=("n", "d"),
-            fields={"n": "active_params", "d": "d2_tokens"},
-            params=(_p("log_E", _LOG_E), _p("log_A", _AMP), _p("alpha", _EXPONENT),
-                    _p("log_B", _AMP), _p("beta", _EXPONENT)),
-            terms=_chinchilla_terms,
-            holdout=("d", "n"),
-            min_distinct={"n": 3, "d": 2},
-            description="MoE trained from scratch (N = active parameters, D = tokens)",
-        ),
-        Law(
-            name="scratch_power",
-            formula="L = E + B / D^beta",
-            function=data_power,
-            variables=("d",),
-            fields={"d": "d2_tokens"},
-            params=(_p("log_B", _AMP), _p("beta", _EXPONENT), _p("log_E", _LOG_E)),
-            terms=_data_power_terms,
-            holdout=("d",),
-            min_distinct={"d": 3},
-            description="MoE trained from scratch at one size (Chinchilla with N fixed)",
-        ),
-    ]
-}
+_TOKENS = {"d1": "d1_tokens", "d2": "d2_tokens"}
+_TOKENS_N1 = {**_TOKENS, "n1": "n1_params"}
+_A, _B, _F, _E = _p("log_A", _AMP), _p("log_B", _AMP), _p("log_F", _AMP), _p("log_E", _LOG_E)
+_A1, _A2, _A3 = _p("alpha1", _EXPONENT), _p("alpha2", _EXPONENT), _p("alpha3", _INTERACTION)
+_ALPHA, _BETA = _p("alpha", _EXPONENT), _p("beta", _EXPONENT)
+_B1, _B2 = _p("beta1", _EXPONENT), _p("beta2", _EXPONENT)
+_DATASET_FORMULA = "L = A * D1^-alpha1 * D2^(-alpha2 + alpha3 * ln D1) + E"
+_CHINCHILLA_FORMULA = "L = E + A / N^alpha + B / D^beta"
+
+LAWS: dict[str, Law] = {law.name: law for law in [
+    Law("dataset", _DATASET_FORMULA, dataset, ("d1", "d2"), _TOKENS, (_A, _A1, _A2, _A3, _E),
+        _dataset_terms, baselines=("dataset_no_interaction", "dataset_additive"),
+        holdout=("d2", "d1"), min_distinct={"d1": 2, "d2": 2},
+        description="upcycled runs of one method, dense size and expert configuration"),
+    Law("dataset_no_interaction", "L = A * D1^-alpha1 * D2^-alpha2 + E", dataset_no_interaction,
+        ("d1", "d2"), _TOKENS, (_A, _A1, _A2, _E), lambda x: _dataset_terms(x, False),
+        holdout=("d2", "d1"), min_distinct={"d1": 2, "d2": 2},
+        description="baseline of the dataset law without the D1-D2 interaction"),
+    Law("dataset_additive", "L = A * D1^-alpha1 + B * D2^-alpha2 + E", dataset_additive,
+        ("d1", "d2"), _TOKENS, (_A, _A1, _B, _A2, _E), _additive_terms,
+        holdout=("d2", "d1"), min_distinct={"d1": 2, "d2": 2},
+        description="baseline of the dataset law with independent D1 and D2 terms"),
+    Law("model_config", "L = A * P^-beta1 + F * N2^-beta2 + E", model_config, ("p", "n2"),
+        {"p": "sparsity", "n2": "n2_params"}, (_A, _B1, _F, _B2, _E), _model_config_terms,
+        holdout=("n2", "p"), min_distinct={"p": 2, "n2": 2},
+        description="upcycled runs at one (D1, D2) over sparsities P and active sizes N2"),
+    Law("joint", _DATASET_FORMULA[:-4] + " + B * N1^-beta2 + E", joint, ("d1", "d2", "n1"),
+        _TOKENS_N1, (_A, _A1, _A2, _A3, _B, _B2, _E), _joint_terms,
+        baselines=("joint_no_interaction",), holdout=("d2", "d1", "n1"),
+        min_distinct={"d1": 2, "d2": 2, "n1": 3},
+        description="upcycled runs of one method and expert configuration over dense sizes"),
+    Law("joint_no_interaction", "L = A * D1^-alpha1 * D2^-alpha2 + B * N1^-beta2 + E",
+        joint_no_interaction, ("d1", "d2", "n1"), _TOKENS_N1, (_A, _A1, _A2, _B, _B2, _E),
+        lambda x: _joint_terms(x, False), holdout=("d2", "d1", "n1"),
+        min_distinct={"d1": 2, "d2": 2, "n1": 3},
+        description="baseline of the joint law without the D1-D2 interaction"),
+    Law("chinchilla_dense", _CHINCHILLA_FORMULA, chinchilla, ("n", "d"),
+        {"n": "n1_params", "d": "d1_tokens"}, (_E, _A, _ALPHA, _B, _BETA), _chinchilla_terms,
+        holdout=("d", "n"), min_distinct={"n": 3, "d": 2},
+        description="dense runs (N = N1, D = dense tokens)"),
+    Law("chinchilla_scratch", _CHINCHILLA_FORMULA, chinchilla, ("n", "d"),
+        {"n": "n2_params", "d": "d2_tokens"}, (_E, _A, _ALPHA, _B, _BETA), _chinchilla_terms,
+        holdout=("d", "n"), min_distinct={"n": 3, "d": 2},
+        description="second-stage architecture trained from scratch (N = N2, D = tokens)"),
+    Law("scratch_power", "L = E + B / D^beta", data_power, ("d",), {"d": "d2_tokens"},
+        (_B, _BETA, _E), _data_power_terms, holdout=("d",), min_distinct={"d": 3},
+        description="from-scratch runs of one size (Chinchilla with N fixed)"),
+]}
 
 
 def get_law(law: str | Law) -> Law:

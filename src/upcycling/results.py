@@ -9,10 +9,8 @@ Public functions:
   build, write atomically (temporary store next to ``out_zarr``, then rename)
 - ``write_store(ds, out_zarr) -> Path``: the atomic write on its own
 - ``load_losses(path) -> xr.Dataset``: ``xarray.open_zarr``
-- ``runs_table(ds) -> pandas.DataFrame``: one row per run that exists, plus ``sparsity``
-- ``select_runs(table, init, size=None, experts=None, top_k=None, granularity=None)``
-- ``law_data(table, law) -> dict[str, np.ndarray]``: a law's variables and ``loss``
-- ``moe_label(experts, top_k, granularity) -> str``: ``"e4k2g1"``
+
+The store as a tidy table of runs, for the fits: :mod:`upcycling.fitstage`.
 
 Layout (docs/contracts.md): dimensions ``size, init, method, seed, d1_tokens, d2_tokens,
 experts, top_k, granularity`` (NaN where a combination was not run); scalar variables
@@ -32,10 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 
-from upcycling.laws import Law, get_law
 from upcycling.metrics import FORMAT_VERSION, MetricsError, validate
 from upcycling.publish import staging_dir
 
@@ -44,12 +40,8 @@ __all__ = [
     "SCALARS",
     "aggregate",
     "build_dataset",
-    "law_data",
     "load_losses",
-    "moe_label",
     "read_metrics",
-    "runs_table",
-    "select_runs",
     "write_store",
 ]
 
@@ -197,44 +189,3 @@ def load_losses(path: str | Path) -> xr.Dataset:
         warnings.filterwarnings("ignore", message=".*snakemake_timestamp.*")
         return xr.open_zarr(path)
 
-
-# --------------------------------------------------------------------------------------------
-# Tidy tables for the fits
-# --------------------------------------------------------------------------------------------
-
-
-def moe_label(experts: int, top_k: int, granularity: int) -> str:
-    """Short label of an MoE configuration, e.g. ``e4k2g1``."""
-    return f"e{int(experts)}k{int(top_k)}g{int(granularity)}"
-
-
-def runs_table(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per run that exists (finite final loss): coordinates, scalars, and
-    ``sparsity`` = n_params / active_params (P of the model-configuration law)."""
-    scalars = ds[list(SCALARS)].load()
-    table = scalars.to_dataframe().reset_index()
-    table = table[np.isfinite(table["final_val_loss"])].copy()
-    for name, kind in COORDS.items():
-        table[name] = table[name].astype(str if kind is str else np.int64)
-    table["sparsity"] = table["n_params"] / table["active_params"]
-    return table.reset_index(drop=True)
-
-
-def select_runs(table: pd.DataFrame, init: str, size: str | None = None,
-                experts: int | None = None, top_k: int | None = None,
-                granularity: int | None = None) -> pd.DataFrame:
-    """Rows of one initialisation, optionally one size and one MoE configuration."""
-    mask = table["init"] == init
-    for name, value in (("size", size), ("experts", experts), ("top_k", top_k),
-                        ("granularity", granularity)):
-        if value is not None:
-            mask &= table[name] == value
-    return table[mask]
-
-
-def law_data(table: pd.DataFrame, law: str | Law) -> dict[str, np.ndarray]:
-    """The law's variables (from their fields, see ``Law.fields``) and ``loss`` as arrays."""
-    law = get_law(law)
-    data = {variable: table[field].to_numpy(dtype=float) for variable, field in law.fields.items()}
-    data["loss"] = table["final_val_loss"].to_numpy(dtype=float)
-    return data

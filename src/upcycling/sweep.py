@@ -127,6 +127,8 @@ class FitSettings:
     bootstrap: int
     huber_delta: float
     seed: int
+    parameter_counts: str
+    more_data_never_hurts: bool
 
 
 @dataclass(frozen=True)

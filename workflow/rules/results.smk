@@ -1,4 +1,4 @@
-from upcycling.report import FIGURES
+from upcycling.figures import FIGURES as REPORT_FIGURES  # the report's figures, listed once
 
 
 rule aggregate:
@@ -20,7 +20,7 @@ rule aggregate:
 
 
 rule fit:
-    """The scaling laws and their baselines, fitted with lmfit (Huber on log loss, bootstrap)."""
+    """The scaling laws and their baselines per method (Huber on log loss, bootstrap, diagnostics)."""
     input:
         **inputs_of("fit")({}),
     output:
@@ -40,14 +40,14 @@ rule fit:
 
 
 rule report:
-    """Markdown summary and figures: law fits, residuals, the a3 effect, the break-even curve."""
+    """summary.md (findings first, then the tables), findings.json, guidance.json and the figures."""
     input:
         **inputs_of("report")({}),
     output:
         **outputs("report"),
         figures=[
             report(str(R / "report" / name), caption="../report/figures.rst", category="Scaling laws")
-            for name in FIGURES.values()
+            for name in REPORT_FIGURES.values()
         ],
     log:
         log_of("report"),

@@ -205,8 +205,7 @@ def test_fit_and_report_cli(fitted, tmp_path):
     assert fits["dataset.moe_upcycle.s.e4k2g1"].context["parameter_counts"] == "total"
     assert math.isfinite(fits["dataset.moe_upcycle.s.e4k2g1"].params["alpha3"])
     assert "needs at least 3 distinct values of n1" in fits["joint.moe_upcycle.e4k2g1"].reason
-    run_cli(["report", "--config", str(config), "--workdir", str(REPO), "--store",
-             str(store), "--fits", str(tmp_path / "fits"), "--out-dir",
+    run_cli(["report", "--store", str(store), "--fits", str(tmp_path / "fits"), "--out-dir",
              str(tmp_path / "report")], cwd=tmp_path)
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert summary.splitlines()[0] == "# Upcycling scaling-law report"

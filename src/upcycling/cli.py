@@ -4,6 +4,7 @@
     upcycling tokenize       corpus -> tokenizer.json, train/val token memmaps, meta.json
     upcycling train          one training job (dense, upcycled or scratch MoE; WSD stable or final)
     upcycling upcycle        dense checkpoint -> MoE initial checkpoint (HF Mixtral layout)
+    upcycling transform      dense checkpoint -> initial checkpoint of a second-stage method
     upcycling aggregate      every metrics JSON -> results/losses.zarr
     upcycling fit            losses.zarr -> results/fits/*.json
     upcycling report         fits + store -> results/report/ (summary.md + figures)
@@ -185,6 +186,39 @@ def cmd_upcycle(args) -> int:
     return 0
 
 
+def cmd_transform(args) -> int:
+    """A second-stage method's initial model (stage2.py) from a dense HF export; options from the
+    config's ``stage2`` and ``moe`` sections, E/k/G from the flags."""
+    from .config import ConfigError, load_config
+    from .export import load_adam_moments, load_hf, save_hf
+    from .stage2 import METHODS, describe, options_from_config, target_config, transform
+    from .upcycle import upcycle_adam_moments
+
+    if args.method not in METHODS:
+        raise ConfigError(f"--method {args.method!r} is not a second-stage method: pick one of {', '.join(METHODS)}")
+    cfg = load_config(args.config, base_dir=args.workdir, check_corpus=False)
+    options = options_from_config(cfg, args.experts, args.top_k, args.granularity)
+    dense_dir = Path(args.dense)
+    dense_state, dense_cfg, _ = load_hf(dense_dir)
+    try:
+        target_config(dense_cfg, args.method, options)
+    except ValueError as exc:
+        raise ConfigError(f"{args.method} from {dense_dir}: {exc}") from exc
+    state, stage2_cfg = transform(dense_state, dense_cfg, args.method, options, seed=args.seed)
+    moments = None
+    if args.method == "moe_upcycle" and cfg["moe"]["copy_optimizer_state"]:
+        dense_moments = load_adam_moments(dense_dir)
+        if dense_moments is None:
+            raise ConfigError(f"config key 'moe.copy_optimizer_state': {dense_dir} holds no Adam moments "
+                              "(optimizer.safetensors): rerun the dense stage with this config, or set it to false")
+        moments = (*upcycle_adam_moments(dense_moments[0], dense_moments[1], stage2_cfg), dense_moments[2])
+    save_hf(state, stage2_cfg, Path(args.out), adam_moments=moments,
+            extra={**describe(args.method, options), "transformed_from": str(dense_dir), "seed": args.seed})
+    log.info("%s: %s -> %s (%d layers, %d heads x %d, FFN %d, %d experts)", args.method, dense_dir, args.out,
+             stage2_cfg.n_layers, stage2_cfg.n_heads, stage2_cfg.head_dim, stage2_cfg.ffn_hidden, stage2_cfg.experts)
+    return 0
+
+
 def cmd_aggregate(args) -> int:
     cfg = _load(args)
     from .results import aggregate
@@ -295,6 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense", help="HF Llama export to upcycle (default: the pipeline's dense run)")
     p.add_argument("--out", help="output directory (default: the pipeline's layout)")
     p.set_defaults(func=cmd_upcycle)
+
+    p = commands.add_parser("transform", help="dense checkpoint -> a second-stage method's initial checkpoint")
+    _add_config(p)
+    p.add_argument("--method", required=True, help="moe_upcycle, continue, grow_depth or grow_width")
+    p.add_argument("--dense", required=True, help="the dense HF Llama export (D1) to start from")
+    p.add_argument("--out", required=True, help="output directory of the initial model's HF export")
+    p.add_argument("--seed", type=int, default=0, help="draws the routers (moe_upcycle), the split noise (grow_width)")
+    p.add_argument("--experts", type=int, default=0, help="moe_upcycle: E")
+    p.add_argument("--top-k", type=int, default=0, help="moe_upcycle: k")
+    p.add_argument("--granularity", type=int, default=1, help="moe_upcycle: G")
+    p.set_defaults(func=cmd_transform)
 
     p = commands.add_parser("aggregate", help="every metrics JSON -> the zarr results store")
     _add_config(p)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import write_config
+from conftest import cli_env, read_json, run_cli, write_config
 from upcycling.cli import main as cli_main
 from upcycling.config import ConfigError, load_config
 from upcycling.export import load_hf, save_hf
@@ -300,3 +302,42 @@ def test_transform_command_refuses_bad_input_before_writing(tmp_path, capsys, ar
                      "--out", str(tmp_path / "out"), *args])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# The trainer's job for a grown model, as the D2 stage will run it: the dense job of the same budget
+# with the grown architecture, starting from the transform's export.
+_TRAIN_GROWN = """
+import argparse, dataclasses, sys
+from pathlib import Path
+from upcycling.cli import build_train_job
+from upcycling.config import load_config
+from upcycling.export import load_hf
+from upcycling.train import main_guarded
+config, init, out = sys.argv[1:]
+job = build_train_job(load_config(config), argparse.Namespace(
+    family="dense", size="xs", seed=0, d1=None, experts=1, top_k=1, granularity=1, stable=None, budget=8192))
+job = dataclasses.replace(job, run_id="grown", model=load_hf(init)[1], init_weights=Path(init),
+                          checkpoint_dir=Path(out) / "checkpoints", metrics_out=Path(out) / "metrics.json",
+                          export_out=None, export_adam_moments=False)
+sys.exit(main_guarded(job))
+"""
+
+
+def test_grown_model_trains_in_deepspeed_from_the_dense_loss(tmp_path, tiny_tokens):
+    """dense run -> `upcycling transform --method grow_width` -> the real trainer: the grown run's
+    first evaluation equals the dense run's last (function preservation end to end), then it learns."""
+    config = write_config(tmp_path, {"training": {"schedule": "cosine", "precision": "fp32"}})
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tokens").symlink_to(tiny_tokens)
+    run_cli(["train", "--config", str(config), "--family", "dense", "--size", "xs", "--budget", "8192"], cwd=tmp_path)
+    dense_run = tmp_path / "results/dense/xs/seed0/d1_8192"
+    run_cli(["transform", "--config", str(config), "--method", "grow_width", "--dense", str(dense_run / "hf"),
+             "--out", str(tmp_path / "grown_init")], cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-c", _TRAIN_GROWN, str(config), str(tmp_path / "grown_init"),
+                             str(tmp_path / "grown")], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    dense_metrics, grown_metrics = read_json(dense_run / "metrics.json"), read_json(tmp_path / "grown/metrics.json")
+    assert grown_metrics["curve"]["val_loss"][0] == pytest.approx(dense_metrics["final_val_loss"], abs=1e-5)
+    assert grown_metrics["final_val_loss"] < grown_metrics["curve"]["val_loss"][0]
+    assert grown_metrics["n_params"] == count_params(load_hf(tmp_path / "grown_init")[1]).total > dense_metrics["n_params"]

@@ -45,8 +45,11 @@ DENSE_TARGETS = [case for case in PRESERVING if case[0] != "moe_upcycle"] + [
 
 
 def _case_id(case) -> str:
+    """The method and the options that differ from the defaults, e.g. grow_depth-depth_factor=3."""
     method, options = case
-    return f"{method}-" + "-".join(f"{v}" for v in dataclasses.astuple(options))
+    changed = [f"{field.name}={getattr(options, field.name)}" for field in dataclasses.fields(options)
+               if getattr(options, field.name) != field.default]
+    return "-".join([method, *changed])
 
 
 def _dense_model(seed: int = 0) -> Transformer:

@@ -17,7 +17,7 @@ if not workflow.overwrite_configfiles:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/dense.smk"
-include: "workflow/rules/upcycle.smk"
+include: "workflow/rules/transform.smk"
 include: "workflow/rules/moe.smk"
 include: "workflow/rules/results.smk"
 

@@ -57,8 +57,9 @@ def test_a_corrupt_export(tmp_path):
     save_hf(Transformer(cfg).state_dict(), cfg, tmp_path / "dense")
     weights = tmp_path / "dense" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100] + bytes(100))  # same size, other bytes
-    spec = {"dense": str(tmp_path / "dense"), "out": str(tmp_path / "moe"), "experts": 4, "top_k": 2,
-            "granularity": 1, "router_init_std": 0.02, "seed": 0, "copy_optimizer_state": False}
-    result = run_cli(["upcycle", "--spec", json.dumps(spec)], cwd=tmp_path, check=False)
+    options = {"experts": 4, "top_k": 2, "granularity": 1, "router_init_std": 0.02}
+    spec = {"method": "moe_upcycle", "options": options, "dense": str(tmp_path / "dense"), "out": str(tmp_path / "moe"),
+            "seed": 0, "copy_optimizer_state": False}
+    result = run_cli(["transform", "--spec", json.dumps(spec)], cwd=tmp_path, check=False)
     _one_error_line(result, str(weights), "sha256")
     assert not (tmp_path / "moe").exists()

@@ -132,7 +132,7 @@ def test_snakemake_builds_the_dag_on_the_default_config(tmp_path):
     sizes, d1, d2 = len(cfg["dense_models"]), len(cfg["sweep"]["d1_tokens"]), len(cfg["sweep"]["d2_tokens"])
     extra = len(cfg["sweep"]["model_config"]["experts"])  # model-configuration runs: one D2 each
     assert int(counts["dense_final"]) == sizes * d1
-    assert int(counts["upcycle"]) == sizes * (d1 + extra)
+    assert int(counts["transform"]) == sizes * (d1 + extra)
     assert int(counts["upcycled_final"]) == sizes * (d1 * d2 + extra)
     assert int(counts["upcycled_stable"]) == sizes * (d1 * d2 + extra)  # one stable point per D2
     assert int(counts["scratch_final"]) == sizes * len(cfg["baselines"]["scratch_d_tokens"])

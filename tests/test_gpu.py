@@ -113,8 +113,8 @@ def test_exports_of_gpu_trained_models_equal_in_transformers(tmp_path, tiny_toke
     _train(workdir, *DENSE, "--budget", "8192")
     dense = workdir / "results/dense/xs/seed0/d1_8192/hf"
     assert json.loads((dense / "config.json").read_text())["torch_dtype"] == "float32"
-    run_cli(["upcycle", "--config", str(workdir / "config.yaml"), "--size", "xs", "--d1", "8192", "--experts", "4",
-             "--top-k", "2"], cwd=workdir)
+    run_cli(["transform", "--config", str(workdir / "config.yaml"), "--size", "xs", "--d1", "8192", "--variant",
+             "e4_k2_g1"], cwd=workdir)
     print(f"\nLlama export max |logit diff| {_logits_match(dense, LlamaForCausalLM, 1e-4):.2e}")
     moe = workdir / "results/upcycled/xs/seed0/d1_8192/e4_k2_g1/init"
     print(f"Mixtral export max |logit diff| {_logits_match(moe, MixtralForCausalLM, 1e-4):.2e}")

@@ -65,13 +65,13 @@ def test_a_setting_changes_exactly_the_specs_that_depend_on_it():
     training = {rule for rule in RULES if rule.endswith(("_stable", "_final"))}
     # A training setting: every training job (the upcycling of a retrained dense model follows
     # through its input's fingerprint), nothing of the tokens or the fits.
-    assert _changed(lambda cfg: cfg["training"].update(lr=1e-3)) == training | {"upcycle", "aggregate"}
+    assert _changed(lambda cfg: cfg["training"].update(lr=1e-3)) == training | {"transform", "aggregate"}
     # MoE settings: the MoE jobs only (the dense runs do not depend on them).
     assert _changed(lambda cfg: cfg["moe"].update(capacity_factor=2.0)) == (
         {"upcycled_stable", "upcycled_final", "scratch_stable", "scratch_final", "aggregate"})
     # The router init: the upcycling and what follows it.
     assert _changed(lambda cfg: cfg["moe"].update(router_init_std=0.01)) == (
-        {"upcycle", "upcycled_stable", "upcycled_final", "scratch_stable", "scratch_final", "aggregate"})
+        {"transform", "upcycled_stable", "upcycled_final", "scratch_stable", "scratch_final", "aggregate"})
     # The fit's bootstrap: the fit alone (the report follows through its input).
     assert _changed(lambda cfg: cfg["fit"].update(bootstrap=7)) == {"fit"}
     # How a job runs changes no result: nothing.

@@ -208,15 +208,15 @@ def test_expert_parallel_two_processes_match_one(tmp_path, tiny_tokens):
 
 
 def test_upcycled_run_starts_at_the_dense_loss_with_copied_adam_moments(tmp_path, tiny_tokens):
-    """dense -> upcycle -> MoE through the CLI: the MoE's first evaluation equals the dense model's
+    """dense -> transform (upcycle) -> MoE through the CLI: the MoE's first evaluation equals the dense model's
     last (function preservation end to end), and its optimizer starts from the dense moments."""
     workdir = _setup(tmp_path / "run", tiny_tokens, {"training": {"precision": "fp32"},
                                                       "moe": {"copy_optimizer_state": True}})
     dense(workdir, "--budget", str(D1_SMALL))
     export = workdir / "results/dense/xs/seed0/d1_8192/hf"
     assert (export / "optimizer.safetensors").is_file()
-    run_cli(["upcycle", "--config", str(workdir / "config.yaml"), "--size", "xs", "--d1", str(D1_SMALL),
-             "--experts", "4", "--top-k", "2"], cwd=workdir)
+    run_cli(["transform", "--config", str(workdir / "config.yaml"), "--size", "xs", "--d1", str(D1_SMALL),
+             "--variant", "e4_k2_g1"], cwd=workdir)
     init = workdir / "results/upcycled/xs/seed0/d1_8192/e4_k2_g1/init"
     assert (init / "optimizer.safetensors").is_file()
     result = train(workdir, "--family", "upcycled", "--d1", str(D1_SMALL), "--size", "xs", "--experts", "4",

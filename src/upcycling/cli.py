@@ -3,7 +3,7 @@
     upcycling check-config   validate a sweep config (schema + semantic checks)
     upcycling tokenize       corpus -> tokenizer.json, train/val token memmaps, meta.json
     upcycling train          one training job (dense, upcycled or scratch MoE; WSD stable or final)
-    upcycling upcycle        dense export -> MoE initial export (HF Mixtral layout)
+    upcycling transform      dense export -> a second-stage method's initial export (MoE upcycling, growth, ...)
     upcycling aggregate      every metrics JSON -> results/losses.zarr
     upcycling fit            losses.zarr -> results/fits/*.json
     upcycling report         fits + store -> results/report/ (summary.md + figures)
@@ -150,29 +150,34 @@ def _log_attempt(run_id: str) -> None:
              os.getpid(), time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
-def cmd_upcycle(args) -> int:
+def cmd_transform(args) -> int:
+    """A second-stage method's initial export from the dense export at D1 (upcycling.stage2)."""
     from .export import load_adam_moments, load_hf, save_hf
-    from .jobs import moe_variant
-    from .upcycle import upcycle_adam_moments, upcycle_state
+    from .grow import transform
+    from .stage2 import Stage2Options, describe
+    from .upcycle import upcycle_adam_moments
 
-    wildcards = {"size": args.size, "seed": str(args.seed), "d1": str(args.d1),
-                 "variant": moe_variant(args.experts or 1, args.top_k or 1, args.granularity)}
-    spec = _spec(args, "upcycle", wildcards)
-    dense_dir = Path(spec["dense"])
+    spec = _spec(args, "transform", {"size": args.size, "seed": str(args.seed), "d1": str(args.d1),
+                                     "variant": args.variant})
+    method, options, dense_dir = spec["method"], Stage2Options(**spec["options"]), Path(spec["dense"])
     dense_state, dense_cfg, _ = load_hf(dense_dir)
-    moe_state, moe_cfg = upcycle_state(dense_state, dense_cfg, spec["experts"], spec["top_k"], spec["granularity"],
-                                       router_init_std=spec["router_init_std"], seed=spec["seed"])
+    try:
+        state, stage2_cfg = transform(dense_state, dense_cfg, method, options, seed=spec["seed"])
+    except ValueError as exc:  # a method or options that cannot make this model
+        raise InputError(f"{method} from {dense_dir}: {exc}") from None
     moments = None
     if spec["copy_optimizer_state"]:
         dense_moments = load_adam_moments(dense_dir)
         if dense_moments is None:
             raise InputError(f"config key 'moe.copy_optimizer_state': {dense_dir} holds no Adam moments "
                              "(optimizer.safetensors): rerun the dense stage with this config, or set it to false")
-        moments = (*upcycle_adam_moments(dense_moments[0], dense_moments[1], moe_cfg), dense_moments[2])
+        moments = (*upcycle_adam_moments(dense_moments[0], dense_moments[1], stage2_cfg), dense_moments[2])
     out = Path(spec["out"])
-    save_hf(moe_state, moe_cfg, out, extra={"upcycled_from": str(dense_dir)}, adam_moments=moments)
-    log.info("upcycled %s -> %s (E=%d, k=%d, G=%d)", dense_dir, out, spec["experts"], spec["top_k"],
-             spec["granularity"])
+    save_hf(state, stage2_cfg, out, adam_moments=moments,
+            extra={**describe(method, options), "transformed_from": str(dense_dir), "seed": spec["seed"]})
+    log.info("%s: %s -> %s (%d layers, %d heads x %d, FFN %d, %d experts top-%d)", method, dense_dir, out,
+             stage2_cfg.n_layers, stage2_cfg.n_heads, stage2_cfg.head_dim, stage2_cfg.ffn_hidden, stage2_cfg.experts,
+             stage2_cfg.top_k)
     return 0
 
 
@@ -299,14 +304,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoint", action="store_true", help="keep a final job's DeepSpeed checkpoint")
     p.add_argument("--history-log", help="also append the log lines here (every attempt, with a header each)")
 
-    p = command("upcycle", cmd_upcycle, "dense export -> MoE initial export")
-    _add_source(p, "upcycle job's spec")
-    p.add_argument("--size")
+    p = command("transform", cmd_transform, "dense export -> a second-stage method's initial export")
+    _add_source(p, "transform job's spec")
+    p.add_argument("--size", help="with --config: the dense model label")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--d1", type=int)
-    p.add_argument("--experts", type=int)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--granularity", type=int, default=1)
+    p.add_argument("--d1", type=int, help="with --config: the dense budget D1")
+    p.add_argument("--variant", help="with --config: e<E>_k<k>_g<G> (moe_upcycle), continue, grow_depth, grow_width")
 
     p = command("aggregate", cmd_aggregate, "every metrics JSON -> the zarr results store")
     _add_source(p, "aggregate job's spec")

@@ -27,6 +27,7 @@ import jsonschema
 import yaml
 
 from .errors import InputError
+from .stage2 import problem as stage2_problem
 from .sweep import Sweep
 
 SCHEMA_PATH = Path(str(files("upcycling") / "schemas" / "config.schema.yaml"))
@@ -238,6 +239,10 @@ def _check_semantics(sweep: Sweep) -> None:
 
     if len(set(training.seeds)) != len(training.seeds):
         raise ConfigError("config key 'training.seeds': seeds repeat: list each seed once")
+
+    growth = stage2_problem(sweep)
+    if growth is not None:
+        raise ConfigError(growth)
 
 
 # ----------------------------------------------------------------------------- the corpus on disk

@@ -32,7 +32,7 @@ def _layer_prefix(i: int) -> str:
 
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our full (all experts) state dict -> HF Llama (dense) or Mixtral (MoE) names and shapes."""
-    d, hidden = cfg.d_model, cfg.expert_hidden
+    hidden = cfg.expert_hidden
     hf = {
         "model.embed_tokens.weight": state["embed.weight"],
         "model.norm.weight": state["norm.weight"],
@@ -40,7 +40,7 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
     }
     for i in range(cfg.n_layers):
         ours, theirs = f"blocks.{i}", _layer_prefix(i)
-        q, k, v = state[f"{ours}.attn.qkv.weight"].split(d, dim=0)
+        q, k, v = state[f"{ours}.attn.qkv.weight"].split(cfg.attn_width, dim=0)
         hf[f"{theirs}.self_attn.q_proj.weight"] = q
         hf[f"{theirs}.self_attn.k_proj.weight"] = k
         hf[f"{theirs}.self_attn.v_proj.weight"] = v
@@ -130,6 +130,7 @@ def hf_config(cfg: ModelConfig, extra: dict | None = None) -> dict:
 def config_from_hf(hf_cfg: dict) -> ModelConfig:
     ours = hf_cfg.get("upcycling", {})
     is_moe = hf_cfg.get("model_type") == "mixtral"
+    hidden, heads, head_dim = hf_cfg["hidden_size"], hf_cfg["num_attention_heads"], hf_cfg.get("head_dim")
     return ModelConfig(
         vocab_size=hf_cfg["vocab_size"],
         d_model=hf_cfg["hidden_size"],
@@ -142,6 +143,7 @@ def config_from_hf(hf_cfg: dict) -> ModelConfig:
         experts=hf_cfg.get("num_local_experts", 1) if is_moe else 1,
         top_k=hf_cfg.get("num_experts_per_tok", 1) if is_moe else 1,
         granularity=ours.get("granularity", 1) if is_moe else 1,
+        explicit_head_dim=head_dim if head_dim not in (None, hidden // heads) else None,
     )
 
 

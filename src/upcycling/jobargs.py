@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool = True) -> Non
     parser.add_argument("--experts", type=int, default=1)
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--granularity", type=int, default=1)
+    parser.add_argument("--method", default="moe_upcycle",
+                        help="second-stage method of an upcycled or scratch run: moe_upcycle (with --experts, "
+                             "--top-k, --granularity), continue, grow_depth, grow_width")
     parser.add_argument("--stable", type=int, help="WSD: the stable job that trains up to this many tokens")
     parser.add_argument("--budget", type=int, help="the job that ends the run of this budget D (metrics JSON)")
 
@@ -36,7 +39,8 @@ def job_key(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
     if args.family == "upcycled":
         wildcards["d1"] = str(args.d1)
     if args.family != "dense":
-        wildcards["variant"] = moe_variant(args.experts, args.top_k, args.granularity)
+        wildcards["variant"] = (moe_variant(args.experts, args.top_k, args.granularity)
+                                if args.method == "moe_upcycle" else args.method)
     if args.stable is not None:
         return f"{args.family}_stable", {**wildcards, "point": str(args.stable)}
     return f"{args.family}_final", {**wildcards, BUDGET_KEY[args.family]: str(args.budget)}

@@ -6,7 +6,8 @@ its identity) and the tests all read this one list; nothing else enumerates jobs
 A *run* is one trained model at one token budget D (it writes a metrics JSON). Lineages: ``dense``
 (size, seed), ``upcycled`` (size, seed, D1, variant) and ``scratch`` (size, seed, variant), where
 the variant names the second-stage model: ``e4_k2_g1`` for an MoE of 4 experts, top-2,
-granularity 1. With WSD a lineage is a chain of stable jobs plus one decay job per budget; with
+granularity 1, made by sparse upcycling (method ``moe_upcycle``), or the name of another
+second-stage method (``continue``, ``grow_depth``, ``grow_width``: upcycling.stage2). With WSD a lineage is a chain of stable jobs plus one decay job per budget; with
 cosine, one job per budget.
 
 Every job carries a *spec*: the part of the sweep its result depends on, plus the fingerprint of
@@ -29,6 +30,7 @@ from typing import Any
 
 from .errors import InputError
 from .flops import ModelConfig
+from .stage2 import METHODS, options_for, target_config
 from .sweep import Sweep
 
 # Output paths of every rule, relative to the results directory; {wildcards} as the rules name them.
@@ -42,7 +44,7 @@ PATTERNS: dict[str, dict[str, str]] = {
     "dense_final": {"metrics": f"{DENSE}/d1_{{d1}}/metrics.json",
                     "weights": f"{DENSE}/d1_{{d1}}/hf/model.safetensors",
                     "hf_config": f"{DENSE}/d1_{{d1}}/hf/config.json"},
-    "upcycle": {"weights": f"{UPCYCLED}/init/model.safetensors", "hf_config": f"{UPCYCLED}/init/config.json"},
+    "transform": {"weights": f"{UPCYCLED}/init/model.safetensors", "hf_config": f"{UPCYCLED}/init/config.json"},
     "upcycled_stable": {"checkpoint": f"checkpoints/{UPCYCLED}/stable_{{point}}"},
     "upcycled_final": {"metrics": f"{UPCYCLED}/d2_{{d2}}/metrics.json"},
     "scratch_stable": {"checkpoint": f"checkpoints/{SCRATCH}/stable_{{point}}"},
@@ -56,7 +58,7 @@ LOGS: dict[str, str] = {
     "tokenize": "logs/tokenize.log",
     "dense_stable": f"logs/{DENSE}/stable_{{point}}.log",
     "dense_final": f"logs/{DENSE}/d1_{{d1}}.log",
-    "upcycle": f"logs/{UPCYCLED}/upcycle.log",
+    "transform": f"logs/{UPCYCLED}/transform.log",
     "upcycled_stable": f"logs/{UPCYCLED}/stable_{{point}}.log",
     "upcycled_final": f"logs/{UPCYCLED}/d2_{{d2}}.log",
     "scratch_stable": f"logs/{SCRATCH}/stable_{{point}}.log",
@@ -67,7 +69,7 @@ LOGS: dict[str, str] = {
 }
 BUDGET_KEY = {"dense": "d1", "upcycled": "d2", "scratch": "d"}  # the wildcard of a run's budget D
 TRAINING_RULES = tuple(f"{family}_{phase}" for family in BUDGET_KEY for phase in ("stable", "final"))
-RULES = ("tokenize", "dense_stable", "dense_final", "upcycle", "upcycled_stable", "upcycled_final",
+RULES = ("tokenize", "dense_stable", "dense_final", "transform", "upcycled_stable", "upcycled_final",
          "scratch_stable", "scratch_final", "aggregate", "fit", "report")
 # Training settings that change a result (the rest of the section is operational).
 RESULT_TRAINING_KEYS = ("micro_batch_size", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_tokens", "schedule",
@@ -84,18 +86,15 @@ def moe_variant(experts: int, top_k: int, granularity: int) -> str:
     return f"e{experts}_k{top_k}_g{granularity}"
 
 
-def parse_variant(variant: str) -> tuple[int, int, int]:
-    """``"e4_k2_g1"`` -> (4, 2, 1)."""
-    try:
-        experts, top_k, granularity = (int(part[1:]) for part in variant.split("_"))
-    except ValueError:
-        raise ValueError(f"variant {variant!r} is not of the form e<experts>_k<top_k>_g<granularity>") from None
-    return experts, top_k, granularity
+VARIANT_PATTERN = r"e\d+_k\d+_g\d+|" + "|".join(method for method in METHODS if method != "moe_upcycle")
 
 
 @dataclass(frozen=True)
 class Lineage:
-    """Everything one chain of jobs shares: the model, where it starts, and its runs' budgets."""
+    """Everything one chain of jobs shares: the model, where it starts, and its runs' budgets.
+
+    ``method``: the second-stage method of an upcycled lineage (how its model is made from the
+    dense one) and of a scratch lineage (whose architecture it trains from scratch)."""
 
     family: str  # dense | upcycled | scratch
     size: str
@@ -109,7 +108,10 @@ class Lineage:
 
     @property
     def variant(self) -> str:
-        return moe_variant(self.experts, self.top_k, self.granularity) if self.family != "dense" else ""
+        """The second-stage model's name in paths: ``e4_k2_g1`` for an MoE, else the method."""
+        if self.family == "dense":
+            return ""
+        return moe_variant(self.experts, self.top_k, self.granularity) if self.method == "moe_upcycle" else self.method
 
     @property
     def wildcards(self) -> dict[str, str]:
@@ -168,24 +170,40 @@ def model_config(sweep: Sweep, size: str, vocab_size: int, experts: int = 1, top
 
 
 def lineages(sweep: Sweep) -> list[Lineage]:
-    axes = sweep.sweep
+    axes, methods = sweep.sweep, sweep.stage2.methods
     shapes = [(e, k, g) for e in axes.experts for k in axes.top_k for g in axes.granularity]
+    dense_methods = [method for method in methods if method != "moe_upcycle"]
     result: list[Lineage] = []
     for size in sweep.dense_models:
         for seed in sweep.training.seeds:
             result.append(Lineage("dense", size, seed, axes.d1_tokens))
             for d1 in axes.d1_tokens:
-                result.extend(Lineage("upcycled", size, seed, axes.d2_tokens, d1, e, k, g, "moe_upcycle")
-                              for e, k, g in shapes)
-            if axes.model_config is not None:
+                if "moe_upcycle" in methods:
+                    result.extend(Lineage("upcycled", size, seed, axes.d2_tokens, d1, e, k, g, "moe_upcycle")
+                                  for e, k, g in shapes)
+                result.extend(Lineage("upcycled", size, seed, axes.d2_tokens, d1, method=method)
+                              for method in dense_methods)
+            if axes.model_config is not None and "moe_upcycle" in methods:
                 extra = axes.model_config
                 result.extend(Lineage("upcycled", size, seed, (extra.d2_tokens,), extra.d1_tokens, e, k, 1,
                                       "moe_upcycle")
                               for e in extra.experts for k in extra.top_k if (e, k, 1) not in shapes)
             if sweep.baselines.scratch_moe:
-                result.extend(Lineage("scratch", size, seed, sweep.scratch_d_tokens, 0, e, k, g, "moe_upcycle")
-                              for e, k, g in shapes)
+                if "moe_upcycle" in methods:
+                    result.extend(Lineage("scratch", size, seed, sweep.scratch_d_tokens, 0, e, k, g, "moe_upcycle")
+                                  for e, k, g in shapes)
+                result.extend(Lineage("scratch", size, seed, sweep.scratch_d_tokens, method=method)
+                              for method in dense_methods)
     return result
+
+
+def lineage_model(sweep: Sweep, lineage: Lineage, vocab_size: int | None = None) -> ModelConfig:
+    """The architecture a lineage trains: the dense model, or its method's second-stage model."""
+    dense = model_config(sweep, lineage.size, vocab_size or sweep.tokenizer.vocab_size)
+    if lineage.family == "dense":
+        return dense
+    options = options_for(sweep, lineage.experts, lineage.top_k, lineage.granularity)
+    return target_config(dense, lineage.method, options)
 
 
 def stable_points(sweep: Sweep, lineage: Lineage) -> list[int]:
@@ -207,10 +225,7 @@ def _model_fields(config: ModelConfig) -> dict:
 def _train_spec(sweep: Sweep, label: str, lineage: Lineage, phase: str, end_tokens: int, start: dict, upstream: str,
                 tokens_fingerprint: str, outputs: Mapping[str, str], partial: Path) -> dict:
     training = sweep.training
-    vocab = sweep.tokenizer.vocab_size
-    is_moe = lineage.family != "dense"
-    model = model_config(sweep, lineage.size, vocab, lineage.experts if is_moe else 1, lineage.top_k,
-                         lineage.granularity)
+    model = lineage_model(sweep, lineage)
     final = phase == "final"
     decay = None
     if final:
@@ -231,8 +246,8 @@ def _train_spec(sweep: Sweep, label: str, lineage: Lineage, phase: str, end_toke
         "phase": phase,
         "seed": lineage.seed,
         "model": _model_fields(model),
-        "dense_model": _model_fields(model_config(sweep, lineage.size, vocab)),
-        "moe": dataclasses.asdict(sweep.moe) if is_moe else None,
+        "dense_model": _model_fields(model_config(sweep, lineage.size, sweep.tokenizer.vocab_size)),
+        "moe": dataclasses.asdict(sweep.moe) if model.is_moe else None,
         "training": {key: getattr(training, key) for key in RESULT_TRAINING_KEYS},
         # One process per GPU: the global batch is micro_batch_size x grad_accum_steps x processes.
         "processes": max(sweep.slurm.gpus_per_job, 1),
@@ -286,14 +301,16 @@ def _jobs(sweep: Sweep) -> Iterator[Job]:
         if lineage.family == "upcycled":
             dense = dense_exports[(lineage.size, lineage.seed, lineage.d1)]
             wildcards = lineage.wildcards
-            outputs = _outputs(sweep, "upcycle", wildcards)
-            init = Job("upcycle", wildcards, outputs,
+            outputs = _outputs(sweep, "transform", wildcards)
+            options = options_for(sweep, lineage.experts, lineage.top_k, lineage.granularity)
+            init = Job("transform", wildcards, outputs,
                        {"weights": dense.outputs["weights"], "hf_config": dense.outputs["hf_config"]},
-                       _log(sweep, "upcycle", wildcards),
-                       {"dense": str(Path(dense.outputs["weights"]).parent), "out": str(Path(outputs["weights"]).parent),
-                        "experts": lineage.experts, "top_k": lineage.top_k, "granularity": lineage.granularity,
-                        "router_init_std": sweep.moe.router_init_std, "seed": lineage.seed,
-                        "copy_optimizer_state": sweep.moe.copy_optimizer_state, "upstream": dense.fingerprint},
+                       _log(sweep, "transform", wildcards),
+                       {"method": lineage.method, "options": dataclasses.asdict(options),
+                        "dense": str(Path(dense.outputs["weights"]).parent),
+                        "out": str(Path(outputs["weights"]).parent), "seed": lineage.seed,
+                        "copy_optimizer_state": sweep.moe.copy_optimizer_state and lineage.method == "moe_upcycle",
+                        "upstream": dense.fingerprint},
                        lineage)
             yield init
             inputs = {**inputs, "init": init.outputs["weights"]}

@@ -95,17 +95,18 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
+        self.attn_width = cfg.attn_width  # d_model, unless grown heads make it wider
         # One fused projection for q, k and v: one GEMM instead of three.
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv = nn.Linear(cfg.d_model, 3 * self.attn_width, bias=False)
+        self.out = nn.Linear(self.attn_width, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, seq, d_model = x.shape
+        batch, seq, _ = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # SDPA picks flash / memory-efficient kernels on GPU.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(batch, seq, d_model))
+        return self.out(y.transpose(1, 2).reshape(batch, seq, self.attn_width))
 
 
 class SwiGLU(nn.Module):

@@ -88,7 +88,7 @@ def plan(sweep: Sweep, concurrent_jobs: int = 100) -> dict:
                 preemption[f"{family}/{size}"] = {"minutes": seconds / 60,
                                                   "gpu_hours": sweep.slurm.gpus_per_job * seconds / 3600}
 
-    lasting = sum(e["output_bytes"] for e in entries if e["rule"] in ("dense_final", "upcycle"))
+    lasting = sum(e["output_bytes"] for e in entries if e["rule"] in ("dense_final", "transform"))
     stable = sum(e["output_bytes"] for e in entries if e["rule"].endswith("_stable"))
     in_flight = sum(sorted((e["checkpoint_bytes"] for e in training), reverse=True)[:concurrent_jobs])
     longest = max(training, key=lambda e: e["resources"]["runtime"]) if training else None

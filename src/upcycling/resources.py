@@ -21,7 +21,7 @@ import math
 import os
 
 from .flops import count_params
-from .jobs import Job, model_config
+from .jobs import Job, lineage_model
 from .sweep import Sweep
 
 # Host memory of one training process. Without a GPU it holds the whole training state: Adam in
@@ -108,11 +108,7 @@ def job_params(sweep: Sweep, job: Job) -> int:
     """Total parameters of the model a job trains or writes (0 for jobs without one)."""
     if job.lineage is None:
         return 0
-    lineage = job.lineage
-    moe = lineage.family != "dense" and job.rule != "dense_final"
-    model = model_config(sweep, lineage.size, sweep.tokenizer.vocab_size, lineage.experts if moe else 1,
-                         lineage.top_k, lineage.granularity)
-    return count_params(model).total
+    return count_params(lineage_model(sweep, job.lineage)).total
 
 
 def compute_seconds(sweep: Sweep, family: str, size: str, tokens: int) -> float:
@@ -141,8 +137,8 @@ def checkpoint_bytes(sweep: Sweep, job: Job) -> int:
 
 
 def output_bytes(sweep: Sweep, job: Job) -> int:
-    """Disk of a job's lasting outputs: exports (dense final, upcycle) and stable checkpoints."""
-    if job.rule in ("dense_final", "upcycle"):
+    """Disk of a job's lasting outputs: exports (dense final, transform) and stable checkpoints."""
+    if job.rule in ("dense_final", "transform"):
         return job_params(sweep, job) * EXPORT_BYTES_PER_PARAM
     if job.phase == "stable":
         return checkpoint_bytes(sweep, job)
@@ -185,7 +181,7 @@ def job_resources(sweep: Sweep, job: Job) -> dict:
     if job.phase is not None:
         return training_resources(sweep, job)
     resources = dict(SMALL_JOB, **scheduler_placement(sweep))
-    if job.rule == "upcycle":  # dense and MoE state in fp32, a few copies while converting
+    if job.rule == "transform":  # dense and second-stage state in fp32, a few copies while converting
         resources["mem_mb"] = CPU_BASE_MEM_MB + math.ceil(job_params(sweep, job) * 16 / 1e6)
     elif job.rule in ("tokenize", "fit"):
         resources["cpus_per_task"] = 2

@@ -123,6 +123,29 @@ class Baselines:
 
 
 @dataclass(frozen=True)
+class GrowDepth:
+    factor: int
+    init: str
+
+
+@dataclass(frozen=True)
+class GrowWidth:
+    ffn_factor: float
+    heads_factor: float
+    split_noise: float
+
+
+@dataclass(frozen=True)
+class Stage2:
+    """The second-stage methods (upcycling.stage2) and their options."""
+
+    methods: tuple[str, ...]
+    corpus: Corpus | None
+    grow_depth: GrowDepth
+    grow_width: GrowWidth
+
+
+@dataclass(frozen=True)
 class FitSettings:
     bootstrap: int
     huber_delta: float
@@ -157,6 +180,7 @@ class Sweep:
     sweep: Axes
     moe: MoESettings
     baselines: Baselines
+    stage2: Stage2
     fit: FitSettings
     slurm: SlurmSettings
     # The validated mapping itself (plain dicts and lists, a private copy): what is written and hashed.

@@ -15,23 +15,11 @@ restores the dense output exactly. With top-1 gating DeepSpeed scales the expert
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from .flops import ModelConfig
 from .model import expert_weight_name, router_weight_name
-
-
-def moe_config(dense_cfg: ModelConfig, experts: int, top_k: int, granularity: int) -> ModelConfig:
-    if dense_cfg.is_moe:
-        raise ValueError("upcycling needs a dense checkpoint, got an MoE (num_local_experts > 1)")
-    if experts % granularity or dense_cfg.ffn_hidden % granularity:
-        raise ValueError(f"granularity {granularity} must divide experts ({experts}) and ffn_hidden "
-                         f"({dense_cfg.ffn_hidden})")
-    if not 1 <= top_k <= experts:
-        raise ValueError(f"top_k={top_k} must be between 1 and experts={experts}")
-    return dataclasses.replace(dense_cfg, experts=experts, top_k=top_k, granularity=granularity)
+from .stage2 import moe_config
 
 
 def router_weights(cfg: ModelConfig, std: float, generator: torch.Generator) -> torch.Tensor:

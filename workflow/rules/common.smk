@@ -2,7 +2,7 @@
 import re
 
 from upcycling.config import ConfigError, sweep_from_mapping
-from upcycling.jobs import LOGS, PATTERNS, Inventory
+from upcycling.jobs import LOGS, PATTERNS, VARIANT_PATTERN, Inventory
 from upcycling.resources import job_resources, training_threads
 
 # The schema's defaults and the semantic checks; a bad config stops here, before any job runs.
@@ -27,7 +27,7 @@ wildcard_constraints:
     d2=r"\d+",
     d=r"\d+",
     point=r"\d+",
-    variant=r"e\d+_k\d+_g\d+",
+    variant=VARIANT_PATTERN,
 
 
 def outputs(rule_name):

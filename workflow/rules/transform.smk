@@ -1,0 +1,18 @@
+rule transform:
+    """Dense export at D1 -> the second-stage method's initial export: the upcycled MoE (HF Mixtral,
+    fresh routers), the dense model itself (continue), or a grown dense model (HF Llama)."""
+    input:
+        unpack(inputs_of("transform")),
+    output:
+        **outputs("transform"),
+    params:
+        spec=spec_of("transform"),
+    log:
+        log_of("transform"),
+    threads: 1
+    resources:
+        **resources_of("transform"),
+    conda:
+        "../../envs/cpu.yml"
+    shell:
+        "upcycling transform --spec {params.spec:q} >> {log} 2>&1"

@@ -1,7 +1,8 @@
 """`upcycling`: the pipeline's stages as commands. The Snakefile's rules call these.
 
     upcycling check-config   validate a sweep config (schema + semantic checks)
-    upcycling tokenize       corpus -> tokenizer.json, train/val token memmaps, meta.json
+    upcycling tokenize       corpus -> tokenizer.json, token shards (train/val memmaps), meta.json
+    upcycling train-tokenizer / tokenize-shard / tokenize-gather   the same, step by step (Snakemake)
     upcycling train          one training job (dense, upcycled or scratch MoE; WSD stable or final)
     upcycling upcycle        dense checkpoint -> MoE initial checkpoint (HF Mixtral layout)
     upcycling aggregate      every metrics JSON -> results/losses.zarr
@@ -56,21 +57,58 @@ def cmd_check_config(args) -> int:
     return 0
 
 
+def _tokens_stage(args):
+    """(config, tokens dir, corpus sources, corpus options, the sources of each shard)."""
+    cfg = _load(args)
+    from .sweep import tokens_dir
+    from .tokenize import CorpusOptions, resolve_sources, shard_sources
+
+    sources = resolve_sources(cfg["corpus"]["paths"], args.workdir)
+    out = Path(args.out) if getattr(args, "out", None) else tokens_dir(cfg)
+    return cfg, out, sources, CorpusOptions.from_config(cfg["corpus"]), shard_sources(sources, cfg["corpus"]["shards"])
+
+
 def cmd_tokenize(args) -> int:
     cfg = _load(args)
     from .sweep import tokens_dir
     from .tokenize import tokenize_corpus
 
-    corpus = dict(cfg["corpus"])
-    base = Path(args.workdir)
-    corpus["paths"] = [p if os.path.isabs(p) else str(base / p) for p in corpus["paths"]]
-    tokenizer = dict(cfg["tokenizer"])
-    if tokenizer.get("path") and not os.path.isabs(tokenizer["path"]):
-        tokenizer["path"] = str(base / tokenizer["path"])
     out = Path(args.out) if args.out else tokens_dir(cfg)
-    meta = tokenize_corpus(corpus, tokenizer, out)
-    log.info("tokens in %s: %d train, %d val (vocab %d)", out, meta["train_tokens"], meta["val_tokens"],
-             meta["vocab_size"])
+    meta = tokenize_corpus(cfg["corpus"], cfg["tokenizer"], out, base_dir=args.workdir)
+    log.info("tokens in %s: %d train, %d val (vocab %d) in %d shards", out, meta["train_tokens"],
+             meta["val_tokens"], meta["vocab_size"], len(meta["shards"]))
+    return 0
+
+
+def cmd_train_tokenizer(args) -> int:
+    from .tokens import tokenizer_path
+    from .tokenize import make_tokenizer
+
+    cfg, out, sources, options, _ = _tokens_stage(args)
+    make_tokenizer(sources, options, cfg["tokenizer"], tokenizer_path(out), base_dir=args.workdir)
+    return 0
+
+
+def cmd_tokenize_shard(args) -> int:
+    from .tokens import parse_shard_name, shard_dir, tokenizer_path
+    from .tokenize import tokenize_shard
+
+    cfg, out, _, options, groups = _tokens_stage(args)
+    try:
+        index, count = parse_shard_name(args.shard)
+    except ValueError as exc:
+        raise SystemExit(f"--shard: {exc}") from None
+    if count != len(groups):
+        raise SystemExit(f"--shard {args.shard}: the config has corpus.shards={len(groups)}, not {count}")
+    tokenize_shard(groups[index], options, tokenizer_path(out), shard_dir(out, index, count), index, count)
+    return 0
+
+
+def cmd_tokenize_gather(args) -> int:
+    from .tokenize import gather_shards
+
+    _, out, _, options, groups = _tokens_stage(args)
+    gather_shards(out, [[source.label for source in group] for group in groups], options)
     return 0
 
 
@@ -266,10 +304,26 @@ def main(argv: list[str] | None = None) -> int:
     _add_config(p)
     p.set_defaults(func=cmd_check_config)
 
-    p = commands.add_parser("tokenize", help="train/load the tokenizer and write token memmaps")
+    p = commands.add_parser("tokenize", help="the whole tokens stage in one process (every shard)")
     _add_config(p)
     p.add_argument("--out", help="output directory (default: <results_dir>/tokens)")
     p.set_defaults(func=cmd_tokenize)
+
+    p = commands.add_parser("train-tokenizer", help="tokens stage, step 1: tokenizer.json (trained on a sample, or given)")
+    _add_config(p)
+    p.add_argument("--out", help="tokens directory (default: <results_dir>/tokens)")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = commands.add_parser("tokenize-shard", help="tokens stage, step 2: one shard's token memmaps")
+    _add_config(p)
+    p.add_argument("--shard", required=True, help="which shard, e.g. 00002-of-00004")
+    p.add_argument("--out", help="tokens directory (default: <results_dir>/tokens)")
+    p.set_defaults(func=cmd_tokenize_shard)
+
+    p = commands.add_parser("tokenize-gather", help="tokens stage, step 3: check the shards, write meta.json")
+    _add_config(p)
+    p.add_argument("--out", help="tokens directory (default: <results_dir>/tokens)")
+    p.set_defaults(func=cmd_tokenize_gather)
 
     p = commands.add_parser("train", help="one training job of a dense, upcycled or scratch MoE run")
     _add_config(p)
@@ -341,10 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
     from .config import ConfigError
+    from .corpus import CorpusError
+    from .tokens import TokenFilesError
 
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, CorpusError, TokenFilesError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

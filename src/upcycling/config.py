@@ -219,32 +219,32 @@ def _check_semantics(cfg: dict, base_dir: Path, check_corpus: bool) -> None:
         _check_corpus(cfg, base_dir)
 
 
-def resolve_corpus_paths(patterns: list[str], base_dir: Path) -> list[Path]:
-    files: list[Path] = []
-    for pattern in patterns:
-        full = pattern if os.path.isabs(pattern) else str(base_dir / pattern)
-        matches = sorted(glob.glob(full, recursive=True))
-        if not matches:
-            raise ConfigError(
-                f"config key 'corpus.paths': '{pattern}' matches no file (looked in {base_dir}): "
-                "fix the path or glob"
-            )
-        files.extend(Path(match) for match in matches if Path(match).is_file())
-    return files
+def resolve_corpus_paths(patterns: list[str], base_dir: Path) -> list:
+    """The corpus files (upcycling.corpus.Source) the patterns name; ConfigError if one matches
+    nothing or names a file or directory the tokens stage cannot read."""
+    from .corpus import CorpusError, resolve_sources
+
+    try:
+        return resolve_sources(patterns, base_dir)
+    except CorpusError as exc:
+        raise ConfigError(f"config key 'corpus.paths': {str(exc).removeprefix('corpus.paths: ')}") from None
 
 
-def estimated_text_bytes(path: Path) -> int:
-    """Uncompressed size: the file size, or for gzip the ISIZE trailer (size mod 2^32)."""
-    if path.suffix != ".gz":
-        return path.stat().st_size
-    with open(path, "rb") as fh:
-        fh.seek(-4, os.SEEK_END)
-        return struct.unpack("<I", fh.read(4))[0]
+def estimated_text_bytes(source) -> int:
+    """Bytes of text in a corpus file (upcycling.corpus.Source), cheaply estimated."""
+    from .corpus import estimated_text_bytes as estimate
+
+    return estimate(source)
 
 
 def _check_corpus(cfg: dict, base_dir: Path) -> None:
     corpus, data = cfg["corpus"], cfg["data"]
     files = resolve_corpus_paths(corpus["paths"], base_dir)
+    if corpus.get("shards", 1) > len(files):
+        raise ConfigError(
+            f"config key 'corpus.shards': {corpus.get('shards', 1)} shards, but corpus.paths names {len(files)} "
+            f"files and a shard is whole files: lower corpus.shards to at most {len(files)}"
+        )
     tokenizer_path = cfg["tokenizer"].get("path")
     if tokenizer_path:
         full = Path(tokenizer_path) if os.path.isabs(tokenizer_path) else base_dir / tokenizer_path
@@ -261,7 +261,7 @@ def _check_corpus(cfg: dict, base_dir: Path) -> None:
         train_tokens = json.loads(meta_path.read_text())["train_tokens"]
         how = f"{train_tokens} training tokens in {meta_path}"
     else:
-        corpus_bytes = sum(estimated_text_bytes(path) for path in files)
+        corpus_bytes = sum(estimated_text_bytes(source) for source in files)
         train_tokens = int(corpus_bytes * (1 - corpus["val_fraction"]) / BYTES_PER_TOKEN_ESTIMATE)
         how = f"about {train_tokens} training tokens estimated from {corpus_bytes} bytes of corpus"
     budget = int(train_tokens * data["max_epochs"])

@@ -34,6 +34,8 @@ class TokenStream:
         """Ids begin..end-1 of the stream (a view when they lie in one part)."""
         if not 0 <= begin <= end <= len(self):
             raise IndexError(f"ids {begin}..{end} of a stream of {len(self)}")
+        if begin == end:
+            return np.empty(0, dtype=self.parts[0].dtype if self.parts else np.int64)
         part = int(np.searchsorted(self.offsets, begin, side="right")) - 1
         pieces = []
         while begin < end:

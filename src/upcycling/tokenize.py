@@ -409,7 +409,10 @@ def gather_shards(tokens_dir: str | os.PathLike, plan: list[list[str]], options:
     """Check the shards (one per entry of plan: its files' labels) and write tokens_dir/meta.json."""
     tokens_dir = Path(tokens_dir)
     count, rerun = len(plan), "rerun its tokenize_shard job (snakemake --forcerun tokenize_shard)"
-    tokenizer_sha256 = layout.sha256_file(layout.tokenizer_path(tokens_dir))
+    tokenizer_file = layout.tokenizer_path(tokens_dir)
+    if not tokenizer_file.is_file():
+        raise TokenFilesError(f"{tokenizer_file} does not exist: run the train_tokenizer job first")
+    tokenizer_sha256 = layout.sha256_file(tokenizer_file)
     expected = {"format_version": FORMAT_VERSION, "tokenizer_sha256": tokenizer_sha256, "count": count,
                 "text_field": options.text_field, "val_fraction": options.val_fraction,
                 "split_seed": options.split_seed}  # fmt: skip

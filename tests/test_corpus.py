@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from upcycling import corpus
+from upcycling import corpus, readers
 from upcycling.corpus import CorpusError, read_documents, resolve_sources
 from upcycling.tokenize import tokenize_corpus
 
@@ -73,8 +73,8 @@ FORMATS = ["txt", "jsonl", "jsonl.gz", "jsonl.zst", "json.zst", "parquet", "data
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_reads_the_same_documents(fmt, tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "RECORD_BATCH_ROWS", 1)  # parquet: several batches per row group
-    monkeypatch.setattr(corpus, "ZSTD_INPUT_BYTES", 7)  # zstd: frames span reads
+    monkeypatch.setattr(readers, "RECORD_BATCH_ROWS", 1)  # parquet: several batches per row group
+    monkeypatch.setattr(readers, "ZSTD_INPUT_BYTES", 7)  # zstd: frames span reads
     sources = resolve_sources(write_corpus(tmp_path, fmt))
     assert [text for source in sources for text in read_documents(source)] == DOCUMENTS
 
@@ -259,11 +259,63 @@ def test_bad_file_is_refused_naming_it_and_nothing_is_written(kind, tmp_path):
 
 
 def test_long_plain_text_without_blank_lines_is_cut_at_line_ends(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "DOCUMENT_SPLIT_CHARS", 100)
-    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 400)
-    monkeypatch.setattr(corpus, "READ_BLOCK_BYTES", 64)
+    monkeypatch.setattr(readers, "DOCUMENT_SPLIT_CHARS", 100)
+    monkeypatch.setattr(readers, "MAX_DOCUMENT_CHARS", 400)
+    monkeypatch.setattr(readers, "READ_BLOCK_BYTES", 64)
     text = "".join(f"line {i} of a file without any blank line\n" for i in range(60))
     (tmp_path / "flat.txt").write_text(text)
     parts = list(read_documents(resolve_sources(tmp_path / "flat.txt")[0]))
     assert "".join(parts) == text and len(parts) > 3
     assert all(100 < len(p) <= 400 and p.endswith("\n") for p in parts[:-1])
+
+
+SOURCES = ["RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaWikipedia"]
+
+
+def test_select_keeps_matching_records_in_every_record_format(tmp_path):
+    """SlimPajama's CommonCrawl part: select on a nested field, in JSON Lines, parquet and arrow."""
+    sets = [SOURCES[i % 3] for i in range(len(DOCUMENTS))]
+    rows = [{"text": t, "meta": {"redpajama_set_name": s}, "n": i} for i, (t, s) in enumerate(zip(DOCUMENTS, sets))]
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps(r) + "\n" for r in rows).encode()))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    with pa.ipc.new_stream(tmp_path / "a.arrow", pa.Table.from_pylist(rows).schema) as writer:
+        writer.write_table(pa.Table.from_pylist(rows), max_chunksize=4)
+    wanted = [t for t, s in zip(DOCUMENTS, sets) if s in SOURCES[:2]]
+    for name in ("a.jsonl.zst", "a.parquet", "a.arrow"):
+        source = resolve_sources(tmp_path / name)[0]
+        select = {"meta.redpajama_set_name": SOURCES[:2]}
+        assert list(read_documents(source, "text", select)) == wanted, name
+        assert list(read_documents(source, "text", {"n": 4})) == [DOCUMENTS[4]], name
+        assert list(read_documents(source, "text", {"n": 4, "meta.redpajama_set_name": "RedPajamaC4"})) == [DOCUMENTS[4]]
+        with pytest.raises(CorpusError, match="without a document.*matching corpus.select"):
+            list(read_documents(source, "text", {"n": 4, "meta.redpajama_set_name": "RedPajamaWikipedia"}))
+
+
+def test_select_is_part_of_the_stage(tmp_path):
+    rows = [{"text": t, "lang": "en" if i % 2 else "fr"} for i, t in enumerate(DOCUMENTS)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"paths": [str(tmp_path / "a.jsonl")], "val_fraction": 0.3, "select": {"lang": "en"}}
+    meta = tokenize_corpus(cfg, TOKENIZER_CFG, tmp_path / "tokens")
+    assert meta["train_documents"] + meta["val_documents"] == len(DOCUMENTS) // 2
+    assert meta["select"] == {"lang": ["en"]}
+
+
+@pytest.mark.parametrize("kind", ["jsonl missing field", "parquet missing column", "parquet wrong type", "text"])
+def test_select_errors_name_the_file_and_the_fix(kind, tmp_path):
+    if kind == "jsonl missing field":
+        (tmp_path / "a.jsonl").write_text('{"text": "x", "meta": {"a": 1}}\n{"text": "y", "meta": {}}\n')
+        name, select, words = "a.jsonl", {"meta.a": 1}, ["a.jsonl, line 2", "no field 'meta.a' for corpus.select"]
+    elif kind == "parquet missing column":
+        pq.write_table(pa.table({"text": ["x"], "meta": [{"a": 1}]}), tmp_path / "a.parquet")
+        name, select, words = "a.parquet", {"meta.b": 1}, ["a.parquet", "no column 'meta.b' for corpus.select"]
+    elif kind == "parquet wrong type":
+        pq.write_table(pa.table({"text": ["x"], "n": [1]}), tmp_path / "a.parquet")
+        name, select, words = "a.parquet", {"n": "one"}, ["a.parquet", "values for 'n' do not fit its type int64"]
+    else:
+        (tmp_path / "a.txt").write_text("x")
+        name, select, words = "a.txt", {"n": 1}, ["a.txt", "plain text has no fields for corpus.select"]
+    with pytest.raises(CorpusError) as caught:
+        list(read_documents(resolve_sources(tmp_path / name)[0], "text", select))
+    for word in words:
+        assert word in str(caught.value), (word, str(caught.value))

@@ -13,7 +13,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from upcycling import corpus as corpus_module
+from upcycling import readers
 from upcycling import tokenize as tk
+from upcycling import tokenizer as tok
 from upcycling import tokens as layout
 from upcycling.corpus import read_documents, resolve_sources
 from upcycling.data import TokenWindows
@@ -118,11 +120,11 @@ def test_shakespeare_round_trip_and_sidecar(shakespeare_tokens):
 def test_pieces_encode_like_whole_documents(shakespeare_tokens, tmp_path, monkeypatch):
     """Cutting documents into small pieces for encode_batch must not change a single id."""
     out, meta = shakespeare_tokens
-    monkeypatch.setattr(tk, "PIECE_CHARS", 700)
+    monkeypatch.setattr(tok, "PIECE_CHARS", 700)
     monkeypatch.setattr(tk, "BATCH_CHARS", 5000)
-    monkeypatch.setattr(corpus_module, "READ_BLOCK_BYTES", 999)
+    monkeypatch.setattr(readers, "READ_BLOCK_BYTES", 999)
     text = next(read_documents(resolve_sources(SHAKESPEARE / VAL_PLAY)[0]))
-    pieces = list(tk.pieces(text))
+    pieces = list(tok.pieces(text))
     assert len(pieces) > 100 and max(map(len, pieces)) <= 700 and "".join(pieces) == text
     cfg = corpus_cfg([SHAKESPEARE / TRAIN_PLAY, SHAKESPEARE / VAL_PLAY], val_fraction=0.1)
     small = tokenize_corpus(cfg, {"vocab_size": 512, "path": str(out / "tokenizer.json")}, tmp_path / "tokens")
@@ -226,7 +228,7 @@ def test_tokenizer_sample_takes_an_equal_share_of_every_file(tmp_path):
     for name, part in (("a.jsonl", documents[:100]), ("b.jsonl", documents[100:])):
         (corpus / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
     sources = resolve_sources([corpus / "*.jsonl"])
-    sample = "".join(tk.tokenizer_sample(sources, options, sample_bytes=2000))
+    sample = "".join(tok.tokenizer_sample(sources, options, sample_bytes=2000))
     held_out = {d.text for d in options.documents(sources) if d.held_out}
     first_a = [t for t in documents[:100] if t not in held_out]
     first_b = [t for t in documents[100:] if t not in held_out]
@@ -235,7 +237,7 @@ def test_tokenizer_sample_takes_an_equal_share_of_every_file(tmp_path):
     assert sample == "".join(first_a[:taken_a] + first_b[:taken_b])
     # The sample decides the tokenizer: training on it by hand gives the same file.
     make_tokenizer(sources, options, {"vocab_size": 300, "sample_bytes": 2000}, tmp_path / "tok.json")
-    by_hand = tk.train_tokenizer(first_a[:taken_a] + first_b[:taken_b], 300, 2)
+    by_hand = tok.train_tokenizer(first_a[:taken_a] + first_b[:taken_b], 300, 2)
     assert json.loads((tmp_path / "tok.json").read_text()) == json.loads(by_hand.to_str())
 
 
@@ -296,8 +298,8 @@ def test_given_tokenizer_is_used_as_is(shakespeare_tokens, tmp_path):
 
 
 def test_big_plain_text_file_becomes_documents_at_blank_lines(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus_module, "DOCUMENT_SPLIT_CHARS", 300)
-    monkeypatch.setattr(corpus_module, "READ_BLOCK_BYTES", 100)
+    monkeypatch.setattr(readers, "DOCUMENT_SPLIT_CHARS", 300)
+    monkeypatch.setattr(readers, "READ_BLOCK_BYTES", 100)
     text = "".join(PARAGRAPHS * 6)
     (tmp_path / "big.txt").write_text(text, newline="")
     documents = list(read_documents(resolve_sources(tmp_path / "big.txt")[0]))
@@ -387,7 +389,7 @@ def test_empty_split_over_several_shards_is_refused_at_the_gather(tmp_path):
 
 
 def test_invalid_utf8_offset_across_read_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus_module, "READ_BLOCK_BYTES", 3)
+    monkeypatch.setattr(readers, "READ_BLOCK_BYTES", 3)
     (tmp_path / "x.txt").write_bytes("ab\ncé\nd".encode() + b"\xc3(" + b"\n")  # é straddles a block
     with pytest.raises(CorpusError, match=r"x\.txt: invalid UTF-8 at byte 8 \(line 3\)"):
         list(read_documents(resolve_sources(tmp_path / "x.txt")[0]))
@@ -426,7 +428,7 @@ def test_load_tokens_refuses_files_that_do_not_match(tmp_path):
 
 
 def test_long_jsonl_document_is_cut_into_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(tk, "PIECE_CHARS", 50)
+    monkeypatch.setattr(tok, "PIECE_CHARS", 50)
     text = "".join(PARAGRAPHS) * 3
     batches = list(tk.iter_batches(corpus_module.documents([_jsonl(tmp_path, text)], "text", 0.5, 0)))
     [(split, pieces, ends)] = batches
@@ -437,3 +439,37 @@ def test_long_jsonl_document_is_cut_into_pieces(tmp_path, monkeypatch):
 def _jsonl(tmp_path: Path, text: str):
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": text}) + "\n")
     return resolve_sources(tmp_path / "one.jsonl")[0]
+
+
+def test_given_sentencepiece_style_tokenizer_keeps_exact_ids(tmp_path, monkeypatch):
+    """An existing LLM's tokenizer with its own end-of-text token, which marks where a text starts
+    (Metaspace, as Llama 2's): documents are encoded whole, so ids equal one encode call each."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    spm = SentencePieceBPETokenizer()
+    spm.train_from_iterator(PARAGRAPHS * 20, vocab_size=300, special_tokens=["<unk>", "</s>"], show_progress=False)
+    spm.save(str(tmp_path / "llama_like.json"))
+    given = Tokenizer.from_file(str(tmp_path / "llama_like.json"))
+    monkeypatch.setattr(tok, "PIECE_CHARS", 40)  # every document is longer than a piece
+    documents = [f"Part {i}. " + "".join(PARAGRAPHS[i % 4:] + PARAGRAPHS[:i % 4]) for i in range(8)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    # Encoding in pieces would change the ids: the guard is needed.
+    assert not tok.exact_cuts(given) and tok.exact_cuts(tok.train_tokenizer(PARAGRAPHS, 300, 1))
+    pieced = [i for piece in tok.pieces(documents[0]) for i in given.encode(piece, add_special_tokens=False).ids]
+    assert pieced != given.encode(documents[0], add_special_tokens=False).ids
+
+    cfg = corpus_cfg([tmp_path / "docs.jsonl"], val_fraction=0.4)
+    with pytest.raises(CorpusError, match="no '<\\|endoftext\\|>' token.*set tokenizer.eot_token"):
+        tokenize_corpus(cfg, {"path": str(tmp_path / "llama_like.json")}, tmp_path / "refused")
+    meta = tokenize_corpus(cfg, {"path": str(tmp_path / "llama_like.json"), "eot_token": "</s>"}, tmp_path / "t")
+    eot = given.token_to_id("</s>")
+    train, val, _ = load_tokens(tmp_path / "t")
+    for stream, held_out in ((train, False), (val, True)):
+        expected = [i for d in documents if split_of_text(d, 0.4) == held_out
+                    for i in given.encode(d, add_special_tokens=False).ids + [eot]]  # fmt: skip
+        assert everything(stream).tolist() == expected
+    assert meta["eot_id"] == eot and meta["train_documents"] and meta["val_documents"]
+
+
+def split_of_text(text: str, val_fraction: float) -> bool:
+    return corpus_module.is_held_out(hashlib.sha256(text.encode()).digest(), 0, val_fraction)

@@ -100,7 +100,8 @@ def cmd_tokenize_shard(args) -> int:
         raise SystemExit(f"--shard: {exc}") from None
     if count != len(groups):
         raise SystemExit(f"--shard {args.shard}: the config has corpus.shards={len(groups)}, not {count}")
-    tokenize_shard(groups[index], options, tokenizer_path(out), shard_dir(out, index, count), index, count)
+    tokenize_shard(groups[index], options, tokenizer_path(out), shard_dir(out, index, count), index, count,
+                   cfg["tokenizer"]["eot_token"])
     return 0
 
 

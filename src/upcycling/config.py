@@ -7,11 +7,9 @@ DAG build (the Snakefile calls ``validate_config``), before any expensive work.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 

@@ -12,14 +12,9 @@ Three steps, each a Snakemake rule (workflow/rules/tokenize.smk) and a CLI comma
 ``tokenize_corpus`` runs all three in one process (``upcycling tokenize``). Every step writes under
 a temporary name and renames into place, so a failure leaves no partial output.
 
-The sample. Each corpus file contributes its first training documents, up to an equal share of
-``tokenizer.sample_bytes`` (all of a smaller file); only the validation split is kept out. It
-depends on the file list and the config, not on the shard count.
-
-Bounded memory. Documents stream through in pieces of about PIECE_CHARS characters and batches of
-about BATCH_CHARS, whatever the corpus size. A piece ends just before a space or newline that
-follows a non-space character: the byte-level pre-tokenizer never joins across such a point, so a
-document encoded piece by piece gets exactly the ids it would get in one call.
+The tokenizer, its sample and how documents are cut into pieces: ``upcycling.tokenizer``. Memory
+stays bounded: documents stream through in pieces and batches of about BATCH_CHARS characters,
+at most two batches in flight, whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -35,77 +30,43 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from . import tokens as layout
-from .corpus import CorpusError, Document, Source, documents, resolve_sources, safe_cut
+from .corpus import CorpusError, CorpusOptions, Document, Source, resolve_sources
+from .tokenizer import EOT_TOKEN, exact_cuts, load_tokenizer, make_tokenizer, piece_ends, train_tokenizer
 from .tokens import FORMAT_VERSION, TokenFilesError, load_tokens, token_dtype
 
-__all__ = ["CorpusError", "TokenFilesError", "load_tokens", "tokenize_corpus", "make_tokenizer",
-           "tokenize_shard", "gather_shards", "CorpusOptions"]  # fmt: skip
+__all__ = ["CorpusError", "CorpusOptions", "TokenFilesError", "gather_shards", "load_tokens", "load_tokenizer",
+           "make_tokenizer", "resolve_sources", "tokenize_corpus", "tokenize_shard", "train_tokenizer"]  # fmt: skip
 logger = logging.getLogger(__name__)
 
-EOT_TOKEN = "<|endoftext|>"
-PIECE_CHARS = 1 << 16  # most characters handed to the tokenizer as one batch item
 BATCH_CHARS = 1 << 21  # characters per encode_batch call: 32+ pieces for the cores, ~170 MB peak RSS
 LOG_EVERY_S = 10.0
 
 
-@dataclass(frozen=True)
-class CorpusOptions:
-    text_field: str = "text"
-    val_fraction: float = 0.1
-    split_seed: int = 0
-
-    @classmethod
-    def from_config(cls, corpus_cfg: dict) -> CorpusOptions:
-        options = cls(corpus_cfg.get("text_field", "text"), float(corpus_cfg.get("val_fraction", 0.1)),
-                      int(corpus_cfg.get("split_seed", 0)))  # fmt: skip
-        if not 0 < options.val_fraction < 1:
-            raise CorpusError(f"corpus.val_fraction={options.val_fraction}: it must lie strictly between 0 and 1")
-        return options
-
-    def documents(self, sources: list[Source]) -> Iterator[Document]:
-        return documents(sources, self.text_field, self.val_fraction, self.split_seed)
-
-
 # ----------------------------------------------------------------------------------------------
-# Pieces and batches
+# Batches and encoding
 
 
-def piece_ends(text: str) -> list[int]:
-    """End offsets of consecutive pieces of text, each at most PIECE_CHARS long; the last is len(text)."""
-    ends, start = [], 0
-    while len(text) - start > PIECE_CHARS:
-        start = safe_cut(text, start + PIECE_CHARS, start)
-        ends.append(start)
-    ends.append(len(text))
-    return ends
-
-
-def pieces(text: str) -> Iterator[str]:
-    start = 0
-    for end in piece_ends(text):
-        yield text[start:end]
-        start = end
-
-
-def iter_batches(docs: Iterable[Document]) -> Iterator[tuple[str, list[str], list[bool]]]:
+def iter_batches(docs: Iterable[Document], piece_chars: int | None = None) -> Iterator[tuple[str, list[str], list[bool]]]:
     """What the stage hands to encode_batch: (split, texts, ends_document), the pieces of each
-    split grouped into batches of about BATCH_CHARS characters, in corpus order."""
+    split (at most piece_chars long, default PIECE_CHARS; 0: whole documents) grouped into
+    batches of about BATCH_CHARS characters, in corpus order."""
     texts: dict[str, list[str]] = {"train": [], "val": []}
     ends: dict[str, list[bool]] = {"train": [], "val": []}  # the piece ends its document
     chars = {"train": 0, "val": 0}
     for document in docs:
         split = "val" if document.held_out else "train"
-        cut = piece_ends(document.text)
-        texts[split].extend(pieces(document.text))
-        ends[split].extend([False] * (len(cut) - 1) + [True])
+        start = 0
+        for end in piece_ends(document.text, piece_chars):
+            texts[split].append(document.text[start:end])
+            ends[split].append(end == len(document.text))
+            start = end
         chars[split] += len(document.text)
         if chars[split] >= BATCH_CHARS:
             yield split, texts[split], ends[split]
@@ -114,121 +75,6 @@ def iter_batches(docs: Iterable[Document]) -> Iterator[tuple[str, list[str], lis
         if texts[split]:
             yield split, texts[split], ends[split]
 
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
-    """Byte-level BPE (GPT-2 style): every byte is in the vocabulary, so any text round-trips."""
-    tokenizer = Tokenizer(models.BPE())
-    # No prefix space: a piece then encodes as it would inside its document.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=[EOT_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return tokenizer
-
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A tokenizer.json with an end-of-text token, or CorpusError saying what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(
-            f"tokenizer.path: {path} does not exist: give a Hugging Face tokenizer.json or set "
-            f"tokenizer.path to null to train one on the corpus"
-        )
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
-        raise CorpusError(
-            f"tokenizer.path: {path} is not a loadable tokenizer.json ({exc}): give a file saved by "
-            f"Hugging Face tokenizers or set tokenizer.path to null to train one"
-        ) from exc
-    if tokenizer.token_to_id(EOT_TOKEN) is None:
-        raise CorpusError(
-            f"tokenizer.path: {path} has no '{EOT_TOKEN}' token to end documents with: add it as a "
-            f"special token or set tokenizer.path to null to train one"
-        )
-    return tokenizer
-
-
-def tokenizer_sample(sources: list[Source], options: CorpusOptions, sample_bytes: int) -> Iterator[str]:
-    """Pieces of the training documents the tokenizer learns from (see the module doc)."""
-    share = sample_bytes / len(sources)
-    for source in sources:
-        taken = 0
-        reader = options.documents([source])
-        try:
-            for document in reader:
-                if not document.held_out:
-                    yield from pieces(document.text)
-                    taken += document.size
-                    if taken >= share:
-                        break
-        finally:
-            reader.close()
-
-
-def make_tokenizer(sources: list[Source], options: CorpusOptions, tokenizer_cfg: dict,
-                   out_path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> Tokenizer:  # fmt: skip
-    """Write out_path: the given tokenizer.json byte for byte, or one trained on the sample."""
-    out_path = Path(out_path)
-    given = tokenizer_cfg.get("path")
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if given:
-            given = Path(given) if os.path.isabs(given) or base_dir is None else Path(base_dir) / given
-            tokenizer = load_tokenizer(given)
-            if tokenizer_cfg.get("vocab_size") not in (None, tokenizer.get_vocab_size()):
-                logger.warning("tokenizer.vocab_size=%s ignored: the given %s has %d tokens",
-                               tokenizer_cfg.get("vocab_size"), given, tokenizer.get_vocab_size())  # fmt: skip
-            shutil.copyfile(given, tmp)  # byte for byte: the same hash as given
-            logger.info("tokenizer: %s, given (%d tokens)", given, tokenizer.get_vocab_size())
-        else:
-            vocab_size = int(tokenizer_cfg.get("vocab_size", 8192))
-            if vocab_size < 257:
-                raise CorpusError(f"tokenizer.vocab_size={vocab_size}: byte-level BPE needs at least 257 "
-                                  f"tokens (256 bytes and end-of-text)")  # fmt: skip
-            started = time.perf_counter()
-            sample_bytes = int(tokenizer_cfg.get("sample_bytes", 10**9))
-            counted = _Counted(tokenizer_sample(sources, options, sample_bytes))
-            tokenizer = train_tokenizer(counted, vocab_size, int(tokenizer_cfg.get("min_frequency", 2)))
-            if counted.chars == 0:
-                raise CorpusError(f"the training split is empty (the tokenizer's sample found no training "
-                                  f"document in the {len(sources)} corpus files, corpus.val_fraction="
-                                  f"{options.val_fraction}): lower corpus.val_fraction or add documents")  # fmt: skip
-            tokenizer.save(str(tmp))
-            logger.info("tokenizer: byte-level BPE, %d tokens, trained on %.1f M characters from %d files in %.1f s",
-                        tokenizer.get_vocab_size(), counted.chars / 1e6, len(sources),
-                        time.perf_counter() - started)  # fmt: skip
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return tokenizer
-
-
-class _Counted:
-    """An iterator of texts that counts their characters."""
-
-    def __init__(self, texts: Iterator[str]):
-        self.texts, self.chars = texts, 0
-
-    def __iter__(self):
-        for text in self.texts:
-            self.chars += len(text)
-            yield text
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoding
 
 
 def encode_batch_ids(tokenizer: Tokenizer, texts: list[str], ends: list[bool], eot_id: int, dtype) -> np.ndarray:
@@ -352,10 +198,10 @@ def _publish(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def tokenize_shard(sources: list[Source], options: CorpusOptions, tokenizer_file: str | os.PathLike,
-                   out_dir: str | os.PathLike, index: int = 0, count: int = 1) -> dict:  # fmt: skip
+                   out_dir: str | os.PathLike, index: int = 0, count: int = 1, eot_token: str = EOT_TOKEN) -> dict:  # fmt: skip
     """Write out_dir/{train.bin, val.bin, shard.json} for these files; return the sidecar."""
     out_dir, name = Path(out_dir), layout.shard_name(index, count)
-    tokenizer = load_tokenizer(tokenizer_file)
+    tokenizer = load_tokenizer(tokenizer_file, eot_token)
     started = time.perf_counter()
     files = scan_files(sources, options)
     train_documents, val_documents = (sum(f[f"{s}_documents"] for f in files) for s in ("train", "val"))
@@ -366,7 +212,8 @@ def tokenize_shard(sources: list[Source], options: CorpusOptions, tokenizer_file
     if count == 1:  # the shard is the corpus: an empty split is known before encoding
         _refuse_empty_split(train_documents, val_documents, len(files), options)
 
-    vocab_size, eot_id = tokenizer.get_vocab_size(), tokenizer.token_to_id(EOT_TOKEN)
+    vocab_size, eot_id = tokenizer.get_vocab_size(), tokenizer.token_to_id(eot_token)
+    piece_chars = None if exact_cuts(tokenizer) else 0  # 0: whole documents, so the ids stay exact
     dtype = token_dtype(vocab_size)
     # A literal "<|endoftext|>" in the corpus is text, not a document boundary.
     if hasattr(tokenizer, "encode_special_tokens"):
@@ -377,7 +224,7 @@ def tokenize_shard(sources: list[Source], options: CorpusOptions, tokenizer_file
         progress = _Progress(f"shard {name}", train_documents + val_documents, chars, text_bytes / max(chars, 1))
         with open(tmp_dir / "train.bin", "wb") as train_file, open(tmp_dir / "val.bin", "wb") as val_file:
             outputs = {"train": train_file, "val": val_file}
-            batches = iter_batches(options.documents(sources))
+            batches = iter_batches(options.documents(sources), piece_chars)
             for split, ids, document_count, piece_chars in _encode_pipelined(tokenizer, batches, eot_id, dtype):
                 ids.tofile(outputs[split])
                 counts[split][0] += len(ids)
@@ -390,7 +237,7 @@ def tokenize_shard(sources: list[Source], options: CorpusOptions, tokenizer_file
             "tokenizer_sha256": layout.sha256_file(Path(tokenizer_file)),
             "train_tokens": counts["train"][0], "val_tokens": counts["val"][0],
             "train_documents": counts["train"][1], "val_documents": counts["val"][1], "text_bytes": text_bytes,
-            "text_field": options.text_field, "val_fraction": options.val_fraction, "split_seed": options.split_seed,
+            **options.as_dict(),
             "files": [{k: f[k] for k in ("source", "sha256", "train_documents", "val_documents")} for f in files],
         }  # fmt: skip
         (tmp_dir / "shard.json").write_text(json.dumps(sidecar, indent=1) + "\n")
@@ -414,8 +261,7 @@ def gather_shards(tokens_dir: str | os.PathLike, plan: list[list[str]], options:
         raise TokenFilesError(f"{tokenizer_file} does not exist: run the train_tokenizer job first")
     tokenizer_sha256 = layout.sha256_file(tokenizer_file)
     expected = {"format_version": FORMAT_VERSION, "tokenizer_sha256": tokenizer_sha256, "count": count,
-                "text_field": options.text_field, "val_fraction": options.val_fraction,
-                "split_seed": options.split_seed}  # fmt: skip
+                **options.as_dict()}  # fmt: skip
     sidecars = []
     for index, labels in enumerate(plan):
         directory = layout.shard_dir(tokens_dir, index, count)
@@ -425,6 +271,8 @@ def gather_shards(tokens_dir: str | os.PathLike, plan: list[list[str]], options:
         except (OSError, ValueError) as exc:
             raise TokenFilesError(f"{path}: cannot read it ({exc}): {rerun}") from None
         differs = [key for key, value in expected.items() if sidecar.get(key) != value]
+        if sidecars and sidecar.get("eot_id") != sidecars[0]["eot_id"]:
+            differs.append("eot_id (tokenizer.eot_token changed)")
         if [f["source"] for f in sidecar.get("files", [])] != labels:
             differs.append("files (the corpus changed since it was tokenized)")
         itemsize = np.dtype(sidecar.get("dtype", "uint8")).itemsize
@@ -446,8 +294,7 @@ def gather_shards(tokens_dir: str | os.PathLike, plan: list[list[str]], options:
         "eot_id": first["eot_id"], **totals, "tokenizer_sha256": tokenizer_sha256,
         # The texts' hash, file by file: independent of compression, file format and shard count.
         "corpus_sha256": hashlib.sha256("".join(f"{f['sha256']}\n" for f in files).encode()).hexdigest(),
-        "sources": [f["source"] for f in files], "text_field": options.text_field,
-        "val_fraction": options.val_fraction, "split_seed": options.split_seed,
+        "sources": [f["source"] for f in files], **options.as_dict(),
         "shards": [{"path": f"{layout.SHARDS_DIR}/{s['shard']}", "train_tokens": s["train_tokens"],
                     "val_tokens": s["val_tokens"]} for s in sidecars],
     }  # fmt: skip
@@ -490,8 +337,8 @@ def tokenize_corpus(corpus_cfg: dict, tokenizer_cfg: dict, out_dir: str | os.Pat
     try:
         make_tokenizer(sources, options, tokenizer_cfg, layout.tokenizer_path(tmp_dir), base_dir)
         for index, group in enumerate(groups):
-            tokenize_shard(group, options, layout.tokenizer_path(tmp_dir),
-                           layout.shard_dir(tmp_dir, index, len(groups)), index, len(groups))  # fmt: skip
+            tokenize_shard(group, options, layout.tokenizer_path(tmp_dir), layout.shard_dir(tmp_dir, index, len(groups)),
+                           index, len(groups), tokenizer_cfg.get("eot_token", EOT_TOKEN))  # fmt: skip
         meta = gather_shards(tmp_dir, [[s.label for s in group] for group in groups], options)
         _publish(tmp_dir, out_dir)
     except BaseException:

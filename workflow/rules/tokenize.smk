@@ -12,6 +12,8 @@ _SHARDS = config["corpus"]["shards"]
 _PLAN = token_layout.shard_plan([source.size for source in _CORPUS], _SHARDS)
 _SHARD_NAMES = [token_layout.shard_name(index, _SHARDS) for index in range(_SHARDS)]
 TOKENIZE_ARGS = f"{CONFIG_ARGS} --workdir {workflow.basedir}"
+# What decides the documents and their split: a change reruns the jobs (Snakemake's params trigger).
+_CORPUS_PARAMS = {key: config["corpus"][key] for key in ("text_field", "val_fraction", "split_seed", "select")}
 
 
 def _tokenize_job(rule, shard=None):
@@ -39,10 +41,9 @@ rule train_tokenizer:
     output:
         TOKENS / "tokenizer.json",
     params:
-        # A changed setting retrains it (Snakemake's params trigger).
         tokenizer={k: v for k, v in config["tokenizer"].items() if k not in ("threads", "tokens_per_s_per_core",
                                                                             "bytes_per_token")},
-        corpus=[config["corpus"]["text_field"], config["corpus"]["val_fraction"], config["corpus"]["split_seed"]],
+        corpus=_CORPUS_PARAMS,
     log:
         LOGS / "tokens" / "train_tokenizer.log",
     threads: config["tokenizer"]["threads"]
@@ -67,7 +68,8 @@ rule tokenize_shard:
         shard="|".join(_SHARD_NAMES),
     params:
         files=lambda wildcards: [_LABELS[i] for i in _PLAN[token_layout.parse_shard_name(wildcards.shard)[0]]],
-        corpus=[config["corpus"]["text_field"], config["corpus"]["val_fraction"], config["corpus"]["split_seed"]],
+        corpus=_CORPUS_PARAMS,
+        eot_token=config["tokenizer"]["eot_token"],
     log:
         LOGS / "tokens" / "shard_{shard}.log",
     threads: config["tokenizer"]["threads"]

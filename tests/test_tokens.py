@@ -109,10 +109,36 @@ def test_config_checks_the_corpus_before_anything_runs(tmp_path):
     assert cfg["tokenizer"]["bytes_per_token"] == tokens.BYTES_PER_TOKEN
 
 
-def test_paper_config_points_at_a_slimpajama_layout():
+def test_paper_corpus_section_reads_a_slimpajama_layout(tmp_path):
+    """config/paper.yaml's corpus section on a miniature SlimPajama: chunk directories of
+    example_train_<n>.jsonl.zst files, mixed RedPajama sources, only CommonCrawl kept."""
+    import json
+
+    import zstandard
+
+    from upcycling.tokenize import tokenize_corpus
+
     paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
-    assert any(path.endswith(".jsonl.zst") for path in paper["corpus"]["paths"])
-    assert paper["corpus"]["shards"] > 1
+    root = tmp_path / "SlimPajama-627B"
+    kept = []
+    for chunk in (1, 2):
+        (root / "train" / f"chunk{chunk}").mkdir(parents=True)
+        for n in range(3):
+            rows = []
+            for i in range(6):
+                name = ["RedPajamaCommonCrawl", "RedPajamaGithub", "RedPajamaC4"][i % 3]
+                text = f"Document {chunk}-{n}-{i} from {name}. " + "Some words of web text, again. " * (i + 1)
+                rows.append({"text": text, "meta": {"redpajama_set_name": name}})
+                kept += [text] if name == "RedPajamaCommonCrawl" else []
+            data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+            (root / "train" / f"chunk{chunk}" / f"example_train_{n}.jsonl.zst").write_bytes(
+                zstandard.ZstdCompressor().compress(data))
+    corpus = dict(paper["corpus"], shards=3, val_fraction=0.25)
+    corpus["paths"] = [p.replace("/data/SlimPajama-627B", str(root)) for p in corpus["paths"]]
+    meta = tokenize_corpus(corpus, {"vocab_size": 300}, tmp_path / "tokens")
+    assert meta["train_documents"] + meta["val_documents"] == len(kept) == 12
+    assert len(meta["sources"]) == 6 and len(meta["shards"]) == 3
+    assert meta["select"] == {"meta.redpajama_set_name": ["RedPajamaCommonCrawl"]}
 
 
 def test_cli_steps_refuse_a_shard_of_another_plan(tmp_path):

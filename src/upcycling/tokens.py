@@ -40,17 +40,21 @@ SHARDS_DIR = "shards"
 SHARD_FILES = ("train.bin", "val.bin", "shard.json")
 _SHARD_NAME = re.compile(r"^(\d{5,})-of-(\d{5,})$")
 
-# Throughput of the tokens stage, for runtime estimates (benchmarks/bench_tokenize.py measures
-# them; tokenizer.tokens_per_s_per_core and tokenizer.bytes_per_token override them per corpus).
-TOKENS_PER_S_PER_CORE = 800_000  # encode_batch, byte-level BPE, one core
-BYTES_PER_TOKEN = 4.0  # UTF-8 text bytes per token: byte-level BPE with a 32k vocabulary on English
-PARALLEL_EFFICIENCY = 0.85  # speed-up of n cores over one, per core (encoding is one rayon pool)
-READ_BYTES_PER_S = 100e6  # the single-threaded read + decompress + parse + split pass
-# Peak memory: a shard job holds two batches of text and ids (BATCH_CHARS) plus the tokenizer; the
-# tokenizer's training holds its sample's word counts and pair statistics.
+# Throughput of the tokens stage, for runtime estimates: benchmarks/bench_tokenize.py --scale on
+# this project's 2-core machine (1 GB of English text as .jsonl.zst, byte-level BPE with a 32k
+# vocabulary): 0.83M tokens per CPU second, 3.67 bytes per token, 1.84x from 1 to 2 threads, a
+# 271 MB/s scan pass. tokenizer.tokens_per_s_per_core and tokenizer.bytes_per_token override the
+# first two per cluster and corpus.
+TOKENS_PER_S_PER_CORE = 800_000
+BYTES_PER_TOKEN = 3.7
+PARALLEL_EFFICIENCY = 0.85  # each core beyond the first adds this much of one (measured: 0.84)
+READ_BYTES_PER_S = 100e6  # the single-threaded scan pass (read, decompress, parse, hash): measured 271 MB/s
+# Peak memory: a shard job holds two batches of text and ids (BATCH_CHARS) plus the tokenizer
+# (measured: 360 MB at 1 thread, 387 MB at 2, on 1 GB); training the tokenizer holds its sample's
+# word counts and pair statistics (not measured at scale: a guess that errs high).
 TOKENIZE_MEM_MB = 2000
 TOKENIZER_TRAIN_MEM_PER_SAMPLE_BYTE = 6.0
-TOKENIZER_TRAIN_BYTES_PER_S_PER_CORE = 4e6
+TOKENIZER_TRAIN_BYTES_PER_S_PER_CORE = 3e6  # measured: a 20 MB sample in 4.0 s on 2 threads
 
 
 class TokenFilesError(ValueError):

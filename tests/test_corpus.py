@@ -287,7 +287,8 @@ def test_select_keeps_matching_records_in_every_record_format(tmp_path):
         select = {"meta.redpajama_set_name": SOURCES[:2]}
         assert list(read_documents(source, "text", select)) == wanted, name
         assert list(read_documents(source, "text", {"n": 4})) == [DOCUMENTS[4]], name
-        assert list(read_documents(source, "text", {"n": 4, "meta.redpajama_set_name": "RedPajamaC4"})) == [DOCUMENTS[4]]
+        both = {"n": 4, "meta.redpajama_set_name": "RedPajamaC4"}
+        assert list(read_documents(source, "text", both)) == [DOCUMENTS[4]]
         with pytest.raises(CorpusError, match="without a document.*matching corpus.select"):
             list(read_documents(source, "text", {"n": 4, "meta.redpajama_set_name": "RedPajamaWikipedia"}))
 

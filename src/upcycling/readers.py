@@ -1,6 +1,7 @@
 """Corpus file readers: the bytes of plain, gzip and zstd files, and the documents of each format.
 
-Public: ``read_documents(source, text_field, select)``, ``Source``, ``CorpusError``, ``safe_cut``. Which files to read and what each is (``upcycling.corpus``) come first; this module
+Public: ``read_documents(source, text_field, select)``, ``Source``, ``CorpusError``, ``safe_cut``.
+Which files to read and what each is (``upcycling.corpus``) come first; this module
 turns one file into its documents with bounded memory: text and JSON Lines in blocks, parquet a
 row group at a time in batches, arrow a record batch at a time; only one document is held whole.
 Every problem raises CorpusError naming the file, the line or row, and the fix.

@@ -53,7 +53,8 @@ LOG_EVERY_S = 10.0
 # Batches and encoding
 
 
-def iter_batches(docs: Iterable[Document], piece_chars: int | None = None) -> Iterator[tuple[str, list[str], list[bool]]]:
+def iter_batches(docs: Iterable[Document], piece_chars: int | None = None,
+                 ) -> Iterator[tuple[str, list[str], list[bool]]]:  # fmt: skip
     """What the stage hands to encode_batch: (split, texts, ends_document), the pieces of each
     split (at most piece_chars long, default PIECE_CHARS; 0: whole documents) grouped into
     batches of about BATCH_CHARS characters, in corpus order."""
@@ -74,7 +75,6 @@ def iter_batches(docs: Iterable[Document], piece_chars: int | None = None) -> It
     for split in ("train", "val"):
         if texts[split]:
             yield split, texts[split], ends[split]
-
 
 
 def encode_batch_ids(tokenizer: Tokenizer, texts: list[str], ends: list[bool], eot_id: int, dtype) -> np.ndarray:
@@ -162,8 +162,13 @@ def scan_files(sources: list[Source], options: CorpusOptions) -> list[dict]:
     Per file: its label, the sha256 of its documents' texts, its documents per split, chars, bytes."""
     files = [{"source": s.label, "sha256": hashlib.sha256(), "train_documents": 0, "val_documents": 0,
               "chars": 0, "bytes": 0} for s in sources]  # fmt: skip
+    last_log = time.perf_counter()
     for document in options.documents(sources):
         file = files[document.source]
+        if time.perf_counter() - last_log > LOG_EVERY_S:  # a shard's scan takes a minute or more
+            last_log = time.perf_counter()
+            logger.info("scan: file %d/%d, %.0f MB of text so far", document.source + 1, len(files),
+                        sum(f["bytes"] for f in files) / 1e6)  # fmt: skip
         file["sha256"].update(document.sha256)
         file["val_documents" if document.held_out else "train_documents"] += 1
         file["chars"] += len(document.text)
@@ -198,7 +203,8 @@ def _publish(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def tokenize_shard(sources: list[Source], options: CorpusOptions, tokenizer_file: str | os.PathLike,
-                   out_dir: str | os.PathLike, index: int = 0, count: int = 1, eot_token: str = EOT_TOKEN) -> dict:  # fmt: skip
+                   out_dir: str | os.PathLike, index: int = 0, count: int = 1,
+                   eot_token: str = EOT_TOKEN) -> dict:  # fmt: skip
     """Write out_dir/{train.bin, val.bin, shard.json} for these files; return the sidecar."""
     out_dir, name = Path(out_dir), layout.shard_name(index, count)
     tokenizer = load_tokenizer(tokenizer_file, eot_token)
@@ -337,8 +343,9 @@ def tokenize_corpus(corpus_cfg: dict, tokenizer_cfg: dict, out_dir: str | os.Pat
     try:
         make_tokenizer(sources, options, tokenizer_cfg, layout.tokenizer_path(tmp_dir), base_dir)
         for index, group in enumerate(groups):
-            tokenize_shard(group, options, layout.tokenizer_path(tmp_dir), layout.shard_dir(tmp_dir, index, len(groups)),
-                           index, len(groups), tokenizer_cfg.get("eot_token", EOT_TOKEN))  # fmt: skip
+            tokenize_shard(group, options, layout.tokenizer_path(tmp_dir),
+                           layout.shard_dir(tmp_dir, index, len(groups)), index, len(groups),
+                           tokenizer_cfg.get("eot_token", EOT_TOKEN))  # fmt: skip
         meta = gather_shards(tmp_dir, [[s.label for s in group] for group in groups], options)
         _publish(tmp_dir, out_dir)
     except BaseException:

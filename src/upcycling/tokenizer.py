@@ -67,11 +67,13 @@ def exact_cuts(tokenizer: Tokenizer) -> bool:
             stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
         elif isinstance(item, list):
             stack.extend(item)
-    kinds = [part.get("type") for part in parts]
+    kinds = {part.get("type") for part in parts}
     byte_level = [part for part in parts if part.get("type") == "ByteLevel"]
-    return bool(byte_level) and not any(p.get("add_prefix_space") for p in byte_level) and not (
-        {"Prepend", "Metaspace"} & set(kinds))
-
+    # Words are split by ByteLevel's own regex or by a Split before it (Llama 3); without either,
+    # the whole text would be one pre-token.
+    splits_words = all(p.get("use_regex", True) for p in byte_level) or "Split" in kinds
+    return (bool(byte_level) and splits_words and not any(p.get("add_prefix_space") for p in byte_level)
+            and not {"Prepend", "Metaspace"} & kinds)  # fmt: skip
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int, eot_token: str = EOT_TOKEN) -> Tokenizer:
@@ -173,14 +175,18 @@ def make_tokenizer(sources: list[Source], options: CorpusOptions, tokenizer_cfg:
 
 
 class _Counted:
-    """An iterator of texts that counts their characters."""
+    """An iterator of texts that counts their characters and logs how far it got."""
 
     def __init__(self, texts: Iterator[str]):
         self.texts, self.chars = texts, 0
 
     def __iter__(self):
+        last_log = time.perf_counter()
         for text in self.texts:
             self.chars += len(text)
+            if time.perf_counter() - last_log > 10.0:
+                last_log = time.perf_counter()
+                logger.info("tokenizer: %.0f M characters of sample read", self.chars / 1e6)
             yield text
 
 

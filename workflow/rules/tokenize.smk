@@ -1,6 +1,9 @@
 # Tokens stage as a scatter/gather (src/upcycling/tokenize.py, layout in src/upcycling/tokens.py):
 # train_tokenizer (once) -> tokenize_shard (one CPU job per corpus shard) -> tokenize (the gather:
 # meta.json, which every training rule reads).
+import functools
+import shlex
+
 from upcycling import tokens as token_layout
 from upcycling.corpus import estimated_text_bytes, resolve_sources
 
@@ -11,15 +14,18 @@ _LABELS = [source.label for source in _CORPUS]
 _SHARDS = config["corpus"]["shards"]
 _PLAN = token_layout.shard_plan([source.size for source in _CORPUS], _SHARDS)
 _SHARD_NAMES = [token_layout.shard_name(index, _SHARDS) for index in range(_SHARDS)]
-TOKENIZE_ARGS = f"{CONFIG_ARGS} --workdir {workflow.basedir}"
+TOKENIZE_ARGS = f"{CONFIG_ARGS} --workdir {shlex.quote(str(workflow.basedir))}"
 # What decides the documents and their split: a change reruns the jobs (Snakemake's params trigger).
 _CORPUS_PARAMS = {key: config["corpus"][key] for key in ("text_field", "val_fraction", "split_seed", "select")}
 
 
+@functools.lru_cache(maxsize=None)
 def _tokenize_job(rule, shard=None):
     """The job's estimate (runtime, memory) from its corpus bytes; only computed for jobs that run."""
-    index = None if shard is None else token_layout.parse_shard_name(shard)[0]
-    files = range(len(_CORPUS)) if index is None else _PLAN[index]
+    if shard is not None:
+        files = _PLAN[token_layout.parse_shard_name(shard)[0]]
+    else:  # the tokenizer's sample is capped by the corpus; the gather reads none of it
+        files = range(len(_CORPUS)) if rule == "train_tokenizer" else []
     estimated = {i: estimated_text_bytes(_CORPUS[i]) for i in files}  # other files' bytes do not matter here
     text_bytes = [estimated.get(i, 0) for i in range(len(_CORPUS))]
     jobs = token_layout.tokenize_jobs(config, TOKENS, _LABELS, [s.size for s in _CORPUS], text_bytes)

@@ -1,8 +1,9 @@
-"""Corpus readers: the formats language-model corpora ship in, streamed as documents.
+"""The corpus: which files to read, what format each is, their documents and the split.
 
 Public: ``resolve_sources(paths_or_globs, base_dir)`` (globs -> files), ``read_documents(source,
-text_field)`` (one file's documents), ``documents(sources, ...)`` (the corpus with each document's
-digest and split), ``estimated_text_bytes(source)`` and ``CorpusError``.
+text_field)`` (one file's documents, from ``upcycling.readers``), ``documents(sources, ...)`` (the
+corpus with each document's digest and split), ``CorpusOptions`` (the config that decides them),
+``estimated_text_bytes(source)`` and ``CorpusError``.
 
 Formats, from the file name (a compression suffix first: .gz, or .zst / .zstd):
 - .jsonl, .json, .ndjson: JSON Lines, one document per line in the field ``text_field`` (blank
@@ -157,8 +158,8 @@ def resolve_sources(paths_or_globs, base_dir: str | os.PathLike | None = None) -
 
 def estimated_text_bytes(source: Source) -> int:
     """Bytes of text the file holds, cheaply: exact for plain files, the gzip size trailer, a
-    zstd frame header that records it, or parquet's uncompressed size of the text column;
-    otherwise the compressed size times COMPRESSION_RATIO_ESTIMATE."""
+    zstd frame header that records it, or parquet's uncompressed size of its columns (the text
+    dominates); otherwise the compressed size times COMPRESSION_RATIO_ESTIMATE."""
     guess = int(source.size * COMPRESSION_RATIO_ESTIMATE)
     try:
         if source.compression == "gzip" and source.size >= 18:
@@ -183,6 +184,11 @@ def estimated_text_bytes(source: Source) -> int:
     except Exception:  # an estimate: a file this cannot inspect is reported when it is read
         return guess
     return source.size
+
+
+# ----------------------------------------------------------------------------------------------
+# Documents and the split
+
 
 def is_held_out(text_sha256: bytes, split_seed: int, val_fraction: float) -> bool:
     """The validation split: a hash of (seed, text) below val_fraction."""

@@ -1,4 +1,5 @@
-"""Tokens stage: round trip, sidecar, determinism, input formats, and every bad input refused cleanly."""
+"""Tokens stage: round trip, sidecars, determinism, shards that change nothing, the tokenizer's
+sample, and every bad input refused cleanly."""
 
 from __future__ import annotations
 
@@ -11,13 +12,22 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from upcycling import corpus as corpus_module
+from upcycling import readers
 from upcycling import tokenize as tk
-from upcycling.tokenize import CorpusError, TokenFilesError, iter_documents, load_tokens, tokenize_corpus
+from upcycling import tokenizer as tok
+from upcycling import tokens as layout
+from upcycling.corpus import read_documents, resolve_sources
+from upcycling.data import TokenWindows
+from upcycling.tokenize import (CorpusError, CorpusOptions, TokenFilesError, gather_shards, load_tokens,
+                                make_tokenizer, tokenize_corpus, tokenize_shard)  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "data" / "corpus" / "shakespeare"
-# With split_seed 0 and val_fraction 0.1, merchant_of_venice is held out and macbeth is not.
-TRAIN_PLAY, VAL_PLAY = "macbeth.txt.gz", "merchant_of_venice.txt.gz"
+# The split hashes each document's text: at split_seed 0 and val_fraction 0.1 macbeth is held out
+# and merchant_of_venice is not.
+TRAIN_PLAY, VAL_PLAY = "merchant_of_venice.txt.gz", "macbeth.txt.gz"
+PLAYS = ["hamlet", "macbeth", "tempest", "sonnets", "othello", "lear", "lovers_complaint", "pericles"]
 
 PARAGRAPHS = [
     "It was the best of times, it was the worst of times.\nIt was the age of wisdom.\n",
@@ -36,11 +46,13 @@ def small_corpus(root: Path, documents: int = 12) -> Path:
     return root
 
 
-def corpus_cfg(paths, val_fraction=0.3) -> dict:
-    return {"paths": [str(p) for p in paths], "text_field": "text", "val_fraction": val_fraction, "split_seed": 0}
+def corpus_cfg(paths, val_fraction=0.3, shards=1) -> dict:
+    return {"paths": [str(p) for p in paths], "text_field": "text", "val_fraction": val_fraction, "split_seed": 0,
+            "shards": shards}  # fmt: skip
 
 
 TOKENIZER_CFG = {"vocab_size": 320, "path": None, "min_frequency": 2}
+ONE_SHARD = Path("shards") / "00000-of-00001"
 
 
 def decoded_documents(ids: np.ndarray, tokenizer: Tokenizer, eot_id: int) -> list[str]:
@@ -49,8 +61,18 @@ def decoded_documents(ids: np.ndarray, tokenizer: Tokenizer, eot_id: int) -> lis
     return [tokenizer.decode(ids[s:e].tolist(), skip_special_tokens=False) for s, e in zip(starts, ends)]
 
 
+def everything(stream) -> np.ndarray:
+    return np.asarray(stream.read(0, len(stream)))
+
+
 def leftovers(parent: Path, keep: set[str]) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name not in keep)
+
+
+def split_of(path: Path, val_fraction: float, seed: int = 0) -> bool:
+    """Whether the one-document file is held out."""
+    text = next(read_documents(resolve_sources(path)[0]))
+    return corpus_module.is_held_out(hashlib.sha256(text.encode()).digest(), seed, val_fraction)
 
 
 @pytest.fixture(scope="module")
@@ -65,46 +87,158 @@ def test_shakespeare_round_trip_and_sidecar(shakespeare_tokens):
     out, meta = shakespeare_tokens
     train, val, loaded_meta = load_tokens(out)
     assert loaded_meta == meta == json.loads((out / "meta.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "shards", "tokenizer.json"]
+    assert sorted(p.name for p in (out / ONE_SHARD).iterdir()) == ["shard.json", "train.bin", "val.bin"]
 
     # The sidecar describes the files.
-    assert meta["format_version"] == 1 and meta["dtype"] == "uint16" and train.dtype == np.uint16
+    assert meta["format_version"] == 2 and meta["dtype"] == "uint16" and train.parts[0].dtype == np.uint16
     assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
     assert (meta["train_documents"], meta["val_documents"]) == (1, 1)
+    assert meta["shards"] == [{"path": ONE_SHARD.as_posix(), "train_tokens": len(train), "val_tokens": len(val)}]
     assert meta["sources"] == [(SHAKESPEARE / TRAIN_PLAY).as_posix(), (SHAKESPEARE / VAL_PLAY).as_posix()]
     assert meta["tokenizer_sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
-    corpus = b"".join(gzip.open(SHAKESPEARE / name).read() for name in (TRAIN_PLAY, VAL_PLAY))
-    assert meta["corpus_sha256"] == hashlib.sha256(corpus).hexdigest()
+    file_hashes = [hashlib.sha256(hashlib.sha256(gzip.open(SHAKESPEARE / name).read()).digest()).hexdigest()
+                   for name in (TRAIN_PLAY, VAL_PLAY)]  # fmt: skip
+    assert meta["corpus_sha256"] == hashlib.sha256("".join(f"{h}\n" for h in file_hashes).encode()).hexdigest()
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert meta["vocab_size"] == tokenizer.get_vocab_size() <= 512
     assert meta["eot_id"] == tokenizer.token_to_id("<|endoftext|>")
-    for ids in (train, val):
+    for ids in (everything(train), everything(val)):
         assert int(ids.max()) < meta["vocab_size"]
         assert int((ids == meta["eot_id"]).sum()) == 1 and ids[-1] == meta["eot_id"]
 
     # Held-out text round-trips, and the token files decode to exactly the plays.
     val_text = gzip.open(SHAKESPEARE / VAL_PLAY).read().decode()
     assert tokenizer.decode(tokenizer.encode(val_text).ids) == val_text
-    assert decoded_documents(np.asarray(val), tokenizer, meta["eot_id"]) == [val_text]
+    assert decoded_documents(everything(val), tokenizer, meta["eot_id"]) == [val_text]
     # Encoded in pieces, yet the same ids as the whole play in one call.
-    assert val[:-1].tolist() == tokenizer.encode(val_text).ids
+    assert everything(val)[:-1].tolist() == tokenizer.encode(val_text).ids
     train_text = gzip.open(SHAKESPEARE / TRAIN_PLAY).read().decode()
-    assert decoded_documents(np.asarray(train), tokenizer, meta["eot_id"]) == [train_text]
+    assert decoded_documents(everything(train), tokenizer, meta["eot_id"]) == [train_text]
 
 
 def test_pieces_encode_like_whole_documents(shakespeare_tokens, tmp_path, monkeypatch):
     """Cutting documents into small pieces for encode_batch must not change a single id."""
     out, meta = shakespeare_tokens
-    monkeypatch.setattr(tk, "PIECE_CHARS", 700)
+    monkeypatch.setattr(tok, "PIECE_CHARS", 700)
     monkeypatch.setattr(tk, "BATCH_CHARS", 5000)
-    monkeypatch.setattr(tk, "READ_BLOCK_BYTES", 999)
-    pieces = list(iter_documents([SHAKESPEARE / VAL_PLAY]))
-    assert len(pieces) > 100 and max(len(p.text) for p in pieces) <= 700
+    monkeypatch.setattr(readers, "READ_BLOCK_BYTES", 999)
+    text = next(read_documents(resolve_sources(SHAKESPEARE / VAL_PLAY)[0]))
+    pieces = list(tok.pieces(text))
+    assert len(pieces) > 100 and max(map(len, pieces)) <= 700 and "".join(pieces) == text
     cfg = corpus_cfg([SHAKESPEARE / TRAIN_PLAY, SHAKESPEARE / VAL_PLAY], val_fraction=0.1)
     small = tokenize_corpus(cfg, {"vocab_size": 512, "path": str(out / "tokenizer.json")}, tmp_path / "tokens")
     assert small == meta
-    for name in ("train.bin", "val.bin", "tokenizer.json"):
+    for name in (ONE_SHARD / "train.bin", ONE_SHARD / "val.bin", "tokenizer.json"):
         assert (tmp_path / "tokens" / name).read_bytes() == (out / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def plays_one_and_four_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    paths = [SHAKESPEARE / f"{play}.txt.gz" for play in PLAYS]
+    tokenizer_cfg = {"vocab_size": 400, "min_frequency": 2}
+    one = tokenize_corpus(corpus_cfg(paths, val_fraction=0.3, shards=1), tokenizer_cfg, root / "one")
+    four = tokenize_corpus(corpus_cfg(paths, val_fraction=0.3, shards=4), tokenizer_cfg, root / "four")
+    return root, one, four
+
+
+def test_four_shards_give_the_one_shard_stream_and_batches(plays_one_and_four_shards):
+    root, one, four = plays_one_and_four_shards
+    assert len(one["shards"]) == 1 and len(four["shards"]) == 4
+    assert {k: v for k, v in one.items() if k != "shards"} == {k: v for k, v in four.items() if k != "shards"}
+    assert (root / "one" / "tokenizer.json").read_bytes() == (root / "four" / "tokenizer.json").read_bytes()
+    train_1, val_1, _ = load_tokens(root / "one")
+    train_4, val_4, _ = load_tokens(root / "four")
+    assert len(train_4.parts) > 1 and len(val_4.parts) > 1
+    assert np.array_equal(everything(train_1), everything(train_4))
+    assert np.array_equal(everything(val_1), everything(val_4))
+
+    seq_len = 512  # long windows: many of them span two shards
+    windows_1, windows_4 = TokenWindows(train_1, seq_len), TokenWindows(train_4, seq_len)
+    boundaries = train_4.offsets[1:-1]
+    spanning = 0
+    for step in range(20):
+        starts = np.random.default_rng([3, step]).integers(0, len(train_1) - seq_len - 1, size=16)
+        spanning += int(((starts[:, None] < boundaries) & (starts[:, None] + seq_len + 1 > boundaries)).any(1).sum())
+        for row_slice in (slice(0, 16), slice(4, 8)):
+            a = windows_1.train_batch(3, step, 16, row_slice, valid_tokens=16 * seq_len - 700)
+            b = windows_4.train_batch(3, step, 16, row_slice, valid_tokens=16 * seq_len - 700)
+            assert all(torch_equal(x, y) for x, y in zip(a, b))
+    assert spanning > 0  # the comparison covered windows across a shard boundary
+    for x, y in zip(TokenWindows(val_1, 64).eval_windows(32), TokenWindows(val_4, 64).eval_windows(32)):
+        assert torch_equal(x, y)
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def test_rank_rows_and_masking_match_the_global_batch(plays_one_and_four_shards):
+    root, _, _ = plays_one_and_four_shards
+    train, _, _ = load_tokens(root / "four")
+    windows = TokenWindows(train, 128)
+    inputs, targets = windows.train_batch(0, 5, 8, slice(0, 8), valid_tokens=8 * 128 - 300)
+    assert int((targets == -100).sum()) == 300 and bool((targets.view(-1)[-300:] == -100).all())
+    halves = [windows.train_batch(0, 5, 8, slice(r * 4, r * 4 + 4), valid_tokens=8 * 128 - 300) for r in (0, 1)]
+    assert torch_equal(inputs, np_cat([h[0] for h in halves])) and torch_equal(targets, np_cat([h[1] for h in halves]))
+    starts = np.random.default_rng([0, 5]).integers(0, len(train) - 129, size=8)
+    assert inputs[2].tolist() == everything(train)[starts[2] : starts[2] + 128].tolist()
+
+
+def np_cat(tensors):
+    import torch
+
+    return torch.cat(tensors)
+
+
+def test_steps_one_by_one_equal_tokenize_corpus(plays_one_and_four_shards, tmp_path):
+    """The Snakemake path (tokenizer job, shard jobs in any order, gather) writes what the
+    one-process stage writes."""
+    root, _, four = plays_one_and_four_shards
+    paths = [SHAKESPEARE / f"{play}.txt.gz" for play in PLAYS]
+    sources, options = resolve_sources(paths), CorpusOptions(val_fraction=0.3)
+    out = tmp_path / "tokens"
+    make_tokenizer(sources, options, {"vocab_size": 400}, layout.tokenizer_path(out))
+    groups = tk.shard_sources(sources, 4)
+    for index in (2, 0, 3, 1):
+        tokenize_shard(groups[index], options, layout.tokenizer_path(out), layout.shard_dir(out, index, 4), index, 4)
+    labels = [[s.label for s in group] for group in groups]
+    assert gather_shards(out, labels, options) == four
+    for path in layout.tokens_outputs(out, 4)["tokenize_shard"]:
+        reference = root / "four" / path.relative_to(out)
+        assert path.read_bytes() == reference.read_bytes(), path
+
+    # A shard that no longer matches the plan, the tokenizer or its own sidecar is refused.
+    with pytest.raises(TokenFilesError, match="files"):
+        gather_shards(out, [labels[0][::-1], *labels[1:]], options)
+    with pytest.raises(TokenFilesError, match="val_fraction"):
+        gather_shards(out, labels, CorpusOptions(val_fraction=0.2))
+    with open(layout.shard_dir(out, 1, 4) / "train.bin", "ab") as fh:
+        fh.write(b"\0\0")
+    with pytest.raises(TokenFilesError, match="00001-of-00004.*train.bin size.*forcerun tokenize_shard"):
+        gather_shards(out, labels, options)
+
+
+def test_tokenizer_sample_takes_an_equal_share_of_every_file(tmp_path):
+    corpus = small_corpus(tmp_path / "corpus", documents=2)
+    # Two JSONL files of many training documents; a small sample reads only each file's first ones.
+    documents = [f"{PARAGRAPHS[i % 4]} number {i}" for i in range(200)]
+    options = CorpusOptions(val_fraction=0.01)
+    for name, part in (("a.jsonl", documents[:100]), ("b.jsonl", documents[100:])):
+        (corpus / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    sources = resolve_sources([corpus / "*.jsonl"])
+    sample = "".join(tok.tokenizer_sample(sources, options, sample_bytes=2000))
+    held_out = {d.text for d in options.documents(sources) if d.held_out}
+    first_a = [t for t in documents[:100] if t not in held_out]
+    first_b = [t for t in documents[100:] if t not in held_out]
+    taken_a = next(i for i in range(1, 100) if sum(len(t.encode()) for t in first_a[:i]) >= 1000)
+    taken_b = next(i for i in range(1, 100) if sum(len(t.encode()) for t in first_b[:i]) >= 1000)
+    assert sample == "".join(first_a[:taken_a] + first_b[:taken_b])
+    # The sample decides the tokenizer: training on it by hand gives the same file.
+    make_tokenizer(sources, options, {"vocab_size": 300, "sample_bytes": 2000}, tmp_path / "tok.json")
+    by_hand = tok.train_tokenizer(first_a[:taken_a] + first_b[:taken_b], 300, 2)
+    assert json.loads((tmp_path / "tok.json").read_text()) == json.loads(by_hand.to_str())
 
 
 def test_determinism(tmp_path):
@@ -113,7 +247,8 @@ def test_determinism(tmp_path):
     first = tokenize_corpus(cfg, TOKENIZER_CFG, tmp_path / "a")
     second = tokenize_corpus(cfg, TOKENIZER_CFG, tmp_path / "b")
     assert first == second
-    for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
+    for name in (ONE_SHARD / "train.bin", ONE_SHARD / "val.bin", ONE_SHARD / "shard.json", "meta.json",
+                 "tokenizer.json"):  # fmt: skip
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # Re-running into an existing directory replaces it.
     assert tokenize_corpus(cfg, TOKENIZER_CFG, tmp_path / "a") == first
@@ -123,10 +258,7 @@ def test_determinism(tmp_path):
 def test_gzip_jsonl_and_globs(tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)
-    texts = {
-        "plain.txt": PARAGRAPHS[0],
-        "packed.txt.gz": PARAGRAPHS[1],
-    }
+    texts = {"plain.txt": PARAGRAPHS[0], "packed.txt.gz": PARAGRAPHS[1]}
     (corpus / "plain.txt").write_text(texts["plain.txt"])
     with gzip.open(corpus / "packed.txt.gz", "wt", encoding="utf-8", newline="") as fh:
         fh.write(texts["packed.txt.gz"])
@@ -136,22 +268,21 @@ def test_gzip_jsonl_and_globs(tmp_path):
     with gzip.open(corpus / "sub" / "b.jsonl.gz", "wt", encoding="utf-8") as fh:
         fh.write("\n".join(lines[2:]) + "\n")
 
-    pieces = list(iter_documents([corpus / "*.txt*", corpus / "sub" / "*.jsonl*"]))
-    assert [(p.source, p.index) for p in pieces] == [
-        ("packed.txt.gz", 0), ("plain.txt", 0), ("sub/a.jsonl", 0), ("sub/a.jsonl", 1),
-        ("sub/b.jsonl.gz", 0), ("sub/b.jsonl.gz", 1),
+    sources = resolve_sources([corpus / "*.txt*", corpus / "sub" / "*.jsonl*"])
+    assert [(Path(s.label).name, s.kind, s.compression) for s in sources] == [
+        ("packed.txt.gz", "text", "gzip"), ("plain.txt", "text", None), ("a.jsonl", "jsonl", None),
+        ("b.jsonl.gz", "jsonl", "gzip"),
     ]  # fmt: skip
-    assert all(p.last for p in pieces)  # small documents are single pieces
     expected = [texts["packed.txt.gz"], texts["plain.txt"], *jsonl_docs]
-    assert [p.text for p in pieces] == expected
+    assert [text for source in sources for text in read_documents(source)] == expected
 
     out = tmp_path / "tokens"
     meta = tokenize_corpus(corpus_cfg([corpus / "**" / "*.*"], val_fraction=0.4), TOKENIZER_CFG, out)
     assert meta["train_documents"] + meta["val_documents"] == len(expected)
     train, val, _ = load_tokens(out)
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
-    documents = decoded_documents(np.asarray(train), tokenizer, meta["eot_id"])
-    documents += decoded_documents(np.asarray(val), tokenizer, meta["eot_id"])
+    documents = decoded_documents(everything(train), tokenizer, meta["eot_id"])
+    documents += decoded_documents(everything(val), tokenizer, meta["eot_id"])
     assert sorted(documents) == sorted(expected)  # literal "<|endoftext|>" stayed text
 
 
@@ -167,19 +298,13 @@ def test_given_tokenizer_is_used_as_is(shakespeare_tokens, tmp_path):
 
 
 def test_big_plain_text_file_becomes_documents_at_blank_lines(tmp_path, monkeypatch):
-    monkeypatch.setattr(tk, "DOCUMENT_SPLIT_CHARS", 300)
-    monkeypatch.setattr(tk, "PIECE_CHARS", 128)
-    monkeypatch.setattr(tk, "READ_BLOCK_BYTES", 100)
+    monkeypatch.setattr(readers, "DOCUMENT_SPLIT_CHARS", 300)
+    monkeypatch.setattr(readers, "READ_BLOCK_BYTES", 100)
     text = "".join(PARAGRAPHS * 6)
     (tmp_path / "big.txt").write_text(text, newline="")
-    pieces = list(iter_documents([tmp_path / "big.txt"]))
-    assert max(len(p.text) for p in pieces) <= 128
-    documents: dict[int, str] = {}
-    for piece in pieces:
-        documents[piece.index] = documents.get(piece.index, "") + piece.text
-    assert "".join(documents.values()) == text
-    assert len(documents) > 3 and list(documents) == list(range(len(documents)))
-    for index, document in documents.items():
+    documents = list(read_documents(resolve_sources(tmp_path / "big.txt")[0]))
+    assert "".join(documents) == text and len(documents) > 3
+    for index, document in enumerate(documents):
         assert len(document) > 300 or index == len(documents) - 1
         assert index == 0 or not document[0].isspace()  # a document starts at text after a blank line
         assert index == len(documents) - 1 or document.endswith("\n")
@@ -225,47 +350,56 @@ def bad_input(kind: str, tmp_path: Path):
         (tmp_path / "broken.json").write_text('{"not": "a tokenizer"}')
         tokenizer_cfg["path"] = str(tmp_path / "broken.json")
         words = ["broken.json", "not a loadable tokenizer.json"]
-    elif kind == "empty validation split":
-        paths = [str(corpus / "doc01.txt")]  # a training document at split_seed 0, val_fraction 0.3
-        words = ["validation split is empty", "raise corpus.val_fraction or add documents"]
-    elif kind == "empty training split":
-        paths = [str(corpus / "doc00.txt")]  # a validation document
-        words = ["training split is empty", "lower corpus.val_fraction or add documents"]
+    elif kind in ("empty validation split", "empty training split"):
+        want_val = kind == "empty training split"
+        paths = [str(next(p for p in sorted(corpus.glob("*.txt")) if split_of(p, 0.3) == want_val))]
+        side, fix = ("training", "lower") if want_val else ("validation", "raise")
+        words = [f"{side} split is empty", f"{fix} corpus.val_fraction or add documents"]
+    elif kind == "too many shards":
+        return paths, tokenizer_cfg, ["corpus.shards=9", "4 files", "whole files"], 9
     else:
         raise AssertionError(kind)
-    return paths, tokenizer_cfg, words
+    return paths, tokenizer_cfg, words, 1
 
 
 BAD_INPUTS = [
     "missing path", "empty file", "whitespace file", "invalid utf-8", "jsonl without the field",
     "jsonl bad line", "corrupt gzip", "truncated gzip", "missing tokenizer", "unloadable tokenizer",
-    "empty validation split", "empty training split",
+    "empty validation split", "empty training split", "too many shards",
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
 def test_bad_input_raises_and_leaves_nothing(kind, tmp_path):
-    paths, tokenizer_cfg, words = bad_input(kind, tmp_path)
+    paths, tokenizer_cfg, words, shards = bad_input(kind, tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(CorpusError) as caught:
-        tokenize_corpus(corpus_cfg(paths, val_fraction=0.3), tokenizer_cfg, tmp_path / "out" / "tokens")
+        tokenize_corpus(corpus_cfg(paths, 0.3, shards), tokenizer_cfg, tmp_path / "out" / "tokens")
     for word in words:
         assert word in str(caught.value), (word, str(caught.value))
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out/, no temporary directory
 
 
+def test_empty_split_over_several_shards_is_refused_at_the_gather(tmp_path):
+    corpus = small_corpus(tmp_path / "corpus", documents=6)
+    training = [p for p in sorted(corpus.glob("*.txt")) if not split_of(p, 0.3)]
+    with pytest.raises(CorpusError, match="validation split is empty"):
+        tokenize_corpus(corpus_cfg(training, 0.3, shards=2), TOKENIZER_CFG, tmp_path / "tokens")
+    assert leftovers(tmp_path, keep={"corpus"}) == []
+
+
 def test_invalid_utf8_offset_across_read_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(tk, "READ_BLOCK_BYTES", 3)
+    monkeypatch.setattr(readers, "READ_BLOCK_BYTES", 3)
     (tmp_path / "x.txt").write_bytes("ab\ncé\nd".encode() + b"\xc3(" + b"\n")  # é straddles a block
     with pytest.raises(CorpusError, match=r"x\.txt: invalid UTF-8 at byte 8 \(line 3\)"):
-        list(iter_documents([tmp_path / "x.txt"]))
+        list(read_documents(resolve_sources(tmp_path / "x.txt")[0]))
 
 
 def test_failure_while_encoding_keeps_old_output_and_cleans_up(tmp_path, monkeypatch):
     corpus = small_corpus(tmp_path / "corpus")
     cfg = corpus_cfg([corpus / "*.txt"])
     tokenize_corpus(cfg, TOKENIZER_CFG, tmp_path / "tokens")
-    old = {p.name: p.read_bytes() for p in (tmp_path / "tokens").iterdir()}
+    old = {p: p.read_bytes() for p in (tmp_path / "tokens").rglob("*") if p.is_file()}
 
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -273,7 +407,7 @@ def test_failure_while_encoding_keeps_old_output_and_cleans_up(tmp_path, monkeyp
     monkeypatch.setattr(tk, "encode_batch_ids", explode)
     with pytest.raises(RuntimeError, match="disk full"):
         tokenize_corpus(cfg, {**TOKENIZER_CFG, "vocab_size": 300}, tmp_path / "tokens")
-    assert {p.name: p.read_bytes() for p in (tmp_path / "tokens").iterdir()} == old
+    assert {p: p.read_bytes() for p in (tmp_path / "tokens").rglob("*") if p.is_file()} == old
     assert leftovers(tmp_path, keep={"corpus", "tokens"}) == []
 
 
@@ -281,9 +415,12 @@ def test_load_tokens_refuses_files_that_do_not_match(tmp_path):
     corpus = small_corpus(tmp_path / "corpus")
     out = tmp_path / "tokens"
     tokenize_corpus(corpus_cfg([corpus / "*.txt"]), TOKENIZER_CFG, out)
-    with open(out / "val.bin", "ab") as fh:
+    with open(out / ONE_SHARD / "val.bin", "ab") as fh:
         fh.write(b"\0\0")
     with pytest.raises(TokenFilesError, match="val.bin"):
+        load_tokens(out)
+    (out / "meta.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(TokenFilesError, match="format_version 1, this code reads 2"):
         load_tokens(out)
     (out / "meta.json").unlink()
     with pytest.raises(TokenFilesError, match="meta.json does not exist"):
@@ -291,10 +428,48 @@ def test_load_tokens_refuses_files_that_do_not_match(tmp_path):
 
 
 def test_long_jsonl_document_is_cut_into_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(tk, "PIECE_CHARS", 50)
+    monkeypatch.setattr(tok, "PIECE_CHARS", 50)
     text = "".join(PARAGRAPHS) * 3
+    batches = list(tk.iter_batches(corpus_module.documents([_jsonl(tmp_path, text)], "text", 0.5, 0)))
+    [(split, pieces, ends)] = batches
+    assert len(pieces) > 5 and all(len(p) <= 50 for p in pieces) and "".join(pieces) == text
+    assert ends == [False] * (len(pieces) - 1) + [True]
+
+
+def _jsonl(tmp_path: Path, text: str):
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    pieces = list(iter_documents(tmp_path / "one.jsonl"))
-    assert len(pieces) > 5 and all(len(p.text) <= 50 and p.index == 0 for p in pieces)
-    assert [p.last for p in pieces] == [False] * (len(pieces) - 1) + [True]
-    assert "".join(p.text for p in pieces) == text
+    return resolve_sources(tmp_path / "one.jsonl")[0]
+
+
+def test_given_sentencepiece_style_tokenizer_keeps_exact_ids(tmp_path, monkeypatch):
+    """An existing LLM's tokenizer with its own end-of-text token, which marks where a text starts
+    (Metaspace, as Llama 2's): documents are encoded whole, so ids equal one encode call each."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    spm = SentencePieceBPETokenizer()
+    spm.train_from_iterator(PARAGRAPHS * 20, vocab_size=300, special_tokens=["<unk>", "</s>"], show_progress=False)
+    spm.save(str(tmp_path / "llama_like.json"))
+    given = Tokenizer.from_file(str(tmp_path / "llama_like.json"))
+    monkeypatch.setattr(tok, "PIECE_CHARS", 40)  # every document is longer than a piece
+    documents = [f"Part {i}. " + "".join(PARAGRAPHS[i % 4:] + PARAGRAPHS[:i % 4]) for i in range(8)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    # Encoding in pieces would change the ids: the guard is needed.
+    assert not tok.exact_cuts(given) and tok.exact_cuts(tok.train_tokenizer(PARAGRAPHS, 300, 1))
+    pieced = [i for piece in tok.pieces(documents[0]) for i in given.encode(piece, add_special_tokens=False).ids]
+    assert pieced != given.encode(documents[0], add_special_tokens=False).ids
+
+    cfg = corpus_cfg([tmp_path / "docs.jsonl"], val_fraction=0.4)
+    with pytest.raises(CorpusError, match="no '<\\|endoftext\\|>' token.*set tokenizer.eot_token"):
+        tokenize_corpus(cfg, {"path": str(tmp_path / "llama_like.json")}, tmp_path / "refused")
+    meta = tokenize_corpus(cfg, {"path": str(tmp_path / "llama_like.json"), "eot_token": "</s>"}, tmp_path / "t")
+    eot = given.token_to_id("</s>")
+    train, val, _ = load_tokens(tmp_path / "t")
+    for stream, held_out in ((train, False), (val, True)):
+        expected = [i for d in documents if split_of_text(d, 0.4) == held_out
+                    for i in given.encode(d, add_special_tokens=False).ids + [eot]]  # fmt: skip
+        assert everything(stream).tolist() == expected
+    assert meta["eot_id"] == eot and meta["train_documents"] and meta["val_documents"]
+
+
+def split_of_text(text: str, val_fraction: float) -> bool:
+    return corpus_module.is_held_out(hashlib.sha256(text.encode()).digest(), 0, val_fraction)

@@ -1,7 +1,8 @@
 """`upcycling`: the pipeline's stages as commands. The Snakefile's rules call these.
 
     upcycling check-config   validate a sweep config (schema + semantic checks)
-    upcycling tokenize       corpus -> tokenizer.json, train/val token memmaps, meta.json
+    upcycling tokenize       corpus -> tokenizer.json, token shards (train/val memmaps), meta.json
+    upcycling train-tokenizer / tokenize-shard / tokenize-gather   the same, step by step (Snakemake)
     upcycling train          one training job (dense, upcycled or scratch MoE; WSD stable or final)
     upcycling transform      dense export -> a second-stage method's initial export (MoE upcycling, growth, ...)
     upcycling aggregate      every metrics JSON -> results/losses.zarr
@@ -67,7 +68,7 @@ def _inventory(args):
 
     if not args.config:
         raise InputError("give --spec (as the Snakefile's rules do) or --config with a sweep config")
-    return Inventory(load_sweep(args.config, base_dir=args.workdir))
+    return Inventory(load_sweep(args.config, base_dir=args.workdir), args.workdir)
 
 
 def _spec(args, rule: str, wildcards: dict | None = None) -> dict:
@@ -87,20 +88,55 @@ def cmd_check_config(args) -> int:
     return 0
 
 
+def _corpus(args, spec: dict):
+    """The corpus files a tokens job reads (labels relative to --workdir) and the corpus options."""
+    from .corpus import CorpusOptions, resolve_sources
+
+    return resolve_sources(spec["files"], args.workdir), CorpusOptions.from_config(spec["corpus"])
+
+
 def cmd_tokenize(args) -> int:
+    """The whole tokens stage in one process (by hand; the rules run it as the three steps below)."""
+    from .config import load_sweep
     from .tokenize import tokenize_corpus
 
+    if not args.config:
+        raise InputError("give --config with a sweep config (the rules run train-tokenizer, tokenize-shard and "
+                         "tokenize-gather with their specs)")
+    sweep = load_sweep(args.config, base_dir=args.workdir)
+    out = Path(args.out) if args.out else sweep.tokens_dir
+    meta = tokenize_corpus(sweep.mapping["corpus"], sweep.mapping["tokenizer"], out, base_dir=args.workdir)
+    log.info("tokens in %s: %d train, %d val (vocab %d) in %d shards", out, meta["train_tokens"],
+             meta["val_tokens"], meta["vocab_size"], len(meta["shards"]))
+    return 0
+
+
+def cmd_train_tokenizer(args) -> int:
+    from .tokenizer import make_tokenizer
+
+    spec = _spec(args, "train_tokenizer")
+    sources, options = _corpus(args, spec)
+    make_tokenizer(sources, options, spec["tokenizer"], Path(spec["out"]), base_dir=args.workdir)
+    return 0
+
+
+def cmd_tokenize_shard(args) -> int:
+    from .tokenize import tokenize_shard
+
+    spec = _spec(args, "tokenize_shard", {"shard": args.shard})
+    sources, options = _corpus(args, spec)
+    tokenize_shard(sources, options, spec["tokenizer_file"], spec["out"], spec["index"], spec["count"],
+                   spec["eot_token"])
+    return 0
+
+
+def cmd_tokenize_gather(args) -> int:
+    from .corpus import CorpusOptions
+    from .tokenize import gather_shards
+
     spec = _spec(args, "tokenize")
-    base = Path(args.workdir)
-    corpus = dict(spec["corpus"])
-    corpus["paths"] = [p if os.path.isabs(p) else str(base / p) for p in corpus["paths"]]
-    tokenizer = dict(spec["tokenizer"])
-    if tokenizer.get("path") and not os.path.isabs(tokenizer["path"]):
-        tokenizer["path"] = str(base / tokenizer["path"])
-    out = Path(args.out or spec["out"])
-    meta = tokenize_corpus(corpus, tokenizer, out)
-    log.info("tokens in %s: %d train, %d val (vocab %d)", out, meta["train_tokens"], meta["val_tokens"],
-             meta["vocab_size"])
+    gather_shards(spec["tokens_dir"], spec["plan"], CorpusOptions.from_config(spec["corpus"]))
+    return 0
     return 0
 
 
@@ -292,9 +328,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="config/config.yaml", help="sweep config YAML")
     p.add_argument("--workdir", default=".", help="directory that relative paths in the config start from")
 
-    p = command("tokenize", cmd_tokenize, "train/load the tokenizer and write token memmaps")
-    _add_source(p, "tokenize job's spec")
+    p = command("tokenize", cmd_tokenize, "the whole tokens stage in one process (every shard)")
+    _add_source(p, "(unused: the rules run the three steps)")
     p.add_argument("--out", help="output directory (default: <results_dir>/tokens)")
+
+    p = command("train-tokenizer", cmd_train_tokenizer, "tokens stage, step 1: tokenizer.json (trained on a sample, or given)")
+    _add_source(p, "train_tokenizer job's spec")
+
+    p = command("tokenize-shard", cmd_tokenize_shard, "tokens stage, step 2: one shard's token memmaps")
+    _add_source(p, "tokenize_shard job's spec")
+    p.add_argument("--shard", help="with --config: which shard, e.g. 00002-of-00004")
+
+    p = command("tokenize-gather", cmd_tokenize_gather, "tokens stage, step 3: check the shards, write meta.json")
+    _add_source(p, "tokenize (gather) job's spec")
 
     p = command("train", cmd_train, "one training job of a dense, upcycled or scratch MoE run")
     _add_source(p, "training job's spec")

@@ -15,10 +15,8 @@ errors, each with its key path and a hint, and copies every default.
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
-import struct
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -245,34 +243,31 @@ def _check_semantics(sweep: Sweep) -> None:
         raise ConfigError(growth)
 
 
-# ----------------------------------------------------------------------------- the corpus on disk
+def resolve_corpus_paths(patterns, base_dir: Path) -> list:
+    """The corpus files (upcycling.corpus.Source) the patterns name; ConfigError if one matches
+    nothing or names a file or directory the tokens stage cannot read."""
+    from .corpus import CorpusError, resolve_sources
+
+    try:
+        return resolve_sources(patterns, base_dir)
+    except CorpusError as exc:
+        raise ConfigError(f"config key 'corpus.paths': {str(exc).removeprefix('corpus.paths: ')}") from None
 
 
-def resolve_corpus_paths(patterns, base_dir: Path) -> list[Path]:
-    files_found: list[Path] = []
-    for pattern in patterns:
-        full = pattern if os.path.isabs(pattern) else str(base_dir / pattern)
-        matches = sorted(glob.glob(full, recursive=True))
-        if not matches:
-            raise ConfigError(
-                f"config key 'corpus.paths': '{pattern}' matches no file (looked in {base_dir}): "
-                "fix the path or glob"
-            )
-        files_found.extend(Path(match) for match in matches if Path(match).is_file())
-    return files_found
+def estimated_text_bytes(source) -> int:
+    """Bytes of text in a corpus file (upcycling.corpus.Source), cheaply estimated."""
+    from .corpus import estimated_text_bytes as estimate
 
-
-def estimated_text_bytes(path: Path) -> int:
-    """Uncompressed size: the file size, or for gzip the ISIZE trailer (size mod 2^32)."""
-    if path.suffix != ".gz":
-        return path.stat().st_size
-    with open(path, "rb") as fh:
-        fh.seek(-4, os.SEEK_END)
-        return struct.unpack("<I", fh.read(4))[0]
+    return estimate(source)
 
 
 def _check_corpus(sweep: Sweep, base_dir: Path) -> None:
     files_found = resolve_corpus_paths(sweep.corpus.paths, base_dir)
+    if sweep.corpus.shards > len(files_found):
+        raise ConfigError(
+            f"config key 'corpus.shards': {sweep.corpus.shards} shards, but corpus.paths names {len(files_found)} "
+            f"files and a shard is whole files: lower corpus.shards to at most {len(files_found)}"
+        )
     tokenizer_path = sweep.tokenizer.path
     if tokenizer_path:
         full = Path(tokenizer_path) if os.path.isabs(tokenizer_path) else base_dir / tokenizer_path
@@ -289,7 +284,7 @@ def _check_corpus(sweep: Sweep, base_dir: Path) -> None:
         train_tokens = json.loads(meta_path.read_text())["train_tokens"]
         how = f"{train_tokens} training tokens in {meta_path}"
     else:
-        corpus_bytes = sum(estimated_text_bytes(path) for path in files_found)
+        corpus_bytes = sum(estimated_text_bytes(source) for source in files_found)
         train_tokens = int(corpus_bytes * (1 - sweep.corpus.val_fraction) / BYTES_PER_TOKEN_ESTIMATE)
         how = f"about {train_tokens} training tokens estimated from {corpus_bytes} bytes of corpus"
     budget = int(train_tokens * sweep.data.max_epochs)

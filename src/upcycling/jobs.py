@@ -38,8 +38,10 @@ DENSE = "dense/{size}/seed{seed}"
 UPCYCLED = "upcycled/{size}/seed{seed}/d1_{d1}/{variant}"
 SCRATCH = "scratch/{size}/seed{seed}/{variant}"
 PATTERNS: dict[str, dict[str, str]] = {
-    "tokenize": {"train": "tokens/train.bin", "val": "tokens/val.bin", "meta": "tokens/meta.json",
-                 "tokenizer": "tokens/tokenizer.json"},
+    "train_tokenizer": {"tokenizer": "tokens/tokenizer.json"},
+    "tokenize_shard": {"train": "tokens/shards/{shard}/train.bin", "val": "tokens/shards/{shard}/val.bin",
+                       "sidecar": "tokens/shards/{shard}/shard.json"},
+    "tokenize": {"meta": "tokens/meta.json"},
     "dense_stable": {"checkpoint": f"checkpoints/{DENSE}/stable_{{point}}"},
     "dense_final": {"metrics": f"{DENSE}/d1_{{d1}}/metrics.json",
                     "weights": f"{DENSE}/d1_{{d1}}/hf/model.safetensors",
@@ -55,7 +57,9 @@ PATTERNS: dict[str, dict[str, str]] = {
                "guidance": "report/guidance.json"},
 }
 LOGS: dict[str, str] = {
-    "tokenize": "logs/tokenize.log",
+    "train_tokenizer": "logs/tokens/train_tokenizer.log",
+    "tokenize_shard": "logs/tokens/shard_{shard}.log",
+    "tokenize": "logs/tokens/gather.log",
     "dense_stable": f"logs/{DENSE}/stable_{{point}}.log",
     "dense_final": f"logs/{DENSE}/d1_{{d1}}.log",
     "transform": f"logs/{UPCYCLED}/transform.log",
@@ -69,8 +73,10 @@ LOGS: dict[str, str] = {
 }
 BUDGET_KEY = {"dense": "d1", "upcycled": "d2", "scratch": "d"}  # the wildcard of a run's budget D
 TRAINING_RULES = tuple(f"{family}_{phase}" for family in BUDGET_KEY for phase in ("stable", "final"))
-RULES = ("tokenize", "dense_stable", "dense_final", "transform", "upcycled_stable", "upcycled_final",
+RULES = ("train_tokenizer", "tokenize_shard", "tokenize", "dense_stable", "dense_final", "transform", "upcycled_stable", "upcycled_final",
          "scratch_stable", "scratch_final", "aggregate", "fit", "report")
+# Tokenizer settings that only estimate runtimes (the rest decide the tokens).
+TOKENIZER_ESTIMATES = ("threads", "tokens_per_s_per_core", "bytes_per_token")
 # Training settings that change a result (the rest of the section is operational).
 RESULT_TRAINING_KEYS = ("micro_batch_size", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_tokens", "schedule",
                         "decay_fraction", "weight_decay", "adam_betas", "grad_clip", "eval_every_tokens",
@@ -138,6 +144,7 @@ class Job:
     lineage: Lineage | None = None
     phase: str | None = None  # training jobs: stable | final
     tokens: int = 0  # tokens this job trains
+    cost: Any = None  # tokens-stage jobs: their estimate (upcycling.tokens.TokenizeJob)
 
     @property
     def label(self) -> str:
@@ -277,19 +284,80 @@ def _log(sweep: Sweep, rule: str, wildcards: Mapping[str, str]) -> str:
 # ----------------------------------------------------------------------------- the inventory
 
 
-def jobs(sweep: Sweep) -> list[Job]:
-    """Every job of the sweep, each after the jobs it depends on."""
-    return list(_jobs(sweep))
+def jobs(sweep: Sweep, corpus: list | None = None) -> list[Job]:
+    """Every job of the sweep, each after the jobs it depends on. ``corpus``: the corpus files
+    (upcycling.corpus.Source), or None to plan the tokens stage from an estimate (no corpus)."""
+    return list(_jobs(sweep, corpus))
 
 
-def _jobs(sweep: Sweep) -> Iterator[Job]:
+def _corpus_estimate(sweep: Sweep) -> list[tuple[str, int]]:
+    """(label, bytes) of stand-in corpus files, one per shard, for planning without the corpus:
+    enough text for the largest budget within data.max_epochs."""
+    largest = max(max(values) for values in (sweep.sweep.d1_tokens, sweep.sweep.d2_tokens, sweep.scratch_d_tokens))
+    text = largest / sweep.data.max_epochs / (1 - sweep.corpus.val_fraction) * sweep.tokenizer.bytes_per_token
+    shards = sweep.corpus.shards
+    return [(f"<corpus part {index + 1} of {shards}>", int(text / shards)) for index in range(shards)]
+
+
+def _tokens_jobs(sweep: Sweep, corpus: list | None) -> Iterator[Job]:
+    """The tokens stage as a scatter/gather (upcycling.tokens): the tokenizer once, one job per
+    corpus shard, the gather (meta.json, which every training job reads)."""
+    from . import tokens as layout  # numpy only
+
+    mapping = sweep.mapping
+    corpus_settings = {key: value for key, value in mapping["corpus"].items() if key not in ("paths", "shards")}
+    tokenizer_settings = {key: value for key, value in mapping["tokenizer"].items() if key not in TOKENIZER_ESTIMATES}
+    if corpus is not None:
+        from .corpus import estimated_text_bytes
+
+        files = [(source.label, source.size) for source in corpus]
+        paths = [str(source.path) for source in corpus]
+        text_bytes = [estimated_text_bytes(source) for source in corpus]
+    else:
+        files, paths = _corpus_estimate(sweep), []
+        text_bytes = [size for _, size in files]
+    labels = [label for label, _ in files]
+    costs = layout.tokenize_jobs(mapping, sweep.tokens_dir, labels, [size for _, size in files], text_bytes)
+    tokens_fingerprint = fingerprint({"files": files, "corpus": corpus_settings, "tokenizer": tokenizer_settings})
+    tokens_dir = sweep.tokens_dir
+    outputs = _outputs(sweep, "train_tokenizer", {})
+    tokenizer = Job("train_tokenizer", {}, outputs, {f"file{index}": path for index, path in enumerate(paths)},
+                    _log(sweep, "train_tokenizer", {}),
+                    {"files": labels, "sizes": [size for _, size in files], "corpus": corpus_settings,
+                     "tokenizer": tokenizer_settings, "out": outputs["tokenizer"]}, cost=costs[0])
+    yield tokenizer
+    count = sweep.corpus.shards
+    plan = layout.shard_plan([size for _, size in files], count)
+    shards = []
+    for index, members in enumerate(plan):
+        wildcards = {"shard": layout.shard_name(index, count)}
+        outputs = _outputs(sweep, "tokenize_shard", wildcards)
+        inputs = {"tokenizer": tokenizer.outputs["tokenizer"],
+                  **{f"file{i}": paths[i] for i in members if paths}}
+        shard = Job("tokenize_shard", wildcards, outputs, inputs, _log(sweep, "tokenize_shard", wildcards),
+                    {"files": [labels[i] for i in members], "sizes": [files[i][1] for i in members],
+                     "corpus": corpus_settings, "tokenizer_file": tokenizer.outputs["tokenizer"],
+                     "eot_token": sweep.tokenizer.eot_token, "out": str(Path(outputs["sidecar"]).parent),
+                     "index": index, "count": count, "upstream": tokenizer.fingerprint}, cost=costs[index + 1])
+        shards.append(shard)
+        yield shard
+    yield Job("tokenize", {}, _outputs(sweep, "tokenize", {}),
+              {"tokenizer": tokenizer.outputs["tokenizer"],
+               **{f"shard{index}": shard.outputs["sidecar"] for index, shard in enumerate(shards)}},
+              _log(sweep, "tokenize", {}),
+              {"tokens_dir": str(tokens_dir), "plan": [[labels[i] for i in members] for members in plan],
+               "corpus": corpus_settings, "tokens": tokens_fingerprint,
+               "upstream": [shard.fingerprint for shard in shards]}, cost=costs[-1])
+
+
+def _jobs(sweep: Sweep, corpus: list | None) -> Iterator[Job]:
     root, training = sweep.results_dir, sweep.training
-    tokenize_spec = {"corpus": dataclasses.asdict(sweep.corpus), "tokenizer": dataclasses.asdict(sweep.tokenizer),
-                     "out": str(sweep.tokens_dir)}
-    tokenize = Job("tokenize", {}, _outputs(sweep, "tokenize", {}), {}, _log(sweep, "tokenize", {}),
-                   tokenize_spec)
-    yield tokenize
+    tokenize = None
+    for tokenize in _tokens_jobs(sweep, corpus):
+        yield tokenize
     meta = tokenize.outputs["meta"]
+    # What the tokens are a function of (not how they were sharded: the stream is the same).
+    tokens = tokenize.spec["tokens"]
     dense_exports: dict[tuple[str, int, int], Job] = {}
     metrics_jobs: list[Job] = []
 
@@ -297,7 +365,7 @@ def _jobs(sweep: Sweep) -> Iterator[Job]:
     for lineage in ordered:
         inputs = {"meta": meta}
         start: dict = {}
-        upstream = tokenize.fingerprint
+        upstream = tokens
         if lineage.family == "upcycled":
             dense = dense_exports[(lineage.size, lineage.seed, lineage.d1)]
             wildcards = lineage.wildcards
@@ -330,7 +398,7 @@ def _jobs(sweep: Sweep) -> Iterator[Job]:
                 job_upstream = previous.fingerprint
             partial = Path(outputs["checkpoint"] + ".partial")
             spec = _train_spec(sweep, _label(rule, wildcards), lineage, "stable", point, job_start, job_upstream,
-                               tokenize.fingerprint, outputs, partial)
+                               tokens, outputs, partial)
             previous_point = int(previous.wildcards["point"]) if previous else 0
             job = Job(rule, wildcards, outputs, job_inputs, _log(sweep, rule, wildcards), spec, lineage, "stable",
                       point - previous_point)
@@ -350,7 +418,7 @@ def _jobs(sweep: Sweep) -> Iterator[Job]:
                 job_inputs, job_start, job_upstream, trained = inputs, start, upstream, budget
             partial = Path(sweep.results_dir / "checkpoints" / lineage.name / f"{BUDGET_KEY[lineage.family]}_{budget}.partial")
             spec = _train_spec(sweep, _label(rule, wildcards), lineage, "final", budget, job_start, job_upstream,
-                               tokenize.fingerprint, outputs, partial)
+                               tokens, outputs, partial)
             job = Job(rule, wildcards, outputs, job_inputs, _log(sweep, rule, wildcards), spec, lineage, "final",
                       trained)
             yield job
@@ -384,11 +452,22 @@ class UnknownJob(InputError):
 
 
 class Inventory:
-    """The jobs of one sweep, looked up the way Snakemake names them: rule and wildcards."""
+    """The jobs of one sweep, looked up the way Snakemake names them: rule and wildcards.
 
-    def __init__(self, sweep: Sweep):
+    ``base_dir``: where the corpus paths start. The corpus files found there give the tokens
+    stage's real shard plan; without them (planning a sweep whose corpus is elsewhere) the tokens
+    jobs are planned from an estimate of the text the sweep needs."""
+
+    def __init__(self, sweep: Sweep, base_dir: str | Path | None = None):
+        from .corpus import CorpusError, resolve_sources
+
         self.sweep = sweep
-        self.jobs = jobs(sweep)
+        try:
+            corpus = resolve_sources(sweep.corpus.paths, base_dir) if base_dir is not None else None
+        except CorpusError:
+            corpus = None
+        self.corpus = corpus
+        self.jobs = jobs(sweep, corpus)
         self._by_key = {(job.rule, _key(job.wildcards)): job for job in self.jobs}
 
     def find(self, rule: str, wildcards: Mapping[str, Any]) -> Job:

@@ -45,12 +45,12 @@ def _job_entry(sweep: Sweep, job: Job) -> dict:
     return entry
 
 
-def plan(sweep: Sweep, concurrent_jobs: int = 100) -> dict:
+def plan(sweep: Sweep, concurrent_jobs: int = 100, base_dir=None) -> dict:
     """Jobs per rule, each distinct job's resources, the sweep's GPU-hours and disk (see module doc).
 
     ``concurrent_jobs``: training jobs running at once (the Slurm profile's ``jobs``), for the peak
     disk of in-flight checkpoints."""
-    inventory = Inventory(sweep)
+    inventory = Inventory(sweep, base_dir)
     entries = [_job_entry(sweep, job) for job in inventory.jobs]
     training = [entry for entry in entries if "expected_hours" in entry]
     sizes = list(sweep.dense_models)
@@ -208,7 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = plan(load_sweep(args.config, base_dir=args.workdir, check_corpus=False))
+    result = plan(load_sweep(args.config, base_dir=args.workdir, check_corpus=False), base_dir=args.workdir)
     print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))
     for key in ("requested_gpu_hours", "expected_gpu_hours"):
         if not math.isfinite(result["totals"][key]):

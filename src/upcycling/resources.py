@@ -180,9 +180,13 @@ def job_resources(sweep: Sweep, job: Job) -> dict:
     """Resources of any job of the inventory (Snakemake calls this through the rules)."""
     if job.phase is not None:
         return training_resources(sweep, job)
+    if job.cost is not None:  # the tokens stage: estimated from the corpus bytes (upcycling.tokens)
+        from .tokens import slurm_resources
+
+        return {**slurm_resources(job.cost, sweep.mapping), **scheduler_placement(sweep)}
     resources = dict(SMALL_JOB, **scheduler_placement(sweep))
     if job.rule == "transform":  # dense and second-stage state in fp32, a few copies while converting
         resources["mem_mb"] = CPU_BASE_MEM_MB + math.ceil(job_params(sweep, job) * 16 / 1e6)
-    elif job.rule in ("tokenize", "fit"):
+    elif job.rule == "fit":
         resources["cpus_per_task"] = 2
     return resources

@@ -27,6 +27,8 @@ class Corpus:
     text_field: str
     val_fraction: float
     split_seed: int
+    shards: int
+    select: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,11 @@ class TokenizerSettings:
     vocab_size: int
     path: str | None
     min_frequency: int
+    eot_token: str
+    sample_bytes: int
+    threads: int
+    tokens_per_s_per_core: float
+    bytes_per_token: float
 
 
 @dataclass(frozen=True)

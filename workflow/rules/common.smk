@@ -10,7 +10,7 @@ try:
     SWEEP = sweep_from_mapping(config, workflow.basedir)
 except ConfigError as exc:
     raise WorkflowError(f"invalid config: {exc}") from None
-INVENTORY = Inventory(SWEEP)
+INVENTORY = Inventory(SWEEP, workflow.basedir)
 R = SWEEP.results_dir
 BASEDIR = workflow.basedir  # where relative corpus and tokenizer paths start
 
@@ -27,6 +27,7 @@ wildcard_constraints:
     d2=r"\d+",
     d=r"\d+",
     point=r"\d+",
+    shard=r"\d+-of-\d+",
     variant=VARIANT_PATTERN,
 
 

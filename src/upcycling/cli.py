@@ -10,6 +10,7 @@
     upcycling report         fits + store -> results/report/ (summary.md + figures)
     upcycling predict        planning: predicted loss and upcycle-or-scratch advice
     upcycling plan           the admin's view: jobs per rule, resources, GPU-hours, disk
+    upcycling calibrate      measure training throughput on this node; write it into the config
     upcycling clean          delete checkpoints that no job of the sweep will read
     upcycling submit         one training job to Slurm through submitit (requeued on preemption)
 
@@ -123,7 +124,7 @@ def cmd_train_tokenizer(args) -> int:
 def cmd_tokenize_shard(args) -> int:
     from .tokenize import tokenize_shard
 
-    spec = _spec(args, "tokenize_shard", {"shard": args.shard})
+    spec = _spec(args, "tokenize_shard", {"tokens": args.tokens, "shard": args.shard})
     sources, options = _corpus(args, spec)
     tokenize_shard(sources, options, spec["tokenizer_file"], spec["out"], spec["index"], spec["count"],
                    spec["eot_token"])
@@ -134,8 +135,8 @@ def cmd_tokenize_gather(args) -> int:
     from .corpus import CorpusOptions
     from .tokenize import gather_shards
 
-    spec = _spec(args, "tokenize")
-    gather_shards(spec["tokens_dir"], spec["plan"], CorpusOptions.from_config(spec["corpus"]))
+    spec = _spec(args, "tokenize", {"tokens": args.tokens})
+    gather_shards(spec["tokens_dir"], spec["plan"], CorpusOptions.from_config(spec["corpus"]), spec["tokenizer_file"])
     return 0
     return 0
 
@@ -338,9 +339,11 @@ def _parser() -> argparse.ArgumentParser:
     p = command("tokenize-shard", cmd_tokenize_shard, "tokens stage, step 2: one shard's token memmaps")
     _add_source(p, "tokenize_shard job's spec")
     p.add_argument("--shard", help="with --config: which shard, e.g. 00002-of-00004")
+    p.add_argument("--tokens", default="tokens", help="with --config: tokens, or tokens_stage2 (stage2.corpus)")
 
     p = command("tokenize-gather", cmd_tokenize_gather, "tokens stage, step 3: check the shards, write meta.json")
     _add_source(p, "tokenize (gather) job's spec")
+    p.add_argument("--tokens", default="tokens", help="with --config: tokens, or tokens_stage2 (stage2.corpus)")
 
     p = command("train", cmd_train, "one training job of a dense, upcycled or scratch MoE run")
     _add_source(p, "training job's spec")
@@ -392,6 +395,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("plan", plan.run, "the admin's view: jobs per rule, resources, GPU-hours, disk")
     plan.add_arguments(p)
+
+    from . import calibrate
+
+    p = command("calibrate", calibrate.run, "measure this node's training tokens/s per size; write them into the config")
+    calibrate.add_arguments(p)
 
     p = command("clean", cmd_clean, "delete checkpoints that no job of the sweep will read")
     p.add_argument("--config", default="config/config.yaml", help="sweep config YAML")

@@ -262,12 +262,6 @@ def estimated_text_bytes(source) -> int:
 
 
 def _check_corpus(sweep: Sweep, base_dir: Path) -> None:
-    files_found = resolve_corpus_paths(sweep.corpus.paths, base_dir)
-    if sweep.corpus.shards > len(files_found):
-        raise ConfigError(
-            f"config key 'corpus.shards': {sweep.corpus.shards} shards, but corpus.paths names {len(files_found)} "
-            f"files and a shard is whole files: lower corpus.shards to at most {len(files_found)}"
-        )
     tokenizer_path = sweep.tokenizer.path
     if tokenizer_path:
         full = Path(tokenizer_path) if os.path.isabs(tokenizer_path) else base_dir / tokenizer_path
@@ -276,23 +270,38 @@ def _check_corpus(sweep: Sweep, base_dir: Path) -> None:
                 f"config key 'tokenizer.path': {tokenizer_path} does not exist: give a tokenizer.json "
                 "or set path to null to train one"
             )
+    _check_one_corpus(sweep, base_dir, "corpus", sweep.corpus, "tokens", _token_budgets(sweep))
+    if sweep.stage2.corpus is not None and "continue" in sweep.stage2.methods:
+        _check_one_corpus(sweep, base_dir, "stage2.corpus", sweep.stage2.corpus, "tokens_stage2",
+                          {"sweep.d2_tokens": sweep.sweep.d2_tokens})
 
+
+def _check_one_corpus(sweep: Sweep, base_dir: Path, key: str, corpus, tokens: str, budgets: dict) -> None:
+    """The corpus's files exist, can be sharded so, and hold the tokens its runs train on."""
+    try:
+        files_found = resolve_corpus_paths(corpus.paths, base_dir)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("'corpus.paths'", f"'{key}.paths'")) from None
+    if corpus.shards > len(files_found):
+        raise ConfigError(
+            f"config key '{key}.shards': {corpus.shards} shards, but {key}.paths names {len(files_found)} "
+            f"files and a shard is whole files: lower {key}.shards to at most {len(files_found)}"
+        )
     # Exact token count once the tokens exist; before that, an estimate from the corpus size.
-    tokens_dir = sweep.tokens_dir if sweep.tokens_dir.is_absolute() else base_dir / sweep.tokens_dir
-    meta_path = tokens_dir / "meta.json"
+    results = sweep.results_dir if sweep.results_dir.is_absolute() else base_dir / sweep.results_dir
+    meta_path = results / tokens / "meta.json"
     if meta_path.is_file():
         train_tokens = json.loads(meta_path.read_text())["train_tokens"]
         how = f"{train_tokens} training tokens in {meta_path}"
     else:
         corpus_bytes = sum(estimated_text_bytes(source) for source in files_found)
-        train_tokens = int(corpus_bytes * (1 - sweep.corpus.val_fraction) / BYTES_PER_TOKEN_ESTIMATE)
-        how = f"about {train_tokens} training tokens estimated from {corpus_bytes} bytes of corpus"
+        train_tokens = int(corpus_bytes * (1 - corpus.val_fraction) / BYTES_PER_TOKEN_ESTIMATE)
+        how = f"about {train_tokens} training tokens estimated from {corpus_bytes} bytes of {key}"
     budget = int(train_tokens * sweep.data.max_epochs)
-    for key, values in _token_budgets(sweep).items():
+    for budget_key, values in budgets.items():
         if max(values) > budget:
             raise ConfigError(
-                f"config key '{key}': {max(values)} tokens exceed what the corpus supplies within "
+                f"config key '{budget_key}': {max(values)} tokens exceed what {key} supplies within "
                 f"data.max_epochs={sweep.data.max_epochs} ({how}, so at most {budget}): "
-                "add text to corpus.paths, raise data.max_epochs, or lower the token budget"
+                f"add text to {key}.paths, raise data.max_epochs, or lower the token budget"
             )
-

@@ -39,9 +39,10 @@ UPCYCLED = "upcycled/{size}/seed{seed}/d1_{d1}/{variant}"
 SCRATCH = "scratch/{size}/seed{seed}/{variant}"
 PATTERNS: dict[str, dict[str, str]] = {
     "train_tokenizer": {"tokenizer": "tokens/tokenizer.json"},
-    "tokenize_shard": {"train": "tokens/shards/{shard}/train.bin", "val": "tokens/shards/{shard}/val.bin",
-                       "sidecar": "tokens/shards/{shard}/shard.json"},
-    "tokenize": {"meta": "tokens/meta.json"},
+    # {tokens}: "tokens", or "tokens_stage2" for stage2.corpus (tokenized with the first's tokenizer)
+    "tokenize_shard": {"train": "{tokens}/shards/{shard}/train.bin", "val": "{tokens}/shards/{shard}/val.bin",
+                       "sidecar": "{tokens}/shards/{shard}/shard.json"},
+    "tokenize": {"meta": "{tokens}/meta.json"},
     "dense_stable": {"checkpoint": f"checkpoints/{DENSE}/stable_{{point}}"},
     "dense_final": {"metrics": f"{DENSE}/d1_{{d1}}/metrics.json",
                     "weights": f"{DENSE}/d1_{{d1}}/hf/model.safetensors",
@@ -58,8 +59,8 @@ PATTERNS: dict[str, dict[str, str]] = {
 }
 LOGS: dict[str, str] = {
     "train_tokenizer": "logs/tokens/train_tokenizer.log",
-    "tokenize_shard": "logs/tokens/shard_{shard}.log",
-    "tokenize": "logs/tokens/gather.log",
+    "tokenize_shard": "logs/{tokens}/shard_{shard}.log",
+    "tokenize": "logs/{tokens}/gather.log",
     "dense_stable": f"logs/{DENSE}/stable_{{point}}.log",
     "dense_final": f"logs/{DENSE}/d1_{{d1}}.log",
     "transform": f"logs/{UPCYCLED}/transform.log",
@@ -230,7 +231,7 @@ def _model_fields(config: ModelConfig) -> dict:
 
 
 def _train_spec(sweep: Sweep, label: str, lineage: Lineage, phase: str, end_tokens: int, start: dict, upstream: str,
-                tokens_fingerprint: str, outputs: Mapping[str, str], partial: Path) -> dict:
+                tokens_fingerprint: str, outputs: Mapping[str, str], partial: Path, tokens_dir: Path) -> dict:
     training = sweep.training
     model = lineage_model(sweep, lineage)
     final = phase == "final"
@@ -260,7 +261,7 @@ def _train_spec(sweep: Sweep, label: str, lineage: Lineage, phase: str, end_toke
         "processes": max(sweep.slurm.gpus_per_job, 1),
         "end_tokens": end_tokens,
         "decay": decay,
-        "tokens_dir": str(sweep.tokens_dir),
+        "tokens_dir": str(tokens_dir),
         "tokens": tokens_fingerprint,
         "start": start,
         "upstream": upstream,
@@ -284,29 +285,44 @@ def _log(sweep: Sweep, rule: str, wildcards: Mapping[str, str]) -> str:
 # ----------------------------------------------------------------------------- the inventory
 
 
-def jobs(sweep: Sweep, corpus: list | None = None) -> list[Job]:
-    """Every job of the sweep, each after the jobs it depends on. ``corpus``: the corpus files
-    (upcycling.corpus.Source), or None to plan the tokens stage from an estimate (no corpus)."""
-    return list(_jobs(sweep, corpus))
+def jobs(sweep: Sweep, corpora: dict[str, list | None] | None = None) -> list[Job]:
+    """Every job of the sweep, each after the jobs it depends on. ``corpora``: the corpus files
+    (upcycling.corpus.Source) of each token set (TOKEN_SETS), None to plan that set's tokens stage
+    from an estimate (no corpus at hand)."""
+    if corpora is None:
+        corpora = {name: None for name in token_sets(sweep)}
+    return list(_jobs(sweep, corpora))
 
 
-def _corpus_estimate(sweep: Sweep) -> list[tuple[str, int]]:
+def token_sets(sweep: Sweep) -> tuple[str, ...]:
+    """The corpora the sweep tokenizes: the first, and stage2.corpus where `continue` trains on it."""
+    second = sweep.stage2.corpus is not None and "continue" in sweep.stage2.methods
+    return TOKEN_SETS if second else TOKEN_SETS[:1]
+
+
+TOKEN_SETS = ("tokens", "tokens_stage2")  # the first corpus's tokens; stage2.corpus's
+
+
+def _corpus_estimate(sweep: Sweep, shards: int) -> list[tuple[str, int]]:
     """(label, bytes) of stand-in corpus files, one per shard, for planning without the corpus:
     enough text for the largest budget within data.max_epochs."""
     largest = max(max(values) for values in (sweep.sweep.d1_tokens, sweep.sweep.d2_tokens, sweep.scratch_d_tokens))
     text = largest / sweep.data.max_epochs / (1 - sweep.corpus.val_fraction) * sweep.tokenizer.bytes_per_token
-    shards = sweep.corpus.shards
     return [(f"<corpus part {index + 1} of {shards}>", int(text / shards)) for index in range(shards)]
 
 
-def _tokens_jobs(sweep: Sweep, corpus: list | None) -> Iterator[Job]:
-    """The tokens stage as a scatter/gather (upcycling.tokens): the tokenizer once, one job per
-    corpus shard, the gather (meta.json, which every training job reads)."""
+def _tokens_jobs(sweep: Sweep, name: str, corpus_mapping: dict, corpus: list | None,
+                 tokenizer: Job | None) -> Iterator[Job]:
+    """The tokens stage of one corpus as a scatter/gather (upcycling.tokens): the tokenizer (trained
+    once, for the first corpus; ``tokenizer`` is that job for a second corpus), one job per corpus
+    shard, the gather (meta.json, which training reads). The gather's spec carries ``tokens``: what
+    the tokens are a function of (corpus files, settings, tokenizer), not how they were sharded."""
     from . import tokens as layout  # numpy only
 
     mapping = sweep.mapping
-    corpus_settings = {key: value for key, value in mapping["corpus"].items() if key not in ("paths", "shards")}
+    corpus_settings = {key: value for key, value in corpus_mapping.items() if key not in ("paths", "shards")}
     tokenizer_settings = {key: value for key, value in mapping["tokenizer"].items() if key not in TOKENIZER_ESTIMATES}
+    count = corpus_mapping["shards"]
     if corpus is not None:
         from .corpus import estimated_text_bytes
 
@@ -314,23 +330,22 @@ def _tokens_jobs(sweep: Sweep, corpus: list | None) -> Iterator[Job]:
         paths = [str(source.path) for source in corpus]
         text_bytes = [estimated_text_bytes(source) for source in corpus]
     else:
-        files, paths = _corpus_estimate(sweep), []
+        files, paths = _corpus_estimate(sweep, count), []
         text_bytes = [size for _, size in files]
     labels = [label for label, _ in files]
-    costs = layout.tokenize_jobs(mapping, sweep.tokens_dir, labels, [size for _, size in files], text_bytes)
-    tokens_fingerprint = fingerprint({"files": files, "corpus": corpus_settings, "tokenizer": tokenizer_settings})
-    tokens_dir = sweep.tokens_dir
-    outputs = _outputs(sweep, "train_tokenizer", {})
-    tokenizer = Job("train_tokenizer", {}, outputs, {f"file{index}": path for index, path in enumerate(paths)},
-                    _log(sweep, "train_tokenizer", {}),
-                    {"files": labels, "sizes": [size for _, size in files], "corpus": corpus_settings,
-                     "tokenizer": tokenizer_settings, "out": outputs["tokenizer"]}, cost=costs[0])
-    yield tokenizer
-    count = sweep.corpus.shards
+    costs = layout.tokenize_jobs({**mapping, "corpus": corpus_mapping}, sweep.results_dir / name, labels,
+                                 [size for _, size in files], text_bytes)
+    if tokenizer is None:
+        outputs = _outputs(sweep, "train_tokenizer", {})
+        tokenizer = Job("train_tokenizer", {}, outputs, {f"file{index}": path for index, path in enumerate(paths)},
+                        _log(sweep, "train_tokenizer", {}),
+                        {"files": labels, "sizes": [size for _, size in files], "corpus": corpus_settings,
+                         "tokenizer": tokenizer_settings, "out": outputs["tokenizer"]}, cost=costs[0])
+        yield tokenizer
     plan = layout.shard_plan([size for _, size in files], count)
     shards = []
     for index, members in enumerate(plan):
-        wildcards = {"shard": layout.shard_name(index, count)}
+        wildcards = {"tokens": name, "shard": layout.shard_name(index, count)}
         outputs = _outputs(sweep, "tokenize_shard", wildcards)
         inputs = {"tokenizer": tokenizer.outputs["tokenizer"],
                   **{f"file{i}": paths[i] for i in members if paths}}
@@ -341,28 +356,35 @@ def _tokens_jobs(sweep: Sweep, corpus: list | None) -> Iterator[Job]:
                      "index": index, "count": count, "upstream": tokenizer.fingerprint}, cost=costs[index + 1])
         shards.append(shard)
         yield shard
-    yield Job("tokenize", {}, _outputs(sweep, "tokenize", {}),
+    wildcards = {"tokens": name}
+    yield Job("tokenize", wildcards, _outputs(sweep, "tokenize", wildcards),
               {"tokenizer": tokenizer.outputs["tokenizer"],
                **{f"shard{index}": shard.outputs["sidecar"] for index, shard in enumerate(shards)}},
-              _log(sweep, "tokenize", {}),
-              {"tokens_dir": str(tokens_dir), "plan": [[labels[i] for i in members] for members in plan],
-               "corpus": corpus_settings, "tokens": tokens_fingerprint,
+              _log(sweep, "tokenize", wildcards),
+              {"tokens_dir": str(sweep.results_dir / name), "plan": [[labels[i] for i in members] for members in plan],
+               "corpus": corpus_settings, "tokenizer_file": tokenizer.outputs["tokenizer"],
+               "tokens": fingerprint({"files": files, "corpus": corpus_settings, "tokenizer": tokenizer_settings}),
                "upstream": [shard.fingerprint for shard in shards]}, cost=costs[-1])
 
 
-def _jobs(sweep: Sweep, corpus: list | None) -> Iterator[Job]:
+def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
     root, training = sweep.results_dir, sweep.training
-    tokenize = None
-    for tokenize in _tokens_jobs(sweep, corpus):
-        yield tokenize
-    meta = tokenize.outputs["meta"]
-    # What the tokens are a function of (not how they were sharded: the stream is the same).
-    tokens = tokenize.spec["tokens"]
+    gathers: dict[str, Job] = {}
+    tokenizer = None
+    for name in corpora:
+        corpus_mapping = sweep.mapping["corpus"] if name == "tokens" else sweep.mapping["stage2"]["corpus"]
+        for job in _tokens_jobs(sweep, name, corpus_mapping, corpora[name], tokenizer):
+            yield job
+            tokenizer = job if job.rule == "train_tokenizer" else tokenizer
+            gathers[name] = job
     dense_exports: dict[tuple[str, int, int], Job] = {}
     metrics_jobs: list[Job] = []
 
     ordered = sorted(lineages(sweep), key=lambda lineage: ("dense", "upcycled", "scratch").index(lineage.family))
     for lineage in ordered:
+        # Continued pretraining on a second corpus (the domain shift) reads its tokens.
+        gather = gathers["tokens_stage2" if lineage.method == "continue" and "tokens_stage2" in gathers else "tokens"]
+        meta, tokens = gather.outputs["meta"], gather.spec["tokens"]
         inputs = {"meta": meta}
         start: dict = {}
         upstream = tokens
@@ -398,7 +420,7 @@ def _jobs(sweep: Sweep, corpus: list | None) -> Iterator[Job]:
                 job_upstream = previous.fingerprint
             partial = Path(outputs["checkpoint"] + ".partial")
             spec = _train_spec(sweep, _label(rule, wildcards), lineage, "stable", point, job_start, job_upstream,
-                               tokens, outputs, partial)
+                               tokens, outputs, partial, Path(meta).parent)
             previous_point = int(previous.wildcards["point"]) if previous else 0
             job = Job(rule, wildcards, outputs, job_inputs, _log(sweep, rule, wildcards), spec, lineage, "stable",
                       point - previous_point)
@@ -418,7 +440,7 @@ def _jobs(sweep: Sweep, corpus: list | None) -> Iterator[Job]:
                 job_inputs, job_start, job_upstream, trained = inputs, start, upstream, budget
             partial = Path(sweep.results_dir / "checkpoints" / lineage.name / f"{BUDGET_KEY[lineage.family]}_{budget}.partial")
             spec = _train_spec(sweep, _label(rule, wildcards), lineage, "final", budget, job_start, job_upstream,
-                               tokens, outputs, partial)
+                               tokens, outputs, partial, Path(meta).parent)
             job = Job(rule, wildcards, outputs, job_inputs, _log(sweep, rule, wildcards), spec, lineage, "final",
                       trained)
             yield job
@@ -462,12 +484,14 @@ class Inventory:
         from .corpus import CorpusError, resolve_sources
 
         self.sweep = sweep
-        try:
-            corpus = resolve_sources(sweep.corpus.paths, base_dir) if base_dir is not None else None
-        except CorpusError:
-            corpus = None
-        self.corpus = corpus
-        self.jobs = jobs(sweep, corpus)
+        self.corpora: dict[str, list | None] = {}
+        for name in token_sets(sweep):
+            corpus = sweep.corpus if name == "tokens" else sweep.stage2.corpus
+            try:
+                self.corpora[name] = resolve_sources(corpus.paths, base_dir) if base_dir is not None else None
+            except CorpusError:
+                self.corpora[name] = None
+        self.jobs = jobs(sweep, self.corpora)
         self._by_key = {(job.rule, _key(job.wildcards)): job for job in self.jobs}
 
     def find(self, rule: str, wildcards: Mapping[str, Any]) -> Job:

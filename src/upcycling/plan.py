@@ -205,11 +205,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="config/config.yaml", help="sweep config YAML (no corpus needed)")
     parser.add_argument("--workdir", default=".", help="directory that relative paths in the config start from")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (every job included)")
+    parser.add_argument("--check", action="store_true",
+                        help="ask this Slurm cluster (sinfo, scontrol) whether it can run every job; refuse if not")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = plan(load_sweep(args.config, base_dir=args.workdir, check_corpus=False), base_dir=args.workdir)
+    sweep = load_sweep(args.config, base_dir=args.workdir, check_corpus=False)
+    result = plan(sweep, base_dir=args.workdir)
     print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))
+    if args.check:
+        from .preflight import problems, read_cluster
+
+        cluster = read_cluster()
+        if cluster is None:
+            raise ConfigError("plan --check: no Slurm cluster answers here (sinfo): run it where sbatch works")
+        found = problems(Inventory(sweep, args.workdir), cluster)
+        for note in cluster.notes:
+            print(f"preflight: {note}")
+        if found:
+            raise ConfigError("this Slurm cluster cannot run the sweep:\n- " + "\n- ".join(found))
+        print(f"preflight: every job fits partition(s) {', '.join(sorted(cluster.partitions))} of this cluster")
     for key in ("requested_gpu_hours", "expected_gpu_hours"):
         if not math.isfinite(result["totals"][key]):
             raise ConfigError(f"the plan's {key} is not finite: check slurm.throughput_tokens_per_s")

@@ -37,6 +37,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from . import tokens as layout
+from .publish import publish_json
 from .corpus import CorpusError, CorpusOptions, Document, Source, resolve_sources
 from .tokenizer import EOT_TOKEN, exact_cuts, load_tokenizer, make_tokenizer, piece_ends, train_tokenizer
 from .tokens import FORMAT_VERSION, TokenFilesError, load_tokens, token_dtype
@@ -258,11 +259,16 @@ def tokenize_shard(sources: list[Source], options: CorpusOptions, tokenizer_file
 # Gather
 
 
-def gather_shards(tokens_dir: str | os.PathLike, plan: list[list[str]], options: CorpusOptions) -> dict:
-    """Check the shards (one per entry of plan: its files' labels) and write tokens_dir/meta.json."""
+def gather_shards(tokens_dir: str | os.PathLike, plan: list[list[str]], options: CorpusOptions,
+                  tokenizer_file: str | os.PathLike | None = None) -> dict:
+    """Check the shards (one per entry of plan: its files' labels) and write tokens_dir/meta.json.
+
+    ``tokenizer_file``: the tokenizer that made the shards (default: tokens_dir/tokenizer.json; a
+    second corpus tokenized with the first corpus's tokenizer names that one). meta.json records
+    its path relative to tokens_dir."""
     tokens_dir = Path(tokens_dir)
     count, rerun = len(plan), "rerun its tokenize_shard job (snakemake --forcerun tokenize_shard)"
-    tokenizer_file = layout.tokenizer_path(tokens_dir)
+    tokenizer_file = Path(tokenizer_file) if tokenizer_file else layout.tokenizer_path(tokens_dir)
     if not tokenizer_file.is_file():
         raise TokenFilesError(f"{tokenizer_file} does not exist: run the train_tokenizer job first")
     tokenizer_sha256 = layout.sha256_file(tokenizer_file)
@@ -298,16 +304,14 @@ def gather_shards(tokens_dir: str | os.PathLike, plan: list[list[str]], options:
     meta = {
         "format_version": FORMAT_VERSION, "vocab_size": first["vocab_size"], "dtype": first["dtype"],
         "eot_id": first["eot_id"], **totals, "tokenizer_sha256": tokenizer_sha256,
+        "tokenizer": os.path.relpath(tokenizer_file, tokens_dir),
         # The texts' hash, file by file: independent of compression, file format and shard count.
         "corpus_sha256": hashlib.sha256("".join(f"{f['sha256']}\n" for f in files).encode()).hexdigest(),
         "sources": [f["source"] for f in files], **options.as_dict(),
         "shards": [{"path": f"{layout.SHARDS_DIR}/{s['shard']}", "train_tokens": s["train_tokens"],
                     "val_tokens": s["val_tokens"]} for s in sidecars],
     }  # fmt: skip
-    path = layout.meta_path(tokens_dir)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, path)
+    publish_json(layout.meta_path(tokens_dir), meta, indent=2)
     logger.info("tokens: %d training and %d validation tokens (%s) in %d shards, %s",
                 meta["train_tokens"], meta["val_tokens"], meta["dtype"], count, tokens_dir)  # fmt: skip
     return meta

@@ -237,7 +237,7 @@ def load_tokens(directory: str | os.PathLike) -> tuple:
             f"{path}: dtype {meta.get('dtype')!r} does not fit vocab_size {meta.get('vocab_size')}: {rebuild}"
         )
     dtype = np.dtype(meta["dtype"])
-    tokenizer = tokenizer_path(directory)
+    tokenizer = directory / meta.get("tokenizer", "tokenizer.json")
     if not tokenizer.is_file() or sha256_file(tokenizer) != meta["tokenizer_sha256"]:
         raise TokenFilesError(
             f"{tokenizer} is missing or is not the tokenizer that made these tokens "

@@ -2,7 +2,7 @@
 import re
 
 from upcycling.config import ConfigError, sweep_from_mapping
-from upcycling.jobs import LOGS, PATTERNS, VARIANT_PATTERN, Inventory
+from upcycling.jobs import LOGS, PATTERNS, TOKEN_SETS, VARIANT_PATTERN, Inventory
 from upcycling.resources import job_resources, training_threads
 
 # The schema's defaults and the semantic checks; a bad config stops here, before any job runs.
@@ -11,6 +11,23 @@ try:
 except ConfigError as exc:
     raise WorkflowError(f"invalid config: {exc}") from None
 INVENTORY = Inventory(SWEEP, workflow.basedir)
+
+if workflow.remote_exec and "SLURM_JOB_ID" in os.environ:
+    # In a Slurm job, the time-limit warning (USR1) and a preemption or scancel (TERM) reach every
+    # process of the step. The trainer saves on them and exits 75; this job wrapper and the rule's
+    # shell must outlive that save, so they ignore both (an ignored signal stays ignored in the
+    # children: the shell inherits it, the trainer installs its own handlers). docs/slurm.md.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+elif getattr(workflow.executor_plugin, "cli_prefix", None) == "slurm" and not workflow.remote_exec:
+    # Before the first sbatch: can this cluster run every job? (upcycling plan --check does the same.)
+    from upcycling.preflight import problems, read_cluster
+
+    _CLUSTER = read_cluster()
+    _PROBLEMS = problems(INVENTORY, _CLUSTER) if _CLUSTER is not None else []
+    if _PROBLEMS:
+        raise WorkflowError("this Slurm cluster cannot run the sweep (nothing was submitted):\n- "
+                            + "\n- ".join(_PROBLEMS))
 R = SWEEP.results_dir
 BASEDIR = workflow.basedir  # where relative corpus and tokenizer paths start
 
@@ -28,6 +45,7 @@ wildcard_constraints:
     d=r"\d+",
     point=r"\d+",
     shard=r"\d+-of-\d+",
+    tokens="|".join(TOKEN_SETS),
     variant=VARIANT_PATTERN,
 
 

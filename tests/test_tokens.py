@@ -145,6 +145,6 @@ def test_cli_steps_refuse_a_shard_of_another_plan(tmp_path):
     config = write_config(tmp_path, {"corpus": {"shards": 2}})
     result = run_cli(["tokenize-shard", "--config", str(config), "--shard", "00000-of-00004"], cwd=tmp_path,
                      check=False)
-    assert result.returncode == 2 and "no tokenize_shard job with shard=00000-of-00004" in result.stderr
+    assert result.returncode == 2 and "no tokenize_shard job with tokens=tokens, shard=00000-of-00004" in result.stderr
     result = run_cli(["tokenize-gather", "--config", str(config)], cwd=tmp_path, check=False)
     assert result.returncode == 2 and "tokenizer.json does not exist: run the train_tokenizer job" in result.stderr

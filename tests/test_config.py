@@ -21,6 +21,7 @@ DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 def _check(mutate) -> None:
     cfg = copy.deepcopy(DEFAULT)
+    cfg["results_dir"] = "/nonexistent/upcycling-test-results"  # never the checkout's results/
     mutate(cfg)
     sweep_from_mapping(cfg, REPO)
 

@@ -301,7 +301,8 @@ def _check_one_corpus(sweep: Sweep, base_dir: Path, key: str, corpus, tokens: st
     for budget_key, values in budgets.items():
         if max(values) > budget:
             raise ConfigError(
-                f"config key '{budget_key}': {max(values)} tokens exceed what {key} supplies within "
+                f"config key '{budget_key}': {max(values)} tokens exceed what "
+                f"{'the corpus' if key == 'corpus' else key} supplies within "
                 f"data.max_epochs={sweep.data.max_epochs} ({how}, so at most {budget}): "
                 f"add text to {key}.paths, raise data.max_epochs, or lower the token budget"
             )

@@ -96,7 +96,7 @@ def _logits_match(export_dir, hf_class, tolerance):
     state, cfg, _ = load_hf(export_dir)
     ours = Transformer(cfg).cuda().eval()
     ours.load_state_dict(state)
-    theirs = hf_class.from_pretrained(export_dir, torch_dtype=torch.float32).cuda().eval()
+    theirs = hf_class.from_pretrained(export_dir, dtype=torch.float32).cuda().eval()
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         difference = (ours(tokens)[0] - theirs(tokens).logits).abs().max().item()

@@ -29,6 +29,7 @@ from upcycling import jobargs, launch
 from upcycling.config import load_sweep, sweep_from_mapping
 from upcycling.jobs import RULES, TRAINING_RULES, Inventory
 from upcycling.plan import format_plan, plan
+from upcycling.preflight import Cluster, Node, Partition, problems
 from upcycling.resources import job_resources, launch_resources, launcher, training_resources
 
 START = REPO / "scripts" / "slurm" / "start-local-cluster.sh"
@@ -210,6 +211,26 @@ def test_plan_cli_on_the_paper_config():
     assert "GPU-hours requested" in result.stdout and "dense_stable" in result.stdout
 
 
+def test_preflight_names_the_key_for_every_job_the_cluster_cannot_run():
+    cpu_only = Cluster(partitions={"cpu": Partition("cpu", ("n1", "n2"), 60.0, default=True)},
+                       nodes={"n1": Node("n1", 2, 8000, 0), "n2": Node("n2", 16, 64000, 0)},
+                       accounts=frozenset({"physics"}))
+    tiny = Inventory(_sweep(SLURM_TINY, gpus_per_job=0))
+    assert problems(tiny, cpu_only) == []
+    gpu_sweep = Inventory(_sweep(SLURM_TINY, gpus_per_job=1))
+    assert any(line.startswith("slurm.gpus_per_job:") and "set slurm.gpus_per_job: 0" in line
+               for line in problems(gpu_sweep, cpu_only))
+    paper = Inventory(_sweep(PAPER, account="chemistry", partition="gpu"))
+    found = problems(paper, cpu_only)
+    assert found[0].startswith("slurm.account: account 'chemistry' does not exist")
+    assert any(line.startswith("slurm.partition: partition 'gpu' does not exist") for line in found)
+    paper = Inventory(_sweep(PAPER, partition="cpu", account="physics"))
+    found = "\n".join(problems(paper, cpu_only))
+    assert "no node of partition 'cpu' has any (GRES gpu)" in found
+    assert "slurm.cpus_per_gpu:" in found and "over partition 'cpu''s MaxTime of 60 min" in found
+    assert "MB per node (from their model size)" in found
+
+
 # ----------------------------------------------------------------------------- the local cluster
 
 
@@ -322,12 +343,12 @@ def _read(path) -> str:
 def test_srun_starts_one_rank_per_task(slurm_cluster, tiny_workdir):
     """`srun` with two tasks: each process maps Slurm's variables to RANK/WORLD_SIZE/... and the two
     train one model together (gloo on CPU)."""
-    config = write_config(tiny_workdir, {"training": {"schedule": "cosine"}})
-    command = launch.train_command(config, ["--family", "dense", "--size", "xs", "--budget", "8192"],
-                                   gpus_per_node=2, cpus_per_task=1,
-                                   program=(sys.executable, "-m", "upcycling.cli"),
-                                   srun_extra=["--mem=3000", "--time=10"])
-    assert command[0] == "srun"
+    config = write_config(tiny_workdir, {"training": {"schedule": "cosine"},
+                                         "slurm": {"gpus_per_job": 2, "cpus_per_gpu": 1}})
+    srun = launcher(load_sweep(config, base_dir=tiny_workdir)).split()  # what the training rules put first
+    assert srun[:3] == ["srun", "--nodes=1", "--ntasks-per-node=2"]
+    command = [*srun, "--mem=3000", "--time=10", sys.executable, "-m", "upcycling.cli", "train", "--config",
+               str(config), "--family", "dense", "--size", "xs", "--budget", "8192"]
     result = subprocess.run(command, cwd=tiny_workdir, env=slurm_env(), capture_output=True, text=True,
                             timeout=300)
     output = result.stdout + result.stderr
@@ -375,6 +396,7 @@ CANCELLED_RULE = "upcycled_stable"
 # The job to cancel: the long stable job (to D2's stable point 196608) of the D1=16384 upcycled
 # chain. Its run at D2=262144 depends on it; the chain's run at D2=8192 does not.
 CANCELLED = {"size": "xs", "seed": "0", "d1": "16384", "variant": "e4_k2_g1", "point": "196608"}
+CANCELLED_RUN = "upcycled/xs/seed0/d1_16384/e4_k2_g1/stable_196608"
 CANCELLED_POINT = 196608
 DEPENDENT = {**{k: v for k, v in CANCELLED.items() if k != "point"}, "d2": "262144"}
 
@@ -422,9 +444,7 @@ def sweep_under_slurm(slurm_cluster, tmp_path_factory):
 
     1. everything, with no retries; the long upcycled stable job is cancelled with scancel while it
        trains (SIGTERM: the trainer checkpoints and exits 75), so it and its dependents stay undone;
-    2. a plain rerun (the profile's retries); while the cancelled job trains again, it gets the
-       USR1 that Slurm sends before a time limit: it checkpoints, exits 75, and Snakemake's retry
-       resumes it.
+    2. a plain rerun: the cancelled job resumes from its checkpoint, and its dependents run.
     """
     workdir = tmp_path_factory.mktemp("slurm_sweep")
     config = write_config(workdir, base=SLURM_TINY)
@@ -437,17 +457,18 @@ def sweep_under_slurm(slurm_cluster, tmp_path_factory):
     checkpoint = Path(cancelled.spec["partial"])
 
     runs = []
-    for index, (extra, signal) in enumerate(((["--retries", "0"], None), (["--rerun-triggers=mtime"], "USR1"))):
+    for index in range(2):
         if index == 1:
-            job_log.unlink(missing_ok=True)
             runs[0]["before"] = {path: (Path(path).stat().st_mtime_ns, read_json(path)["final_val_loss"])
                                  for path in metrics if Path(path).is_file()}
             runs[0]["checkpoint_after"] = (checkpoint / "manifest.json").is_file()
         old_logs = set((workdir / ".snakemake" / "log").glob("*.snakemake.log"))
         started = time.monotonic()
-        process = _snakemake(workdir, config, targets, *extra, wait=False)
+        process = _snakemake(workdir, config, targets, "--retries", "0", wait=False)
+        job_id, log_text = None, ""
         try:
-            job_id, log_text = _signal_when_training(workdir, job_log, old_logs, signal)
+            if index == 0:
+                job_id, log_text = _signal_when_training(workdir, job_log, old_logs, None)
             output, _ = process.communicate(timeout=480)
         finally:
             if process.poll() is None:
@@ -455,6 +476,7 @@ def sweep_under_slurm(slurm_cluster, tmp_path_factory):
                 process.communicate()
         runs.append({"returncode": process.returncode, "output": output, "job_id": job_id,
                      "log_at_signal": log_text, "log_after": _read(job_log),
+                     "attempts": _read(job_log.with_name(job_log.stem + ".attempts.log")),
                      "seconds": time.monotonic() - started})
     wait_for(lambda: sacct_state(runs[0]["job_id"]) == "CANCELLED", 60, "sacct to report the cancellation")
     print(f"\nsnakemake --profile slurm: first run {runs[0]['seconds']:.0f} s, rerun {runs[1]['seconds']:.0f} s")
@@ -504,17 +526,102 @@ def test_scancel_then_rerun_redoes_only_that_job_and_its_dependents(sweep_under_
 
 
 @pytest.mark.slurm
-def test_scancel_and_usr1_checkpoint_and_the_retry_resumes(sweep_under_slurm):
-    """scancel (SIGTERM) mid-training leaves a checkpoint that the rerun resumes; the USR1 warning
-    makes the job checkpoint and exit 75, and Snakemake's retry resumes it."""
+def test_scancel_checkpoints_and_the_rerun_resumes(sweep_under_slurm):
+    """scancel (SIGTERM) mid-training: the trainer saves and exits 75 while Snakemake's job wrapper
+    waits for it; the rerun resumes from that checkpoint; the attempts log keeps both attempts."""
     run = sweep_under_slurm
     first, second = run["first"], run["second"]
-    assert run["first"]["checkpoint_after"], first["log_at_signal"][-2000:]
-    # The rerun's first attempt started from the checkpoint that the scancel left...
-    assert "resumed its own checkpoint" in second["log_at_signal"], second["log_at_signal"][-2000:]
-    # ...got USR1, saved, and failed; the retry resumed again and finished.
-    assert "Trying to restart job" in second["output"], second["output"][-4000:]
-    resumed = re.findall(r"resumed its own checkpoint at (\d+) tokens", second["log_after"])
-    first_resume = re.findall(r"resumed its own checkpoint at (\d+) tokens", second["log_at_signal"])
-    assert resumed and int(resumed[0]) > int(first_resume[0]), second["log_after"][-2000:]
+    assert first["checkpoint_after"], first["log_at_signal"][-2000:]
+    attempts = second["attempts"]
+    assert attempts.count(f"==== {CANCELLED_RUN}: attempt") == 2, attempts[-3000:]
+    assert "SIGTERM received: checkpoint saved" in attempts, attempts[-3000:]
+    assert "resumed its own checkpoint" in second["log_after"], second["log_after"][-2000:]
     assert "done," in second["log_after"]
+
+
+@pytest.mark.slurm
+def test_a_cpu_training_job_uses_its_allocation(sweep_under_slurm):
+    """A CPU job asks slurm.cpu_threads CPUs and trains with as many threads: sacct's TotalCPU over
+    Elapsed x AllocCPUS is at least 90% for the sweep's longest training job."""
+    job_id = _completed_job_id(re.compile(rf"rule_{CANCELLED_RULE}_wildcards.*_{CANCELLED_POINT}$"))
+    used, elapsed, cpus = _efficiency(job_id)
+    print(f"\nCPU job {job_id}: {used:.1f} CPU-s over {elapsed:.1f} s x {cpus} CPUs = {used / (elapsed * cpus):.0%}")
+    assert cpus == run_cpu_threads(sweep_under_slurm) and used / (elapsed * cpus) >= 0.9
+
+
+def run_cpu_threads(run) -> int:
+    return run["cfg"].slurm.cpu_threads
+
+
+def _seconds(text: str) -> float:
+    """sacct's [DD-[HH:]]MM:SS(.fff) as seconds."""
+    days, _, clock = text.rpartition("-")
+    parts = [float(value) for value in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0.0)
+    return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def _efficiency(job_id: str) -> tuple[float, float, int]:
+    line = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "TotalCPU,ElapsedRaw,AllocCPUS"],
+                          capture_output=True, text=True).stdout.split()[0]
+    total, elapsed, cpus = line.split("|")
+    return _seconds(total), float(elapsed), int(cpus)
+
+
+def _completed_job_id(comment: re.Pattern) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-S", "now-1hour", "-o", "JobID,State,Comment%200"],
+                         capture_output=True, text=True).stdout
+    found = [line.split("|")[0] for line in out.splitlines()
+             if line.count("|") >= 2 and line.split("|")[1] == "COMPLETED" and comment.search(line.split("|", 2)[2])]
+    assert found, out[-3000:]
+    return found[-1]
+
+
+@pytest.mark.slurm
+def test_a_real_time_limit_checkpoints_and_the_retry_resumes(slurm_cluster, tmp_path):
+    """A job whose time limit is shorter than its work, with a 20-second warning: Slurm sends USR1
+    before the limit (or TERM at it); the trainer saves and exits 75; Snakemake's job wrapper
+    survives it (the step is not cancelled); the profile's retries resume it until it is done,
+    and its attempts log keeps every attempt."""
+    config = write_config(tmp_path, {
+        "training": {"schedule": "cosine", "checkpoint_every_tokens": 10**9, "log_every_steps": 16},
+        "data": {"seq_len": 32, "max_epochs": 100},
+        "sweep": {"d1_tokens": [TIME_LIMITED_TOKENS], "d2_tokens": [8192]},
+        # A 1-minute limit: no throughput estimate (huge), no start-up allowance, a 20 s warning.
+        "slurm": {"gpus_per_job": 0, "throughput_tokens_per_s": {"xs": 1e12}, "startup_minutes": 0,
+                  "runtime_margin": 1.0, "signal_seconds_before_limit": 20}}, base=SLURM_TINY)
+    inventory = Inventory(load_sweep(config, base_dir=tmp_path))
+    job = inventory.find("dense_final", {"size": "xs", "seed": "0", "d1": str(TIME_LIMITED_TOKENS)})
+    assert job_resources(inventory.sweep, job)["runtime"] == 1
+    returncode, output = _snakemake(tmp_path, config, [job.outputs["metrics"]], "--retries", "6", timeout=900)
+    attempts = _read(Path(job.log).with_name(Path(job.log).stem + ".attempts.log"))
+    assert returncode == 0, output[-4000:] + attempts[-3000:]
+    headers = attempts.count("==== dense/xs/seed0/d1_")
+    assert headers >= 2 and attempts.count("resumed its own checkpoint") == headers - 1, attempts[-4000:]
+    assert re.search(r"SIG(USR1|TERM) received: checkpoint saved", attempts), attempts[-4000:]
+    assert read_json(job.outputs["metrics"])["tokens_seen"] == TIME_LIMITED_TOKENS
+    # The failed attempts ended by the trainer's exit, not by Slurm cancelling the step under it.
+    states = subprocess.run(["sacct", "-n", "-P", "-S", "now-1hour", "--name",
+                             re.search(r"SLURM run ID: (\S+)", output).group(1), "-o", "JobID,State"],
+                            capture_output=True, text=True).stdout
+    assert "CANCELLED" not in states and "COMPLETED" in states, states
+
+
+TIME_LIMITED_TOKENS = 3_000_000  # minutes of training for xs on one CPU: several 1-minute attempts
+
+
+@pytest.mark.slurm
+def test_preflight_on_this_cluster_before_any_sbatch(slurm_cluster, tmp_path):
+    """The default config runs on this CPU-only cluster as shipped; a config asking GPUs is refused,
+    naming the key, by `plan --check` and by `snakemake --profile slurm` before anything is submitted."""
+    result = subprocess.run(["upcycling", "plan", "--check", "--config", str(REPO / "config" / "config.yaml")],
+                            cwd=REPO, env=slurm_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "preflight: every job fits" in result.stdout, result.stderr[-2000:]
+    config = write_config(tmp_path, {"slurm": {"gpus_per_job": 1}}, base=SLURM_TINY)
+    result = subprocess.run(["upcycling", "plan", "--check", "--config", str(config)], cwd=tmp_path,
+                            env=slurm_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "slurm.gpus_per_job: " in result.stderr, result.stderr[-2000:]
+    returncode, output = _snakemake(tmp_path, config, [], timeout=300)
+    assert returncode != 0 and "cannot run the sweep (nothing was submitted)" in output, output[-3000:]
+    assert "set slurm.gpus_per_job: 0" in output and "submitted with SLURM jobid" not in output

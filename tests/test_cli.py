@@ -63,3 +63,14 @@ def test_a_corrupt_export(tmp_path):
     result = run_cli(["transform", "--spec", json.dumps(spec)], cwd=tmp_path, check=False)
     _one_error_line(result, str(weights), "sha256")
     assert not (tmp_path / "moe").exists()
+
+
+def test_a_stage_whose_extra_is_not_installed(tmp_path):
+    """The base install plans a sweep; a stage whose libraries are missing names the extra to install."""
+    shadow = tmp_path / "without_lmfit"
+    shadow.mkdir()
+    (shadow / "lmfit.py").write_text("raise ModuleNotFoundError(\"No module named 'lmfit'\", name='lmfit')\n")
+    config = write_config(tmp_path)
+    result = run_cli(["fit", "--config", str(config), "--store", str(tmp_path / "losses.zarr"),
+                      "--out-dir", str(tmp_path / "fits")], cwd=tmp_path, check=False, PYTHONPATH=str(shadow))
+    _one_error_line(result, "needs lmfit", "pip install 'upcycling[analysis]'")

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, cli_env
+from upcycling.cli import EXTRA_OF_MODULE
 from upcycling.config import sweep_from_mapping
 from upcycling.jobs import RULES, Inventory, UnknownJob
 from upcycling.plan import plan
@@ -26,19 +27,33 @@ def _inventory(mutate=None) -> Inventory:
     return Inventory(sweep_from_mapping(mapping, REPO))
 
 
-def _dry_run_counts(tmp_path) -> dict[str, int]:
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-n",
+def _dry_run_counts(tmp_path) -> tuple[dict[str, int], set[str]]:
+    """Jobs per rule of `snakemake -n` on the default config, and the modules it imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-n",
                              "--forceall", "--cores", "2", "--directory", str(tmp_path), "--config",
                              f"results_dir={tmp_path / 'results'}"],
                             cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     table = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\ntotal", result.stdout, re.S).group(1)
-    return {name: int(count) for name, count in re.findall(r"^(\S+)\s+(\d+)$", table, re.M)}
+    return {name: int(count) for name, count in re.findall(r"^(\S+)\s+(\d+)$", table, re.M)}, _imported(result.stderr)
+
+
+def _imported(importtime_log: str) -> set[str]:
+    """The modules a `python -X importtime` run imported."""
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_log.splitlines() if line.startswith("import time:")}
 
 
 def test_plan_lists_the_jobs_snakemake_runs(tmp_path):
-    """`upcycling plan` and `snakemake -n` read the same inventory: the same jobs per rule."""
-    dry_run = _dry_run_counts(tmp_path)
+    """`upcycling plan` and `snakemake -n` read the same inventory: the same jobs per rule. Building
+    the DAG imports none of the stages' libraries (the base install builds it; cli.EXTRA_OF_MODULE)."""
+    dry_run, imported = _dry_run_counts(tmp_path)
+    # Snakemake itself imports pandas (and pandas pyarrow, when installed).
+    stage_libraries = set(EXTRA_OF_MODULE) - {"pandas", "pyarrow"}
+    assert not imported & stage_libraries, sorted(imported & stage_libraries)
+    plan_run = subprocess.run([sys.executable, "-X", "importtime", "-m", "upcycling.cli", "plan", "--config",
+                               str(REPO / "config" / "config.yaml")], cwd=tmp_path, env=cli_env(),
+                              capture_output=True, text=True, timeout=300)
+    assert plan_run.returncode == 0 and not _imported(plan_run.stderr) & stage_libraries, plan_run.stderr[-2000:]
     assert dry_run.pop("all") == 1
     planned = {rule: info["jobs"] for rule, info in plan(_inventory().sweep)["rules"].items()}
     assert planned == dry_run

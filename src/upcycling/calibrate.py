@@ -18,17 +18,17 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from .config import load_sweep
 from .errors import InputError
-from .jobs import model_config
+from .lineages import model_config
 from .sweep import Sweep
 
 log = logging.getLogger(__name__)
 
 
 def _tokens_per_s(sweep: Sweep, size: str, experts: int, top_k: int, steps: int, device) -> float:
+    import torch
+
     from .model import MoEOptions, Transformer
     from .train import build_engine
 
@@ -60,6 +60,8 @@ def _tokens_per_s(sweep: Sweep, size: str, experts: int, top_k: int, steps: int,
 
 def measure(sweep: Sweep, steps: int = 5) -> tuple[dict[str, float], float]:
     """(dense tokens/s per size, MoE/dense throughput ratio) of one training process here."""
+    import torch
+
     from . import distributed
 
     device = distributed.init()
@@ -103,6 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch  # here, not at the top: the CLI's parser imports this module for its arguments
+
     sweep = load_sweep(args.config, base_dir=args.workdir, check_corpus=False)
     if torch.cuda.is_available() != bool(sweep.slurm.gpus_per_job):
         raise InputError(f"slurm.gpus_per_job is {sweep.slurm.gpus_per_job} but this node has "

@@ -138,7 +138,6 @@ def cmd_tokenize_gather(args) -> int:
     spec = _spec(args, "tokenize", {"tokens": args.tokens})
     gather_shards(spec["tokens_dir"], spec["plan"], CorpusOptions.from_config(spec["corpus"]), spec["tokenizer_file"])
     return 0
-    return 0
 
 
 def _hooks() -> tuple:
@@ -222,7 +221,7 @@ def cmd_aggregate(args) -> int:
     import yaml
 
     from .results import aggregate
-    from .train import code_version
+    from .metrics import code_version
 
     spec = _spec(args, "aggregate")
     out = args.out or spec["out"]
@@ -422,6 +421,20 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.history_log, "a") as history:
                 history.write(f"error: {exc}\n")
         return 2
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"error: `upcycling {args.command}` needs {exc.name}, which this environment lacks: "
+              f"pip install 'upcycling[{extra}]' (or '.[{extra}]' from a checkout)", file=sys.stderr)
+        return 2
+
+
+# The stage extra (pyproject.toml) that installs each optional library.
+EXTRA_OF_MODULE = {**dict.fromkeys(("tokenizers", "pyarrow"), "tokens"),
+                   **dict.fromkeys(("torch", "deepspeed", "safetensors"), "train"),
+                   **dict.fromkeys(("xarray", "pandas", "zarr", "numcodecs", "lmfit", "scipy", "matplotlib"),
+                                   "analysis")}
 
 
 if __name__ == "__main__":

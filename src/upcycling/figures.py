@@ -1,5 +1,5 @@
-"""The report's figures. ``FIGURES`` (name -> file name) is the one list of them: the report
-writes exactly these, and the Snakemake ``report`` rule declares them from here.
+"""The report's figures. ``FIGURES`` (name -> file name, ``upcycling.jobs.REPORT_FIGURES``) is the
+one list of them: the report writes exactly these, and the Snakemake ``report`` rule declares them.
 
 ``write_figures(table, fits, out_dir, vocab_size=None) -> dict[str, Path]``.
 
@@ -23,17 +23,11 @@ from upcycling import guidance as guide
 from upcycling.advice import upcycled_pairs
 from upcycling.fitresult import FitResult
 from upcycling.fitstage import DATASET_FAMILY, select_runs
+from upcycling.jobs import REPORT_FIGURES
 
 __all__ = ["FIGURES", "write_figures"]
 
-FIGURES = {
-    "loss_vs_d2": "loss_vs_d2.png",
-    "residuals": "residuals.png",
-    "effective_exponent": "effective_exponent.png",
-    "break_even": "break_even.png",
-    "equal_compute": "equal_compute.png",
-    "model_config": "model_config.png",
-}
+FIGURES = REPORT_FIGURES
 EXTRAPOLATION = 10.0  # one decade beyond the runs
 
 

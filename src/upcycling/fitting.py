@@ -163,9 +163,6 @@ class _LogProblem:
     def subset(self, index):
         return _LogProblem(self.design[index], self.log_loss[index], self.delta)
 
-    def with_log_loss(self, log_loss):
-        return _LogProblem(self.design, log_loss, self.delta)
-
 
 @dataclass
 class _Optimum:

@@ -94,10 +94,3 @@ def train_flops_per_token(cfg: ModelConfig) -> float:
     return 6.0 * matmul_weights + attention
 
 
-def train_flops(cfg: ModelConfig, tokens: int) -> float:
-    return train_flops_per_token(cfg) * tokens
-
-
-def six_n_d(active_params: int, tokens: int) -> float:
-    """The scaling-law compute C = 6 N D (N = active parameters for an MoE)."""
-    return 6.0 * active_params * tokens

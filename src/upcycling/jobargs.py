@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from .jobs import BUDGET_KEY, moe_variant
+from .jobs import BUDGET_KEY
+from .lineages import moe_variant
 
 
 def add_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -3,12 +3,9 @@
 The Snakefile's rules, ``upcycling plan``, the per-job resources, the CLI (which builds a job from
 its identity) and the tests all read this one list; nothing else enumerates jobs.
 
-A *run* is one trained model at one token budget D (it writes a metrics JSON). Lineages: ``dense``
-(size, seed), ``upcycled`` (size, seed, D1, variant) and ``scratch`` (size, seed, variant), where
-the variant names the second-stage model: ``e4_k2_g1`` for an MoE of 4 experts, top-2,
-granularity 1, made by sparse upcycling (method ``moe_upcycle``), or the name of another
-second-stage method (``continue``, ``grow_depth``, ``grow_width``: upcycling.stage2). With WSD a lineage is a chain of stable jobs plus one decay job per budget; with
-cosine, one job per budget.
+A *run* is one trained model at one token budget D (it writes a metrics JSON); its lineage
+(:mod:`upcycling.lineages`) is the chain of jobs that shares its model and start. With WSD a
+lineage is a chain of stable jobs plus one decay job per budget; with cosine, one job per budget.
 
 Every job carries a *spec*: the part of the sweep its result depends on, plus the fingerprint of
 the job it starts from. The spec is the job's Snakemake ``params`` (so Snakemake's params trigger
@@ -30,13 +27,11 @@ from typing import Any
 
 from .errors import InputError
 from .flops import ModelConfig
-from .stage2 import METHODS, options_for, target_config
+from .lineages import DENSE, SCRATCH, UPCYCLED, Lineage, lineage_model, lineages, model_config, stable_points
+from .stage2 import options_for
 from .sweep import Sweep
 
 # Output paths of every rule, relative to the results directory; {wildcards} as the rules name them.
-DENSE = "dense/{size}/seed{seed}"
-UPCYCLED = "upcycled/{size}/seed{seed}/d1_{d1}/{variant}"
-SCRATCH = "scratch/{size}/seed{seed}/{variant}"
 PATTERNS: dict[str, dict[str, str]] = {
     "train_tokenizer": {"tokenizer": "tokens/tokenizer.json"},
     # {tokens}: "tokens", or "tokens_stage2" for stage2.corpus (tokenized with the first's tokenizer)
@@ -57,6 +52,11 @@ PATTERNS: dict[str, dict[str, str]] = {
     "report": {"summary": "report/summary.md", "findings": "report/findings.json",
                "guidance": "report/guidance.json"},
 }
+# The report's figures (name -> file in report/): the one list that upcycling.figures draws and the
+# report rule declares.
+REPORT_FIGURES = {"loss_vs_d2": "loss_vs_d2.png", "residuals": "residuals.png",
+                  "effective_exponent": "effective_exponent.png", "break_even": "break_even.png",
+                  "equal_compute": "equal_compute.png", "model_config": "model_config.png"}
 LOGS: dict[str, str] = {
     "train_tokenizer": "logs/tokens/train_tokenizer.log",
     "tokenize_shard": "logs/{tokens}/shard_{shard}.log",
@@ -89,51 +89,6 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def moe_variant(experts: int, top_k: int, granularity: int) -> str:
-    return f"e{experts}_k{top_k}_g{granularity}"
-
-
-VARIANT_PATTERN = r"e\d+_k\d+_g\d+|" + "|".join(method for method in METHODS if method != "moe_upcycle")
-
-
-@dataclass(frozen=True)
-class Lineage:
-    """Everything one chain of jobs shares: the model, where it starts, and its runs' budgets.
-
-    ``method``: the second-stage method of an upcycled lineage (how its model is made from the
-    dense one) and of a scratch lineage (whose architecture it trains from scratch)."""
-
-    family: str  # dense | upcycled | scratch
-    size: str
-    seed: int
-    budgets: tuple[int, ...]
-    d1: int = 0  # upcycled: the dense budget it starts from
-    experts: int = 1
-    top_k: int = 1
-    granularity: int = 1
-    method: str = "dense"  # second-stage method; "dense" for the dense runs
-
-    @property
-    def variant(self) -> str:
-        """The second-stage model's name in paths: ``e4_k2_g1`` for an MoE, else the method."""
-        if self.family == "dense":
-            return ""
-        return moe_variant(self.experts, self.top_k, self.granularity) if self.method == "moe_upcycle" else self.method
-
-    @property
-    def wildcards(self) -> dict[str, str]:
-        wildcards = {"size": self.size, "seed": str(self.seed)}
-        if self.family == "upcycled":
-            wildcards["d1"] = str(self.d1)
-        if self.family != "dense":
-            wildcards["variant"] = self.variant
-        return wildcards
-
-    @property
-    def name(self) -> str:
-        return {"dense": DENSE, "upcycled": UPCYCLED, "scratch": SCRATCH}[self.family].format(**self.wildcards)
-
-
 @dataclass(frozen=True)
 class Job:
     rule: str
@@ -163,62 +118,6 @@ class Job:
 
 def _label(rule: str, wildcards: Mapping[str, str]) -> str:
     return f"{rule}[{','.join(f'{k}={v}' for k, v in wildcards.items())}]"
-
-
-# ----------------------------------------------------------------------------- lineages
-
-
-def model_config(sweep: Sweep, size: str, vocab_size: int, experts: int = 1, top_k: int = 1,
-                 granularity: int = 1) -> ModelConfig:
-    dims = sweep.dense_models[size]
-    return ModelConfig(vocab_size=vocab_size, d_model=dims.d_model, n_layers=dims.n_layers, n_heads=dims.n_heads,
-                       ffn_hidden=dims.ffn_hidden, seq_len=sweep.data.seq_len, rope_theta=dims.rope_theta,
-                       experts=experts, top_k=top_k if experts > 1 else 1,
-                       granularity=granularity if experts > 1 else 1)
-
-
-def lineages(sweep: Sweep) -> list[Lineage]:
-    axes, methods = sweep.sweep, sweep.stage2.methods
-    shapes = [(e, k, g) for e in axes.experts for k in axes.top_k for g in axes.granularity]
-    dense_methods = [method for method in methods if method != "moe_upcycle"]
-    result: list[Lineage] = []
-    for size in sweep.dense_models:
-        for seed in sweep.training.seeds:
-            result.append(Lineage("dense", size, seed, axes.d1_tokens))
-            for d1 in axes.d1_tokens:
-                if "moe_upcycle" in methods:
-                    result.extend(Lineage("upcycled", size, seed, axes.d2_tokens, d1, e, k, g, "moe_upcycle")
-                                  for e, k, g in shapes)
-                result.extend(Lineage("upcycled", size, seed, axes.d2_tokens, d1, method=method)
-                              for method in dense_methods)
-            if axes.model_config is not None and "moe_upcycle" in methods:
-                extra = axes.model_config
-                result.extend(Lineage("upcycled", size, seed, (extra.d2_tokens,), extra.d1_tokens, e, k, 1,
-                                      "moe_upcycle")
-                              for e in extra.experts for k in extra.top_k if (e, k, 1) not in shapes)
-            if sweep.baselines.scratch_moe:
-                if "moe_upcycle" in methods:
-                    result.extend(Lineage("scratch", size, seed, sweep.scratch_d_tokens, 0, e, k, g, "moe_upcycle")
-                                  for e, k, g in shapes)
-                result.extend(Lineage("scratch", size, seed, sweep.scratch_d_tokens, method=method)
-                              for method in dense_methods)
-    return result
-
-
-def lineage_model(sweep: Sweep, lineage: Lineage, vocab_size: int | None = None) -> ModelConfig:
-    """The architecture a lineage trains: the dense model, or its method's second-stage model."""
-    dense = model_config(sweep, lineage.size, vocab_size or sweep.tokenizer.vocab_size)
-    if lineage.family == "dense":
-        return dense
-    options = options_for(sweep, lineage.experts, lineage.top_k, lineage.granularity)
-    return target_config(dense, lineage.method, options)
-
-
-def stable_points(sweep: Sweep, lineage: Lineage) -> list[int]:
-    """WSD: where each run of the lineage leaves the stable phase, in order (none for cosine)."""
-    if not sweep.training.wsd:
-        return []
-    return sorted({sweep.training.decay_start(budget) for budget in lineage.budgets})
 
 
 # ----------------------------------------------------------------------------- specs

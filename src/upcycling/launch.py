@@ -79,6 +79,16 @@ def apply_slurm_env() -> dict[str, str]:
     return updates
 
 
+def leave_stop_signals_to_the_trainer() -> None:
+    """Ignore USR1 (Slurm's time-limit warning) and TERM (preemption, scancel, the limit) in this
+    process: Snakemake's job wrapper inside a Slurm job. Slurm signals every process of the step;
+    the trainer saves on them and exits 75, and the wrapper and the rule's shell must outlive that
+    save. An ignored signal stays ignored across fork and exec, so the shell ignores them too; the
+    trainer installs its own handlers (docs/slurm.md, "How the signal reaches the trainer")."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 # ----------------------------------------------------------------------------- submitit
 
 

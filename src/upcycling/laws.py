@@ -12,16 +12,15 @@ Every law is a pure numpy function of named variables, in natural units:
 - ``joint_no_interaction(d1, d2, n1, A, alpha1, alpha2, B, beta2, E)``
 - ``chinchilla(n, d, E, A, alpha, B, beta)``: E + A / N^alpha + B / D^beta
 - ``data_power(d, B, beta, E)``: E + B / D^beta (one model size, only the data varies)
-- ``training_flops(n_active, tokens)``: C = 6 N D
 
 ``LAWS`` is the registry: name -> :class:`Law` (variables, the tidy-table field each variable is
-read from, parameters with bounds and initial-value grids, the lmfit ``Model``, baselines,
+read from, parameters with bounds and initial-value grids, baselines,
 which variables a held-out check removes the largest value of). Registered: ``dataset``,
 ``dataset_no_interaction``, ``dataset_additive``, ``model_config``, ``joint``,
 ``joint_no_interaction``, ``chinchilla_dense`` (N = dense params, D = D1),
 ``chinchilla_scratch`` (N = active params, D = tokens), ``scratch_power`` (one scratch size).
 ``get_law(name) -> Law``. ``Law`` methods: ``predict(params, **variables)`` (natural units),
-``model`` (lmfit.Model), ``design``, ``log_predict``, ``to_natural``/``from_natural``,
+``design``, ``log_predict``, ``to_natural``/``from_natural``,
 ``unscale``/``scale``/``unscale_matrix``.
 
 Every law is a sum of positive terms, each a power law (an amplitude times powers of the
@@ -51,9 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 
-import lmfit
 import numpy as np
 
 __all__ = [
@@ -69,7 +66,6 @@ __all__ = [
     "joint",
     "joint_no_interaction",
     "model_config",
-    "training_flops",
 ]
 
 
@@ -126,11 +122,6 @@ def data_power(d, B, beta, E):
     """L = E + B / D^beta: Chinchilla at one fixed model size (its A/N^alpha folded into E)."""
     d = np.asarray(d, dtype=float)
     return E + B * d ** (-beta)
-
-
-def training_flops(n_active, tokens):
-    """Training compute C = 6 N D (N = active parameters per token for an MoE)."""
-    return 6.0 * np.asarray(n_active, dtype=float) * np.asarray(tokens, dtype=float)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,11 +248,6 @@ class Law:
         probe = self.design({v: np.zeros(1) for v in self.variables})[0]
         return {spec.name: int(np.flatnonzero(probe[:, i])[0])
                 for i, spec in enumerate(self.params) if spec.is_log_amplitude}
-
-    @cached_property
-    def model(self) -> lmfit.Model:
-        """lmfit Model of the natural-units function over the law's named variables."""
-        return lmfit.Model(self.function, independent_vars=list(self.variables), name=self.name)
 
     # ---- evaluation ------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ the aggregate (``schemas/metrics.schema.json``; docs/contracts.md documents it, 
 from __future__ import annotations
 
 import json
+import subprocess
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import jsonschema
 
+from . import __version__
 from .errors import InputError
 
 SCHEMA_PATH = Path(str(files("upcycling") / "schemas" / "metrics.schema.json"))
@@ -41,3 +43,13 @@ def validate(record: Any, where: str) -> dict:
         raise MetricsError(f"{where}: not a metrics record of format {FORMAT_VERSION} ({'; '.join(found[:5])}): "
                            "rerun the job that writes it (upcycling train)")
     return record
+
+
+def code_version() -> str:
+    """Package version plus the git commit, when the code runs from a checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+git{commit}" if commit else __version__

@@ -1,9 +1,8 @@
 """Corpus file readers: the bytes of plain, gzip and zstd files, and the documents of each format.
 
-Public: ``read_documents(source, text_field, select)``, ``Source``, ``CorpusError``, ``safe_cut``.
-Which files to read and what each is (``upcycling.corpus``) come first; this module
-turns one file into its documents with bounded memory: text and JSON Lines in blocks, parquet a
-row group at a time in batches, arrow a record batch at a time; only one document is held whole.
+Which files to read and what each is come first (``upcycling.corpus``); this module turns one
+file into its documents with bounded memory: text and JSON Lines in blocks, parquet a row group
+at a time in batches, arrow a record batch at a time; only one document is held whole.
 Every problem raises CorpusError naming the file, the line or row, and the fix.
 """
 
@@ -49,8 +48,7 @@ class Source:
     size: int  # bytes on disk
 
 
-# ----------------------------------------------------------------------------------------------
-# Bytes: plain, gzip, zstd
+# ---------------------------------------------------------------------------- bytes: plain, gzip, zstd
 
 
 class _ZstdReader(io.RawIOBase):
@@ -121,8 +119,7 @@ def _invalid_utf8(source: Source, offset: int, line: int, exc: UnicodeDecodeErro
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# Plain text
+# -------------------------------------------------------------------------------------- plain text
 
 
 def _read_text_blocks(source: Source) -> Iterator[str]:
@@ -201,8 +198,7 @@ def _text_documents(source: Source, text_field: str, select: dict | None) -> Ite
         yield pending
 
 
-# ----------------------------------------------------------------------------------------------
-# JSON Lines
+# -------------------------------------------------------------------------------------- json lines
 
 
 def _field(record: dict, path: str):
@@ -280,8 +276,7 @@ def _jsonl_documents(source: Source, text_field: str, select: dict | None) -> It
         raise _unreadable(source, exc) from exc
 
 
-# ----------------------------------------------------------------------------------------------
-# Parquet and Arrow (Hugging Face datasets)
+# ------------------------------------------------------- parquet and arrow (hugging face datasets)
 
 
 def _check_text_column(source: Source, schema, text_field: str) -> None:
@@ -426,8 +421,7 @@ def _arrow_documents(source: Source, text_field: str, select: dict | None) -> It
             row += batch.num_rows
 
 
-# ----------------------------------------------------------------------------------------------
-# Documents and the split
+# ------------------------------------------------------------------------- documents and the split
 
 _READERS = {"text": _text_documents, "jsonl": _jsonl_documents, "parquet": _parquet_documents,
             "arrow": _arrow_documents}  # fmt: skip

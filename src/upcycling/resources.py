@@ -21,7 +21,8 @@ import math
 import os
 
 from .flops import count_params
-from .jobs import Job, lineage_model
+from .jobs import Job
+from .lineages import lineage_model
 from .sweep import Sweep
 
 # Host memory of one training process. Without a GPU it holds the whole training state: Adam in

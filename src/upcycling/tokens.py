@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -38,7 +37,6 @@ from .errors import InputError
 FORMAT_VERSION = 2
 SHARDS_DIR = "shards"
 SHARD_FILES = ("train.bin", "val.bin", "shard.json")
-_SHARD_NAME = re.compile(r"^(\d{5,})-of-(\d{5,})$")
 
 # Throughput of the tokens stage, for runtime estimates: benchmarks/bench_tokenize.py --scale on
 # this project's 2-core machine (1 GB of English text as .jsonl.zst, byte-level BPE with a 32k
@@ -67,14 +65,6 @@ class TokenFilesError(InputError):
 
 def shard_name(index: int, count: int) -> str:
     return f"{index:05d}-of-{count:05d}"
-
-
-def parse_shard_name(name: str) -> tuple[int, int]:
-    """(index, count) of a shard name such as '00002-of-00004'; ValueError for anything else."""
-    match = _SHARD_NAME.match(name)
-    if not match or not int(match[1]) < int(match[2]):
-        raise ValueError(f"'{name}' is not a shard name like '00002-of-00004'")
-    return int(match[1]), int(match[2])
 
 
 def tokenizer_path(tokens_dir: str | os.PathLike) -> Path:

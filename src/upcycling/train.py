@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,12 +33,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, distributed
+from . import checkpoint, distributed
 from .data import TokenWindows
 from .export import CheckpointError, load_adam_moments, load_hf, save_hf
 from .flops import ModelConfig, count_params, train_flops_per_token
 from .jobs import fingerprint
-from .metrics import FORMAT_VERSION, validate
+from .metrics import FORMAT_VERSION, code_version, validate
 from .model import MoEOptions, Transformer
 from .publish import publish_json
 from .schedule import Schedule
@@ -172,7 +171,7 @@ class _StopFlag:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum, _frame):
         self.signal_name = signal.Signals(signum).name
 
 
@@ -425,16 +424,6 @@ def run_metrics(spec: dict, progress: dict, model_cfg: ModelConfig, tokens: int,
         "checkpoint_fingerprint": fingerprint_now,
         "code_version": code_version(),
     }
-
-
-def code_version() -> str:
-    """Package version plus the git commit, when the code runs from a checkout."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{__version__}+git{commit}" if commit else __version__
 
 
 def main_guarded(spec: dict, options: RunOptions, hooks: tuple[Hook, ...] = ()) -> int:

@@ -2,7 +2,8 @@
 import re
 
 from upcycling.config import ConfigError, sweep_from_mapping
-from upcycling.jobs import LOGS, PATTERNS, TOKEN_SETS, VARIANT_PATTERN, Inventory
+from upcycling.jobs import LOGS, PATTERNS, REPORT_FIGURES, TOKEN_SETS, Inventory
+from upcycling.lineages import VARIANT_PATTERN
 from upcycling.resources import job_resources, training_threads
 
 # The schema's defaults and the semantic checks; a bad config stops here, before any job runs.
@@ -13,21 +14,12 @@ except ConfigError as exc:
 INVENTORY = Inventory(SWEEP, workflow.basedir)
 
 if workflow.remote_exec and "SLURM_JOB_ID" in os.environ:
-    # In a Slurm job, the time-limit warning (USR1) and a preemption or scancel (TERM) reach every
-    # process of the step. The trainer saves on them and exits 75; this job wrapper and the rule's
-    # shell must outlive that save, so they ignore both (an ignored signal stays ignored in the
-    # children: the shell inherits it, the trainer installs its own handlers). docs/slurm.md.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-elif getattr(workflow.executor_plugin, "cli_prefix", None) == "slurm" and not workflow.remote_exec:
-    # Before the first sbatch: can this cluster run every job? (upcycling plan --check does the same.)
-    from upcycling.preflight import problems, read_cluster
+    # In a Slurm job, the time-limit warning and a preemption or scancel reach every process of
+    # the step: this job wrapper and the rule's shell must outlive the trainer's save.
+    from upcycling.launch import leave_stop_signals_to_the_trainer
 
-    _CLUSTER = read_cluster()
-    _PROBLEMS = problems(INVENTORY, _CLUSTER) if _CLUSTER is not None else []
-    if _PROBLEMS:
-        raise WorkflowError("this Slurm cluster cannot run the sweep (nothing was submitted):\n- "
-                            + "\n- ".join(_PROBLEMS))
+    leave_stop_signals_to_the_trainer()
+
 R = SWEEP.results_dir
 BASEDIR = workflow.basedir  # where relative corpus and tokenizer paths start
 
@@ -47,6 +39,19 @@ wildcard_constraints:
     shard=r"\d+-of-\d+",
     tokens="|".join(TOKEN_SETS),
     variant=VARIANT_PATTERN,
+
+
+onstart:
+    # Before the first sbatch (the executor is known only now, not while the Snakefile is read):
+    # can this cluster run every job? `upcycling plan --check` does the same.
+    if getattr(workflow.executor_plugin, "cli_prefix", None) == "slurm":
+        from upcycling.preflight import problems, read_cluster
+
+        cluster = read_cluster()
+        found = problems(INVENTORY, cluster) if cluster is not None else []
+        if found:
+            raise WorkflowError("this Slurm cluster cannot run the sweep (nothing was submitted):\n- "
+                                + "\n- ".join(found))
 
 
 def outputs(rule_name):

@@ -1,6 +1,3 @@
-from upcycling.figures import FIGURES as REPORT_FIGURES  # the report's figures, listed once
-
-
 rule aggregate:
     """Every run's metrics JSON -> one xarray/zarr store (NaN where a combination was not run)."""
     input:

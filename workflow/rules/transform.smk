@@ -13,6 +13,6 @@ rule transform:
     resources:
         **resources_of("transform"),
     conda:
-        "../../envs/cpu.yml"
+        "../../envs/gpu.yml"
     shell:
         "upcycling transform --spec {params.spec:q} >> {log} 2>&1"

@@ -96,6 +96,7 @@ def _final_weights(workdir):
     return load_file(str(workdir / "results/dense/xs/seed0/d1_8192/hf/model.safetensors"))
 
 
+@pytest.mark.slow  # six CLI runs; the fast lane keeps the MoE resume test below
 def test_preempted_run_resumes_to_the_same_weights_bitwise(tmp_path, tiny_tokens):
     runs = {}
     for name in ("straight", "interrupted"):

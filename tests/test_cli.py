@@ -5,8 +5,12 @@ JSON, a corrupt export."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from conftest import REPO, run_cli, write_config
 
@@ -74,3 +78,15 @@ def test_a_stage_whose_extra_is_not_installed(tmp_path):
     result = run_cli(["fit", "--config", str(config), "--store", str(tmp_path / "losses.zarr"),
                       "--out-dir", str(tmp_path / "fits")], cwd=tmp_path, check=False, PYTHONPATH=str(shadow))
     _one_error_line(result, "needs lmfit", "pip install 'upcycling[analysis]'")
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
+    """scripts/gpu-check.sh's CPU branch (CI has no GPU): it says why it checks nothing, exits 0 and
+    writes nothing."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: scripts/gpu-check.sh would run the whole check")
+    out = tmp_path / "gpu-check"
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(out)}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no CUDA GPU here" in result.stdout and not out.exists()

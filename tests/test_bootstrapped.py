@@ -60,7 +60,8 @@ def test_the_store_and_the_report_compare_the_methods(bootstrapped):
     store = xr.open_zarr(bootstrapped / "losses.zarr")
     upcycled = store["final_val_loss"].sel(init="upcycled")
     for method in METHODS:
-        assert int(np.isfinite(upcycled.sel(method=method).values).sum()) == 9, method  # 3 D1 x 3 D2
+        # A dict, not a keyword: `sel(method=...)` is xarray's fill-method argument.
+        assert int(np.isfinite(upcycled.sel({"method": method}).values).sum()) == 9, method  # 3 D1 x 3 D2
     # Continued pretraining on the comedies evaluates on the comedies' held-out text.
     run = read_json(bootstrapped / "upcycled/xs/seed0/d1_65536/continue/d2_16384/metrics.json")
     assert run["coords"]["method"] == "continue" and run["model"]["n_layers"] == 2

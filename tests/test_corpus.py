@@ -206,6 +206,24 @@ def bad_file(kind: str, root: Path):
         (root / "p.parquet").write_bytes((root / "full.parquet").read_bytes()[:-20])
         (root / "full.parquet").unlink()
         name, words = "p.parquet", ["not a readable parquet file"]
+    elif kind == "parquet corrupt row group":
+        pq.write_table(pa.table({"text": DOCUMENTS * 4}), root / "p.parquet", row_group_size=10,
+                       compression="none", use_dictionary=False)
+        chunk = pq.ParquetFile(root / "p.parquet").metadata.row_group(2).column(0)
+        data = bytearray((root / "p.parquet").read_bytes())
+        page_end = chunk.data_page_offset + chunk.total_compressed_size
+        data[page_end - 200:page_end] = b"\xff" * 200  # the third row group's string lengths
+        (root / "p.parquet").write_bytes(bytes(data))
+        name, words = "p.parquet", ["row group 2 (rows from 20", "corrupt or truncated"]
+    elif kind == "arrow stream truncated":
+        table = pa.table({"text": DOCUMENTS * 4})
+        with pa.OSFile(str(root / "full.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=10):
+                writer.write_batch(batch)
+        full = (root / "full.arrow").read_bytes()
+        (root / "s.arrow").write_bytes(full[:len(full) * 3 // 5])
+        (root / "full.arrow").unlink()
+        name, words = "s.arrow", ["rows from 20", "not a readable Arrow IPC file"]
     elif kind == "parquet without text":
         pq.write_table(pa.table({"text": ["", None]}), root / "p.parquet")
         name, words = "p.parquet", ["without a document", "column 'text'"]
@@ -241,7 +259,7 @@ def bad_file(kind: str, root: Path):
 BAD_FILES = [
     "zst truncated", "zst truncated at a line end", "zst garbage", "zst bad line", "gz missing field",
     "json array", "parquet missing column", "parquet integer column", "parquet invalid utf-8",
-    "parquet truncated", "parquet without text", "dataset without the column", "dataset dict",
+    "parquet truncated", "parquet corrupt row group", "arrow stream truncated", "parquet without text", "dataset without the column", "dataset dict",
     "dataset missing file", "bz2", "plain directory",
 ]  # fmt: skip
 

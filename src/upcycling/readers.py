@@ -16,7 +16,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Generator, Iterator
 
 import zstandard
 
@@ -356,6 +356,25 @@ def _columns(text_field: str, select: dict | None) -> list[str]:
     return list(dict.fromkeys([text_field, *(path.split(".")[0] for path in select or {})]))
 
 
+def _batch_texts(source: Source, batches: Iterator, text_field: str, select: dict | None, first_row: int,
+                 unreadable) -> Generator[str, None, int]:
+    """The selected texts of a stream of record batches whose first row is ``first_row``; returns
+    the row after the last. A batch that cannot be read raises ``unreadable(exc, row)``."""
+    import pyarrow as pa
+
+    row = first_row
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return row
+        except (pa.ArrowException, OSError) as exc:
+            raise unreadable(exc, row) from None
+        keep = _selected_rows(source, batch, select)
+        yield from _column_texts(source, batch.column(text_field), text_field, row, keep)
+        row += batch.num_rows
+
+
 def _parquet_documents(source: Source, text_field: str, select: dict | None) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -368,23 +387,17 @@ def _parquet_documents(source: Source, text_field: str, select: dict | None) -> 
         ) from None
     with parquet:
         _check_text_column(source, parquet.schema_arrow, text_field)
+        columns = [c for c in _columns(text_field, select) if c in parquet.schema_arrow.names]
         row = 0
         for group in range(parquet.num_row_groups):
-            columns = [c for c in _columns(text_field, select) if c in parquet.schema_arrow.names]
+            def unreadable(exc, at_row, group=group):
+                return CorpusError(
+                    f"{source.path}, row group {group} (rows from {at_row}, counting from 0): cannot "
+                    f"read it ({exc}): the file is corrupt or truncated; re-create it or {READ_FIX}"
+                )
+
             batches = parquet.iter_batches(RECORD_BATCH_ROWS, row_groups=[group], columns=columns)
-            while True:
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
-                except (pa.ArrowException, OSError) as exc:
-                    raise CorpusError(
-                        f"{source.path}, row group {group} (rows from {row}, counting from 0): cannot "
-                        f"read it ({exc}): the file is corrupt or truncated; re-create it or {READ_FIX}"
-                    ) from None
-                keep = _selected_rows(source, batch, select)
-                yield from _column_texts(source, batch.column(text_field), text_field, row, keep)
-                row += batch.num_rows
+            row = yield from _batch_texts(source, batches, text_field, select, row, unreadable)
 
 
 def _arrow_documents(source: Source, text_field: str, select: dict | None) -> Iterator[str]:
@@ -408,17 +421,7 @@ def _arrow_documents(source: Source, text_field: str, select: dict | None) -> It
             except (pa.ArrowException, OSError) as exc:
                 raise unreadable(exc, 0) from None
         _check_text_column(source, reader.schema, text_field)
-        row = 0
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except (pa.ArrowException, OSError) as exc:
-                raise unreadable(exc, row) from None
-            keep = _selected_rows(source, batch, select)
-            yield from _column_texts(source, batch.column(text_field), text_field, row, keep)
-            row += batch.num_rows
+        yield from _batch_texts(source, batches, text_field, select, 0, unreadable)
 
 
 # ------------------------------------------------------------------------- documents and the split

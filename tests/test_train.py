@@ -4,6 +4,7 @@ divergence, data and expert parallelism under torchrun."""
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 import sys
 
@@ -83,13 +84,17 @@ def test_dense_run_meets_its_budget_exactly_and_writes_the_contract(tiny_workdir
 
 def test_budget_that_is_not_a_multiple_of_the_batch_is_met_exactly(tmp_path, tiny_tokens):
     budget = 5 * STEP_TOKENS + 77
-    write_config(tmp_path, {"training": {"schedule": "cosine"}, "sweep": {"d1_tokens": [budget]}})
+    # A checkpoint at every step: the saves must not add to the run's wall time.
+    write_config(tmp_path, {"training": {"schedule": "cosine", "checkpoint_every_tokens": STEP_TOKENS},
+                            "sweep": {"d1_tokens": [budget]}})
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "tokens").symlink_to(tiny_tokens)
-    dense(tmp_path, "--budget", str(budget))
+    result = dense(tmp_path, "--budget", str(budget))
     metrics = read_json(tmp_path / f"results/dense/xs/seed0/d1_{budget}/metrics.json")
     assert metrics["tokens_seen"] == budget == metrics["train_curve"]["tokens"][-1]
     assert len(metrics["train_curve"]["tokens"]) == 6
+    job_seconds = float(re.search(rf"done, {budget} tokens in ([0-9.]+)s", result.stdout).group(1))
+    assert metrics["wall_time_s"] == pytest.approx(job_seconds, abs=0.1 + 0.05 * job_seconds)
 
 
 def _final_weights(workdir):

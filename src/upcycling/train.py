@@ -299,13 +299,14 @@ def run(spec: dict, options: RunOptions = RunOptions(), hooks: tuple[Hook, ...] 
     stop = _StopFlag()
     tokens, step = progress["tokens"], progress["step"]
     job_start_tokens, job_start_time = tokens, time.perf_counter()
+    wall_before_job = progress["wall_time_s"]  # this run's earlier jobs (a resumed or chained run)
     window_time, window_tokens = time.perf_counter(), 0
     flops_per_token, peak = train_flops_per_token(model_cfg), peak_flops()
 
     def save(complete: bool) -> None:
         losses.flush()  # never a checkpoint past a non-finite loss
         progress.update(tokens=tokens, step=step, torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(),
-                        wall_time_s=progress["wall_time_s"] + time.perf_counter() - job_start_time)
+                        wall_time_s=wall_before_job + time.perf_counter() - job_start_time)
         checkpoint.save(engine, partial, progress, fingerprint=fingerprint_now, complete=complete,
                         written_by=written_by)
 
@@ -367,13 +368,12 @@ def run(spec: dict, options: RunOptions = RunOptions(), hooks: tuple[Hook, ...] 
         save(complete=True)
         checkpoint.publish(partial, Path(spec["checkpoint"]))
         return None
-    return _finish_run(engine, spec, options, progress, model_cfg, tokens, fingerprint_now,
-                       time.perf_counter() - job_start_time, world, save)
+    progress["wall_time_s"] = wall_before_job + time.perf_counter() - job_start_time
+    return _finish_run(engine, spec, options, progress, model_cfg, tokens, fingerprint_now, world, save)
 
 
-def _finish_run(engine, spec, options, progress, model_cfg, tokens, fingerprint_now, job_seconds, world, save):
+def _finish_run(engine, spec, options, progress, model_cfg, tokens, fingerprint_now, world, save):
     """A run's end: the export (dense), the metrics, and its checkpoint deleted unless kept."""
-    progress["wall_time_s"] += job_seconds
     export = spec["export"]
     state = checkpoint.full_state(engine) if export is not None else None  # a collective: every rank
     moments = checkpoint.adam_moments(engine, spec["run_id"]) if spec["export_adam_moments"] else None

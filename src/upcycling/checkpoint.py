@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from . import distributed
-from .export import CheckpointError, file_sha256
+from .export import CheckpointError
 from .model import Transformer, join_expert_name, split_expert_name
-from .publish import publish_dir, publish_json
+from .publish import publish_dir, publish_json, sha256_file
 
 CLIENT_KEY = "upcycling_train_state"
 MANIFEST = "manifest.json"
@@ -42,7 +42,7 @@ def _hash_files(root: Path) -> dict[str, dict]:
     """Size and sha256 of every file under root (relative paths), hashed in parallel threads."""
     paths = sorted(path for path in root.rglob("*") if path.is_file())
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(file_sha256, paths))
+        digests = list(pool.map(sha256_file, paths))
     return {path.relative_to(root.parent).as_posix(): {"bytes": path.stat().st_size, "sha256": digest}
             for path, digest in zip(paths, digests)}
 
@@ -68,7 +68,7 @@ def problem(directory: Path) -> str | None:
         size = path.stat().st_size
         if size != recorded["bytes"]:
             return f"{name} has {size} bytes, the manifest records {recorded['bytes']}"
-        if file_sha256(path) != recorded["sha256"]:
+        if sha256_file(path) != recorded["sha256"]:
             return f"{name} does not match its recorded sha256"
     return None
 

@@ -9,7 +9,6 @@ converts it on load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from .errors import InputError
 from .flops import ModelConfig
 from .model import expert_weight_name, router_weight_name
-from .publish import staging_dir
+from .publish import sha256_file, staging_dir
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -154,7 +153,7 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path, ext
     export's fingerprint, checked on load); returns it."""
     with staging_dir(out_dir) as staged:
         save_file(to_hf(state, cfg), str(staged / WEIGHTS_FILE), metadata={"format": "pt"})
-        weights_sha256 = file_sha256(staged / WEIGHTS_FILE)
+        weights_sha256 = sha256_file(staged / WEIGHTS_FILE)
         (staged / CONFIG_FILE).write_text(json.dumps(hf_config(cfg, {**(extra or {}),
                                                                     "weights_sha256": weights_sha256}), indent=2))
         if adam_moments is not None:
@@ -163,14 +162,6 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path, ext
                        **{f"exp_avg_sq/{n}": t.contiguous() for n, t in exp_avg_sq.items()}}
             save_file(tensors, str(staged / OPTIMIZER_FILE), metadata={"step": str(step)})
     return weights_sha256
-
-
-def file_sha256(path: Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class CheckpointError(InputError):
@@ -190,7 +181,7 @@ def load_hf(model_dir: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict
     except (json.JSONDecodeError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {config_path} is not a Llama/Mixtral config.json ({exc!r})") from exc
     expected = raw_cfg.get("upcycling", {}).get("weights_sha256")
-    if expected is not None and file_sha256(weights) != expected:
+    if expected is not None and sha256_file(weights) != expected:
         raise CheckpointError(f"checkpoint {weights} does not match the sha256 its config.json records: it is "
                               "corrupt or truncated; delete its directory and rerun the stage that writes it")
     try:

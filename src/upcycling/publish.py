@@ -13,15 +13,27 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:
+    """The hex sha256 of a file, read in blocks (the digest recorded for and checked against a
+    published file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def publish_text(path: str | os.PathLike, text: str) -> Path:
@@ -81,7 +93,9 @@ def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
     without an exception, deleted when it raises."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    # Not mkdtemp: its 0700 mode would become the published directory's (unreadable to the group).
+    staged = final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    staged.mkdir()
     try:
         yield staged
     except BaseException:

@@ -24,10 +24,7 @@ import itertools
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +34,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from . import tokens as layout
-from .publish import publish_json
+from .publish import publish_json, sha256_file, staging_dir
 from .corpus import CorpusError, CorpusOptions, Document, Source, resolve_sources
 from .tokenizer import EOT_TOKEN, exact_cuts, load_tokenizer, make_tokenizer, piece_ends, train_tokenizer
 from .tokens import FORMAT_VERSION, TokenFilesError, load_tokens, token_dtype
@@ -179,30 +176,6 @@ def scan_files(sources: list[Source], options: CorpusOptions) -> list[dict]:
     return files
 
 
-def _tmp_dir_for(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkdtemp: its 0700 mode would become the published directory's.
-    tmp_dir = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp_dir.mkdir()
-    return tmp_dir
-
-
-def _publish(tmp_dir: Path, out_dir: Path) -> None:
-    """Move the finished directory into place, replacing an older one only once all is written."""
-    if not out_dir.exists():
-        os.replace(tmp_dir, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    os.replace(out_dir, old / out_dir.name)  # rename() cannot replace a non-empty directory
-    try:
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        os.replace(old / out_dir.name, out_dir)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def tokenize_shard(sources: list[Source], options: CorpusOptions, tokenizer_file: str | os.PathLike,
                    out_dir: str | os.PathLike, index: int = 0, count: int = 1,
                    eot_token: str = EOT_TOKEN) -> dict:  # fmt: skip
@@ -225,8 +198,7 @@ def tokenize_shard(sources: list[Source], options: CorpusOptions, tokenizer_file
     # A literal "<|endoftext|>" in the corpus is text, not a document boundary.
     if hasattr(tokenizer, "encode_special_tokens"):
         tokenizer.encode_special_tokens = True
-    tmp_dir = _tmp_dir_for(out_dir)
-    try:
+    with staging_dir(out_dir) as tmp_dir:
         counts = {"train": [0, 0], "val": [0, 0]}  # split -> [tokens, documents]
         progress = _Progress(f"shard {name}", train_documents + val_documents, chars, text_bytes / max(chars, 1))
         with open(tmp_dir / "train.bin", "wb") as train_file, open(tmp_dir / "val.bin", "wb") as val_file:
@@ -241,17 +213,13 @@ def tokenize_shard(sources: list[Source], options: CorpusOptions, tokenizer_file
         sidecar = {
             "format_version": FORMAT_VERSION, "shard": name, "index": index, "count": count,
             "vocab_size": vocab_size, "dtype": dtype.name, "eot_id": eot_id,
-            "tokenizer_sha256": layout.sha256_file(Path(tokenizer_file)),
+            "tokenizer_sha256": sha256_file(Path(tokenizer_file)),
             "train_tokens": counts["train"][0], "val_tokens": counts["val"][0],
             "train_documents": counts["train"][1], "val_documents": counts["val"][1], "text_bytes": text_bytes,
             **options.as_dict(),
             "files": [{k: f[k] for k in ("source", "sha256", "train_documents", "val_documents")} for f in files],
         }  # fmt: skip
         (tmp_dir / "shard.json").write_text(json.dumps(sidecar, indent=1) + "\n")
-        _publish(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return sidecar
 
 
@@ -271,7 +239,7 @@ def gather_shards(tokens_dir: str | os.PathLike, plan: list[list[str]], options:
     tokenizer_file = Path(tokenizer_file) if tokenizer_file else layout.tokenizer_path(tokens_dir)
     if not tokenizer_file.is_file():
         raise TokenFilesError(f"{tokenizer_file} does not exist: run the train_tokenizer job first")
-    tokenizer_sha256 = layout.sha256_file(tokenizer_file)
+    tokenizer_sha256 = sha256_file(tokenizer_file)
     expected = {"format_version": FORMAT_VERSION, "tokenizer_sha256": tokenizer_sha256, "count": count,
                 **options.as_dict()}  # fmt: skip
     sidecars = []
@@ -343,17 +311,15 @@ def tokenize_corpus(corpus_cfg: dict, tokenizer_cfg: dict, out_dir: str | os.Pat
     sources = resolve_sources(corpus_cfg["paths"], base_dir)
     groups = shard_sources(sources, int(corpus_cfg.get("shards", 1)))
     created = [p for p in out_dir.parents if not p.exists()]  # directories a failure must not leave
-    tmp_dir = _tmp_dir_for(out_dir)
     try:
-        make_tokenizer(sources, options, tokenizer_cfg, layout.tokenizer_path(tmp_dir), base_dir)
-        for index, group in enumerate(groups):
-            tokenize_shard(group, options, layout.tokenizer_path(tmp_dir),
-                           layout.shard_dir(tmp_dir, index, len(groups)), index, len(groups),
-                           tokenizer_cfg.get("eot_token", EOT_TOKEN))  # fmt: skip
-        meta = gather_shards(tmp_dir, [[s.label for s in group] for group in groups], options)
-        _publish(tmp_dir, out_dir)
+        with staging_dir(out_dir) as tmp_dir:
+            make_tokenizer(sources, options, tokenizer_cfg, layout.tokenizer_path(tmp_dir), base_dir)
+            for index, group in enumerate(groups):
+                tokenize_shard(group, options, layout.tokenizer_path(tmp_dir),
+                               layout.shard_dir(tmp_dir, index, len(groups)), index, len(groups),
+                               tokenizer_cfg.get("eot_token", EOT_TOKEN))  # fmt: skip
+            meta = gather_shards(tmp_dir, [[s.label for s in group] for group in groups], options)
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
         for directory in created:  # innermost first; only if still empty
             try:
                 directory.rmdir()

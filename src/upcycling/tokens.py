@@ -22,7 +22,6 @@ neither do the batches that training draws from the stream.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError
+from .publish import sha256_file
 
 FORMAT_VERSION = 2
 SHARDS_DIR = "shards"
@@ -188,14 +188,6 @@ def slurm_resources(job: TokenizeJob, cfg: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Reading the tokens back
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -8,7 +8,13 @@ import stat
 
 import pytest
 
-from upcycling.publish import sha256_file, staging_dir
+from upcycling.publish import publish_json, sha256_file, staging_dir
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def test_a_staged_directory_replaces_the_old_one_with_the_umask_mode(tmp_path):
@@ -19,9 +25,19 @@ def test_a_staged_directory_replaces_the_old_one_with_the_umask_mode(tmp_path):
         (staged / "b.txt").write_text("new")
     assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in final.parent.iterdir()) == ["run"]  # nothing staged or set aside left
-    umask = os.umask(0)
-    os.umask(umask)
-    assert stat.S_IMODE(final.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE(final.stat().st_mode) == 0o777 & ~_umask()
+
+
+def test_a_published_file_replaces_the_old_one_with_the_umask_mode(tmp_path):
+    path = tmp_path / "out" / "metrics.json"
+    publish_json(path, {"loss": 1.0})
+    publish_json(path, {"loss": 2.0})
+    assert path.read_text() == '{\n "loss": 2.0\n}\n'
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
+    with pytest.raises(ValueError):
+        publish_json(path, {"loss": float("nan")})  # strict JSON: refused before anything is written
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
 
 
 def test_a_failure_while_staging_leaves_the_old_directory_and_no_temporary(tmp_path):

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from upcycling.laws import Law, get_law
+from upcycling.publish import publish_json
 
 __all__ = ["DEFAULT_HUBER_DELTA", "INTERVAL_LEVEL", "STATUSES", "FitResult", "to_jsonable"]
 
@@ -155,12 +156,7 @@ class FitResult:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (temporary name, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
-        temporary.replace(path)
-        return path
+        return publish_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> FitResult:

@@ -17,13 +17,18 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+
+
+def _sibling(path: Path) -> Path:
+    """A unique temporary name beside ``path``, created by the caller with the umask's mode (as
+    any output of the user's, readable by their group where the umask allows)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:
@@ -40,13 +45,13 @@ def publish_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary sibling, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = _sibling(path)
     try:
-        with os.fdopen(handle, "w") as stream:
+        with open(temporary, "x") as stream:  # not mkstemp: its 0600 mode would become the file's
             stream.write(text)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path
 
@@ -93,9 +98,8 @@ def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
     without an exception, deleted when it raises."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkdtemp: its 0700 mode would become the published directory's (unreadable to the group).
-    staged = final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    staged.mkdir()
+    staged = _sibling(final)
+    staged.mkdir()  # not mkdtemp: its 0700 mode would become the published directory's
     try:
         yield staged
     except BaseException:

@@ -8,7 +8,6 @@ name and renamed into place.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ from upcycling.figures import FIGURES, write_figures
 from upcycling.fitresult import FitResult, to_jsonable
 from upcycling.fitstage import PARAMETER_COUNTS, runs_table
 from upcycling.laws import LAWS
+from upcycling.publish import publish_json, publish_text
 
 __all__ = ["FIGURES", "write_report"]
 
@@ -59,10 +59,8 @@ def _held_out_text(fit: FitResult, variable: str) -> str:
     return f"{fmt(entry['rmse'])} (n={entry['n_points']})"
 
 
-def _intro(ds: xr.Dataset, table, fits: Mapping[str, FitResult]) -> list[str]:
+def _intro(ds: xr.Dataset, table, fits: Mapping[str, FitResult], convention: str) -> list[str]:
     counts = table.groupby(["init", "method"]).size().to_dict()
-    convention = next((fit.context.get("parameter_counts") for fit in fits.values()
-                       if fit.context.get("parameter_counts")), "non_embedding")
     columns = PARAMETER_COUNTS.get(convention, {})
     priors = sorted({fit.prior.get("name") for fit in fits.values() if fit.prior})
     return [
@@ -176,35 +174,26 @@ def _vocab_size(ds: xr.Dataset) -> int | None:
         return None
 
 
-def _write_text(path: Path, text: str) -> Path:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
-    return path
-
-
 def write_report(ds: xr.Dataset, fits: Mapping[str, FitResult], guidance: list[dict] | None,
                  out_dir: str | Path) -> dict[str, Path]:
     """Write ``summary.md`` (findings first, then the tables), ``findings.json``,
     ``guidance.json`` and the figures (``FIGURES``) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    counts = next((fit.context.get("parameter_counts") for fit in fits.values()
-                   if fit.context.get("parameter_counts")), "non_embedding")
-    table = runs_table(ds, counts)
+    convention = next((fit.context.get("parameter_counts") for fit in fits.values()
+                       if fit.context.get("parameter_counts")), "non_embedding")
+    table = runs_table(ds, convention)
     if guidance is None:
         guidance = compute_guidance(fits)
     items = findings(fits, guidance)
     written = write_figures(table, fits, out_dir, vocab_size=_vocab_size(ds))
-    lines = _intro(ds, table, fits) + _findings_lines(items) + _overview(fits)
+    lines = _intro(ds, table, fits, convention) + _findings_lines(items) + _overview(fits)
     lines += _guidance_lines(guidance) + _baseline_lines(fits) + _parameter_lines(fits)
     skipped = [[f"`{key}`", fit.reason or ""] for key, fit in fits.items() if not fit.ok]
     if skipped:
         lines += ["## Laws not fitted", ""] + _table(["law", "reason"], skipped)
     lines += ["## Figures", ""] + [f"![{name}]({path.name})\n" for name, path in written.items()]
-    written["findings"] = _write_text(out_dir / "findings.json",
-                                      json.dumps(to_jsonable(items), indent=1) + "\n")
-    written["guidance"] = _write_text(out_dir / "guidance.json",
-                                      json.dumps(to_jsonable(guidance), indent=1) + "\n")
-    written["summary"] = _write_text(out_dir / "summary.md", "\n".join(lines))
+    written["findings"] = publish_json(out_dir / "findings.json", to_jsonable(items))
+    written["guidance"] = publish_json(out_dir / "guidance.json", to_jsonable(guidance))
+    written["summary"] = publish_text(out_dir / "summary.md", "\n".join(lines))
     return written

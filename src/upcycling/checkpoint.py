@@ -15,7 +15,6 @@ cluster that runs multi-node DeepSpeed).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import torch
 
 from . import distributed
 from .export import CheckpointError
+from .jobs import fingerprint
 from .model import Transformer, join_expert_name, split_expert_name
 from .publish import publish_dir, publish_json, sha256_file
 
@@ -92,9 +92,8 @@ def fingerprint_of_start(start: dict) -> str:
 
 
 def checkpoint_fingerprint(spec_fingerprint: str, start_fingerprint: str, tokens_meta: dict, processes: int) -> str:
-    payload = [spec_fingerprint, start_fingerprint, tokens_meta.get("corpus_sha256"),
-               tokens_meta.get("tokenizer_sha256"), processes]
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+    return fingerprint([spec_fingerprint, start_fingerprint, tokens_meta.get("corpus_sha256"),
+                        tokens_meta.get("tokenizer_sha256"), processes])
 
 
 # ----------------------------------------------------------------------------- save and restore

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from upcycling.advice import scratch_fit_for
 from upcycling.fitresult import FitResult
 
 __all__ = ["TOPICS", "findings", "fmt"]
@@ -200,11 +201,8 @@ def _across_methods(fits) -> list[dict]:
 def _methods(fits) -> list[dict]:
     out = _across_methods(fits)
     for fit in _upcycled_fits(fits):
-        method, moe = fit.context.get("method"), fit.context.get("moe")
-        sizes = [fit.context["size"]] if fit.law == "dataset" else []
-        candidates = ([f"scratch_power.{method}.{s}.{moe}" for s in sizes]
-                      + [f"chinchilla_scratch.{method}.{moe}"])
-        scratch = next((fits[k] for k in candidates if k in fits and fits[k].ok), None)
+        method = fit.context.get("method")
+        scratch = scratch_fit_for(fits, fit, fit.context.get("size"))
         d1_max = max(fit.context.get("d1_values") or [math.nan])
         gamma = fit.params["alpha2"] - fit.params["alpha3"] * math.log(d1_max)
         text = (f"{_subject(fit)} ({method}): alpha3 = {fmt(fit.params['alpha3'])} "

@@ -71,10 +71,11 @@ def problem(sweep) -> str | None:
     """Why a growth in ``stage2.methods`` does not fit a dense model of the sweep (a factor giving
     fractional units, heads that transformers cannot load), or None; moe_upcycle is left to the
     sweep's E/k/G checks."""
+    from .lineages import model_config  # here: lineages imports this module
+
     options = options_for(sweep)
-    for label, dims in sweep.dense_models.items():
-        dense = ModelConfig(vocab_size=1, d_model=dims.d_model, n_layers=dims.n_layers, n_heads=dims.n_heads,
-                            ffn_hidden=dims.ffn_hidden, seq_len=sweep.data.seq_len)
+    for label in sweep.dense_models:
+        dense = model_config(sweep, label, vocab_size=1)
         for method in sweep.stage2.methods:
             if method == "moe_upcycle":
                 continue

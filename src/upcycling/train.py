@@ -376,7 +376,9 @@ def _finish_run(engine, spec, options, progress, model_cfg, tokens, fingerprint_
     """A run's end: the export (dense), the metrics, and its checkpoint deleted unless kept."""
     export = spec["export"]
     state = checkpoint.full_state(engine) if export is not None else None  # a collective: every rank
-    moments = checkpoint.adam_moments(engine, spec["run_id"]) if spec["export_adam_moments"] else None
+    # Only rank 0 writes the export; ZeRO 0 (the config requires it to copy moments) holds them whole on every rank.
+    moments = (checkpoint.adam_moments(engine, spec["run_id"])
+               if spec["export_adam_moments"] and distributed.rank() == 0 else None)
     if options.keep_checkpoint:
         save(complete=True)
     metrics = None

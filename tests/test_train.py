@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import faults
@@ -234,3 +235,16 @@ def test_upcycled_run_starts_at_the_dense_loss_with_copied_adam_moments(tmp_path
     assert moe_metrics["coords"]["d1_tokens"] == D1_SMALL and moe_metrics["coords"]["d2_tokens"] == 8192
     assert moe_metrics["dense_params"] == dense_metrics["n_params"]
     assert moe_metrics["final_val_loss"] < dense_metrics["final_val_loss"]
+
+
+def test_calibrate_writes_the_measured_throughput_into_the_config(tmp_path):
+    config = write_config(tmp_path)
+    before = yaml.safe_load(config.read_text())
+    run_cli(["calibrate", "--config", str(config), "--steps", "1", "--write"], cwd=tmp_path)
+    after = yaml.safe_load(config.read_text())
+    measured = after["slurm"].pop("throughput_tokens_per_s")
+    assert set(measured) == set(before["dense_models"]) and all(rate > 0 for rate in measured.values())
+    assert after["slurm"].pop("moe_throughput_factor") > 0
+    before["slurm"].pop("throughput_tokens_per_s", None)
+    assert after == before  # every other setting kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # no temporary left beside it

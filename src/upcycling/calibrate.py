@@ -18,9 +18,12 @@ import statistics
 import time
 from pathlib import Path
 
-from .config import load_sweep
+import yaml
+
+from .config import load_sweep, sweep_from_mapping
 from .errors import InputError
 from .lineages import model_config
+from .publish import publish_text
 from .sweep import Sweep
 
 log = logging.getLogger(__name__)
@@ -88,10 +91,11 @@ def write_into_config(path: Path, throughput: dict[str, float], moe_factor: floa
         return text.rstrip("\n") + "\n\nslurm:\n" + "".join(f"  {k}: {v}\n" for k, v in values.items())
     body = section.group(1)
     for key, value in values.items():
-        pattern = re.compile(rf"^([ \t]+){key}:[^\n#]*(#[^\n]*)?$", re.M)
+        # The key's line and, for a block-style value, the more deeply indented lines under it.
+        pattern = re.compile(rf"^([ \t]+){key}:[^\n#]*(#[^\n]*)?\n(?:\1[ \t]+[^\n]*\n)*", re.M)
         if pattern.search(body):
-            body = pattern.sub(lambda m: f"{m.group(1)}{key}: {value}" + (f"  {m.group(2)}" if m.group(2) else ""),
-                               body, count=1)
+            body = pattern.sub(lambda m: f"{m.group(1)}{key}: {value}" + (f"  {m.group(2)}" if m.group(2) else "")
+                               + "\n", body, count=1)
         else:
             body = body.rstrip("\n") + f"\n  {key}: {value}\n"
     return text[:section.start(1)] + body + text[section.end(1):]
@@ -116,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     print("slurm:\n  throughput_tokens_per_s: {" + ", ".join(f"{s}: {r:.0f}" for s, r in throughput.items())
           + f"}}\n  moe_throughput_factor: {moe_factor:.2f}")
     if args.write:
-        Path(args.config).write_text(write_into_config(Path(args.config), throughput, moe_factor))
-        load_sweep(args.config, base_dir=args.workdir, check_corpus=False)  # still a valid config
+        updated = write_into_config(Path(args.config), throughput, moe_factor)
+        sweep_from_mapping(yaml.safe_load(updated), args.workdir, check_corpus=False)  # checked before it is written
+        publish_text(args.config, updated)  # the user's own file: replaced whole or left untouched
         print(f"written into {args.config}")
     return 0

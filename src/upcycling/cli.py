@@ -64,12 +64,13 @@ def _add_source(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _inventory(args):
-    from .config import load_sweep
+    from .config import checked_corpora, load_sweep
     from .jobs import Inventory
 
     if not args.config:
         raise InputError("give --spec (as the Snakefile's rules do) or --config with a sweep config")
-    return Inventory(load_sweep(args.config, base_dir=args.workdir), args.workdir)
+    sweep = load_sweep(args.config, base_dir=args.workdir, check_corpus=False)
+    return Inventory(sweep, corpora=checked_corpora(sweep, args.workdir))  # the corpus found once
 
 
 def _spec(args, rule: str, wildcards: dict | None = None) -> dict:

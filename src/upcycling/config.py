@@ -1,9 +1,10 @@
 """Load and check a sweep config: the JSON schema first, then what a schema cannot say.
 
 Public: ``load_sweep(path)``, ``sweep_from_mapping(mapping, base_dir)`` (both return the typed,
-frozen :class:`upcycling.sweep.Sweep`), ``ConfigError``, ``SCHEMA_PATH``. Every error names the
+frozen :class:`upcycling.sweep.Sweep`), ``checked_corpora(sweep, base_dir)`` (the corpus checks
+alone, returning the files found), ``ConfigError``, ``SCHEMA_PATH``. Every error names the
 offending key and how to fix it, and is raised when the DAG is built (the Snakefile calls
-``sweep_from_mapping``), before any expensive work.
+``sweep_from_mapping``, then ``checked_corpora``), before any expensive work.
 
 One validator serves the Snakefile and the CLI alike: jsonschema's Draft 2020-12 extended to fill
 the schema's defaults (the defaults live only in the schema). It is ours rather than
@@ -25,6 +26,7 @@ import jsonschema
 import yaml
 
 from .errors import InputError
+from .jobs import token_sets
 from .stage2 import problem as stage2_problem
 from .sweep import Sweep
 
@@ -93,7 +95,7 @@ def sweep_from_mapping(mapping: Any, base_dir: str | os.PathLike = ".", check_co
     sweep = Sweep.from_mapping(mapping)
     _check_semantics(sweep)
     if check_corpus:
-        _check_corpus(sweep, Path(base_dir))
+        checked_corpora(sweep, base_dir)
     return sweep
 
 
@@ -243,25 +245,22 @@ def _check_semantics(sweep: Sweep) -> None:
         raise ConfigError(growth)
 
 
-def resolve_corpus_paths(patterns, base_dir: Path) -> list:
-    """The corpus files (upcycling.corpus.Source) the patterns name; ConfigError if one matches
-    nothing or names a file or directory the tokens stage cannot read."""
+def resolve_corpus_paths(patterns, base_dir: Path, key: str = "corpus") -> list:
+    """The corpus files (upcycling.corpus.Source) the patterns of ``{key}.paths`` name; ConfigError
+    if one matches nothing or names a file or directory the tokens stage cannot read."""
     from .corpus import CorpusError, resolve_sources
 
     try:
         return resolve_sources(patterns, base_dir)
     except CorpusError as exc:
-        raise ConfigError(f"config key 'corpus.paths': {str(exc).removeprefix('corpus.paths: ')}") from None
+        raise ConfigError(f"config key '{key}.paths': {str(exc).removeprefix('corpus.paths: ')}") from None
 
 
-def estimated_text_bytes(source) -> int:
-    """Bytes of text in a corpus file (upcycling.corpus.Source), cheaply estimated."""
-    from .corpus import estimated_text_bytes as estimate
-
-    return estimate(source)
-
-
-def _check_corpus(sweep: Sweep, base_dir: Path) -> None:
+def checked_corpora(sweep: Sweep, base_dir: str | os.PathLike) -> dict[str, list]:
+    """The checks that need the corpus on disk (the last of ``sweep_from_mapping``'s). Returns each
+    token set's corpus files (upcycling.corpus.Source) for ``upcycling.jobs.Inventory``, which then
+    need not find them again."""
+    base_dir = Path(base_dir)
     tokenizer_path = sweep.tokenizer.path
     if tokenizer_path:
         full = Path(tokenizer_path) if os.path.isabs(tokenizer_path) else base_dir / tokenizer_path
@@ -270,18 +269,18 @@ def _check_corpus(sweep: Sweep, base_dir: Path) -> None:
                 f"config key 'tokenizer.path': {tokenizer_path} does not exist: give a tokenizer.json "
                 "or set path to null to train one"
             )
-    _check_one_corpus(sweep, base_dir, "corpus", sweep.corpus, "tokens", _token_budgets(sweep))
-    if sweep.stage2.corpus is not None and "continue" in sweep.stage2.methods:
-        _check_one_corpus(sweep, base_dir, "stage2.corpus", sweep.stage2.corpus, "tokens_stage2",
-                          {"sweep.d2_tokens": sweep.sweep.d2_tokens})
+    corpora = {"tokens": _check_one_corpus(sweep, base_dir, "corpus", sweep.corpus, "tokens", _token_budgets(sweep))}
+    if "tokens_stage2" in token_sets(sweep):
+        corpora["tokens_stage2"] = _check_one_corpus(sweep, base_dir, "stage2.corpus", sweep.stage2.corpus,
+                                                     "tokens_stage2", {"sweep.d2_tokens": sweep.sweep.d2_tokens})
+    return corpora
 
 
-def _check_one_corpus(sweep: Sweep, base_dir: Path, key: str, corpus, tokens: str, budgets: dict) -> None:
-    """The corpus's files exist, can be sharded so, and hold the tokens its runs train on."""
-    try:
-        files_found = resolve_corpus_paths(corpus.paths, base_dir)
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace("'corpus.paths'", f"'{key}.paths'")) from None
+def _check_one_corpus(sweep: Sweep, base_dir: Path, key: str, corpus, tokens: str, budgets: dict) -> list:
+    """The corpus's files exist, can be sharded so, and hold the tokens its runs train on; returns them."""
+    from .corpus import estimated_text_bytes
+
+    files_found = resolve_corpus_paths(corpus.paths, base_dir, key)
     if corpus.shards > len(files_found):
         raise ConfigError(
             f"config key '{key}.shards': {corpus.shards} shards, but {key}.paths names {len(files_found)} "
@@ -306,3 +305,4 @@ def _check_one_corpus(sweep: Sweep, base_dir: Path, key: str, corpus, tokens: st
                 f"data.max_epochs={sweep.data.max_epochs} ({how}, so at most {budget}): "
                 f"add text to {key}.paths, raise data.max_epochs, or lower the token budget"
             )
+    return files_found

@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Sequence
 
 from .jobs import BUDGET_KEY
-from .lineages import moe_variant
+from .lineages import Lineage
 
 
 def add_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -36,12 +36,9 @@ def job_key(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
         raise ValueError("give exactly one of --stable POINT (a WSD stable job) or --budget D (a run's final job)")
     if args.family == "upcycled" and args.d1 is None:
         raise ValueError("--family upcycled needs --d1 (the dense budget it was upcycled from)")
-    wildcards = {"size": args.size, "seed": str(args.seed)}
-    if args.family == "upcycled":
-        wildcards["d1"] = str(args.d1)
-    if args.family != "dense":
-        wildcards["variant"] = (moe_variant(args.experts, args.top_k, args.granularity)
-                                if args.method == "moe_upcycle" else args.method)
+    # The lineage's wildcards, as the inventory names its jobs (its budgets do not enter them).
+    wildcards = Lineage(args.family, args.size, args.seed, budgets=(), d1=args.d1, experts=args.experts,
+                        top_k=args.top_k, granularity=args.granularity, method=args.method).wildcards
     if args.stable is not None:
         return f"{args.family}_stable", {**wildcards, "point": str(args.stable)}
     return f"{args.family}_final", {**wildcards, BUDGET_KEY[args.family]: str(args.budget)}

@@ -377,19 +377,13 @@ class Inventory:
 
     ``base_dir``: where the corpus paths start. The corpus files found there give the tokens
     stage's real shard plan; without them (planning a sweep whose corpus is elsewhere) the tokens
-    jobs are planned from an estimate of the text the sweep needs."""
+    jobs are planned from an estimate of the text the sweep needs. ``corpora``: the files already
+    found (upcycling.config.checked_corpora), instead of finding them from base_dir."""
 
-    def __init__(self, sweep: Sweep, base_dir: str | Path | None = None):
-        from .corpus import CorpusError, resolve_sources
-
+    def __init__(self, sweep: Sweep, base_dir: str | Path | None = None,
+                 corpora: Mapping[str, list] | None = None):
         self.sweep = sweep
-        self.corpora: dict[str, list | None] = {}
-        for name in token_sets(sweep):
-            corpus = sweep.corpus if name == "tokens" else sweep.stage2.corpus
-            try:
-                self.corpora[name] = resolve_sources(corpus.paths, base_dir) if base_dir is not None else None
-            except CorpusError:
-                self.corpora[name] = None
+        self.corpora: dict[str, list | None] = dict(corpora) if corpora is not None else _corpora(sweep, base_dir)
         self.jobs = jobs(sweep, self.corpora)
         self._by_key = {(job.rule, _key(job.wildcards)): job for job in self.jobs}
 
@@ -408,6 +402,20 @@ class Inventory:
         """What `snakemake` builds by default: the store, the fits and the report."""
         return [*self.find("aggregate", {}).outputs.values(), *self.find("fit", {}).outputs.values(),
                 *self.find("report", {}).outputs.values()]
+
+
+def _corpora(sweep: Sweep, base_dir: str | Path | None) -> dict[str, list | None]:
+    """Each token set's corpus files found from base_dir; None where there are none to find."""
+    from .corpus import CorpusError, resolve_sources
+
+    corpora: dict[str, list | None] = {}
+    for name in token_sets(sweep):
+        corpus = sweep.corpus if name == "tokens" else sweep.stage2.corpus
+        try:
+            corpora[name] = resolve_sources(corpus.paths, base_dir) if base_dir is not None else None
+        except CorpusError:
+            corpora[name] = None
+    return corpora
 
 
 def _key(wildcards) -> tuple:

@@ -45,12 +45,13 @@ def _job_entry(sweep: Sweep, job: Job) -> dict:
     return entry
 
 
-def plan(sweep: Sweep, concurrent_jobs: int = 100, base_dir=None) -> dict:
+def plan(sweep: Sweep, concurrent_jobs: int = 100, base_dir=None, inventory: Inventory | None = None) -> dict:
     """Jobs per rule, each distinct job's resources, the sweep's GPU-hours and disk (see module doc).
 
     ``concurrent_jobs``: training jobs running at once (the Slurm profile's ``jobs``), for the peak
-    disk of in-flight checkpoints."""
-    inventory = Inventory(sweep, base_dir)
+    disk of in-flight checkpoints. ``inventory``: the sweep's, if already built (else built here)."""
+    if inventory is None:
+        inventory = Inventory(sweep, base_dir)
     entries = [_job_entry(sweep, job) for job in inventory.jobs]
     training = [entry for entry in entries if "expected_hours" in entry]
     sizes = list(sweep.dense_models)
@@ -211,7 +212,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config, base_dir=args.workdir, check_corpus=False)
-    result = plan(sweep, base_dir=args.workdir)
+    inventory = Inventory(sweep, args.workdir)
+    result = plan(sweep, inventory=inventory)
     print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))
     if args.check:
         from .preflight import problems, read_cluster
@@ -219,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         cluster = read_cluster()
         if cluster is None:
             raise ConfigError("plan --check: no Slurm cluster answers here (sinfo): run it where sbatch works")
-        found = problems(Inventory(sweep, args.workdir), cluster)
+        found = problems(inventory, cluster)
         for note in cluster.notes:
             print(f"preflight: {note}")
         if found:

@@ -51,14 +51,9 @@ def processes(sweep: Sweep) -> tuple[int, int]:
 
 
 def cpus_per_process(sweep: Sweep) -> int:
-    """CPUs of one training process: per GPU with GPUs, the job's threads without."""
+    """CPUs of one training process: per GPU with GPUs, the job's threads without. Also a training
+    rule's threads (OMP_NUM_THREADS), so a CPU job uses all of its allocation."""
     return sweep.slurm.cpus_per_gpu if sweep.slurm.gpus_per_job else sweep.slurm.cpu_threads
-
-
-def training_threads(sweep: Sweep) -> int:
-    """A training rule's threads (OMP_NUM_THREADS): the CPUs each process asks for, so a CPU job
-    uses all of its allocation."""
-    return cpus_per_process(sweep)
 
 
 def launcher(sweep: Sweep) -> str:

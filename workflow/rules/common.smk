@@ -1,17 +1,19 @@
-# Shared by every rule_name: the checked sweep, its job inventory, and how a rule_name reads its jobs.
+# Shared by every rule: the checked sweep, its job inventory, and how a rule reads its jobs.
 import re
 
-from upcycling.config import ConfigError, sweep_from_mapping
+from upcycling.config import ConfigError, checked_corpora, sweep_from_mapping
 from upcycling.jobs import LOGS, PATTERNS, REPORT_FIGURES, TOKEN_SETS, Inventory
 from upcycling.lineages import VARIANT_PATTERN
-from upcycling.resources import job_resources, training_threads
+from upcycling.resources import cpus_per_process, job_resources
 
 # The schema's defaults and the semantic checks; a bad config stops here, before any job runs.
+# The corpus files are found once: by the corpus checks, which hand them to the inventory.
 try:
-    SWEEP = sweep_from_mapping(config, workflow.basedir)
+    SWEEP = sweep_from_mapping(config, workflow.basedir, check_corpus=False)
+    CORPORA = checked_corpora(SWEEP, workflow.basedir)
 except ConfigError as exc:
     raise WorkflowError(f"invalid config: {exc}") from None
-INVENTORY = Inventory(SWEEP, workflow.basedir)
+INVENTORY = Inventory(SWEEP, corpora=CORPORA)
 
 if workflow.remote_exec and "SLURM_JOB_ID" in os.environ:
     # In a Slurm job, the time-limit warning and a preemption or scancel reach every process of

@@ -8,7 +8,7 @@ rule dense_stable:
         spec=spec_of("dense_stable"),
     log:
         log_of("dense_stable"),
-    threads: training_threads(SWEEP)
+    threads: cpus_per_process(SWEEP)
     resources:
         **resources_of("dense_stable"),
     conda:
@@ -27,7 +27,7 @@ rule dense_final:
         spec=spec_of("dense_final"),
     log:
         log_of("dense_final"),
-    threads: training_threads(SWEEP)
+    threads: cpus_per_process(SWEEP)
     resources:
         **resources_of("dense_final"),
     conda:

@@ -8,7 +8,7 @@ rule upcycled_stable:
         spec=spec_of("upcycled_stable"),
     log:
         log_of("upcycled_stable"),
-    threads: training_threads(SWEEP)
+    threads: cpus_per_process(SWEEP)
     resources:
         **resources_of("upcycled_stable"),
     conda:
@@ -27,7 +27,7 @@ rule upcycled_final:
         spec=spec_of("upcycled_final"),
     log:
         log_of("upcycled_final"),
-    threads: training_threads(SWEEP)
+    threads: cpus_per_process(SWEEP)
     resources:
         **resources_of("upcycled_final"),
     conda:
@@ -46,7 +46,7 @@ rule scratch_stable:
         spec=spec_of("scratch_stable"),
     log:
         log_of("scratch_stable"),
-    threads: training_threads(SWEEP)
+    threads: cpus_per_process(SWEEP)
     resources:
         **resources_of("scratch_stable"),
     conda:
@@ -65,7 +65,7 @@ rule scratch_final:
         spec=spec_of("scratch_final"),
     log:
         log_of("scratch_final"),
-    threads: training_threads(SWEEP)
+    threads: cpus_per_process(SWEEP)
     resources:
         **resources_of("scratch_final"),
     conda:

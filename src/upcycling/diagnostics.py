@@ -47,12 +47,17 @@ LABELS = {"d1": "D1", "d2": "D2", "n1": "N1", "n2": "N2", "p": "P", "n": "N", "d
 _Z95 = 1.959963984540054
 
 
+def _term_shares(design: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Each term's share of the loss at every point (a softmax of the log terms)."""
+    terms = design @ theta
+    shares = np.exp(terms - terms.max(axis=1, keepdims=True))
+    shares /= shares.sum(axis=1, keepdims=True)
+    return shares
+
+
 def log_jacobian(design: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """d log L / d theta at every point: the design rows weighted by each term's share."""
-    terms = design @ theta
-    weights = np.exp(terms - terms.max(axis=1, keepdims=True))
-    weights /= weights.sum(axis=1, keepdims=True)
-    return np.einsum("nm,nmp->np", weights, design)
+    return np.einsum("nm,nmp->np", _term_shares(design, theta), design)
 
 
 def information_criteria(log_residuals: np.ndarray, n_params: int) -> dict[str, float]:
@@ -89,15 +94,18 @@ def bounds_hit(law: Law, design: np.ndarray, theta: np.ndarray,
                 out[spec.natural] = f"at its numerical lower limit ({low:g} in fit space)"
         elif high - theta[i] <= BOUND_TOLERANCE * width[i]:
             out[spec.natural] = f"at its numerical upper limit ({high:g} in fit space)"
-    terms = design @ theta
-    shares = np.exp(terms - terms.max(axis=1, keepdims=True))
-    shares /= shares.sum(axis=1, keepdims=True)
+    shares = _term_shares(design, theta)
     for name, j in law.amplitude_terms().items():
         natural = name[4:]
         if shares[:, j].max() < VANISHING_SHARE:
             out[natural] = (f"{natural} -> 0: its term is below {VANISHING_SHARE:g} of the loss at "
                             f"every run (the physical bound {natural} >= 0)")
     return out
+
+
+def _noise_variance(log_residuals: np.ndarray, n_free: int) -> float:
+    """sigma^2 of the log residuals: their sum of squares over the degrees of freedom (>= 1)."""
+    return float(log_residuals @ log_residuals) / max(log_residuals.size - n_free, 1)
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,7 @@ def standard_errors(law: Law, jacobian: np.ndarray, residuals: np.ndarray, theta
     if not math.isfinite(condition) or condition > MAX_CONDITION:
         return StandardErrors(nan, f"J^T J is singular (condition number {condition:.3g}): "
                                    "parameters not identified", True, condition)
-    variance = float(residuals @ residuals) / (n - free.size)
+    variance = _noise_variance(residuals, free.size)  # n > p >= free.size: dof = n - free.size
     to_natural = unscale[:, free]
     covariance = to_natural @ (variance * np.linalg.inv(information)) @ to_natural.T
     diagonal = np.where(fixed, np.nan, np.maximum(np.diag(covariance), 0.0))
@@ -234,28 +242,38 @@ def judged_matrix(law: Law, unscale: np.ndarray) -> np.ndarray:
     return matrix
 
 
+def _scaled_design(law: Law, points: Mapping[str, np.ndarray],
+                   log_ref: Mapping[str, float]) -> np.ndarray:
+    """The fit-space design at ``points`` (variables scaled to their reference)."""
+    return law.design({v: np.log(points[v]) - log_ref[v] for v in law.variables})
+
+
+def _inverse_information(design: np.ndarray, theta: np.ndarray,
+                         free: np.ndarray) -> np.ndarray | None:
+    """(J^T J)^-1 of the free parameters at the design's points; None where J^T J is singular."""
+    jac = log_jacobian(design, theta)[:, free]
+    information = jac.T @ jac
+    if np.linalg.cond(information) > MAX_CONDITION:
+        return None
+    return np.linalg.inv(information)
+
+
 def suggest_extensions(law: Law, arrays: Mapping[str, np.ndarray], log_ref: Mapping[str, float],
                        theta: np.ndarray, judged: np.ndarray, fixed: np.ndarray,
-                       variance: float, targets: Mapping[str, tuple[float, list[float] | None]]
-                       ) -> dict[str, dict]:
+                       variance: float, targets: Mapping[str, tuple[float, list[float] | None]],
+                       inverse: np.ndarray | None) -> dict[str, dict]:
     """For each target parameter (natural name -> (judged value, judged interval)), the cheapest
     candidate extension that identifies it, from the Fisher information at the candidate runs.
-    ``judged``: :func:`judged_matrix`."""
+    ``judged``: :func:`judged_matrix`; ``inverse``: (J^T J)^-1 of the free parameters at the
+    runs, or None where it is singular (see ``_inverse_information``)."""
     specs = {spec.natural: (i, spec) for i, spec in enumerate(law.params)}
     free = np.flatnonzero(~fixed)
+    rows = judged[:, free]
 
-    def natural_variance(design):
-        jac = log_jacobian(design, theta)[:, free]
-        information = jac.T @ jac
-        if np.linalg.cond(information) > MAX_CONDITION:
-            return None
-        rows = judged[:, free]
-        return np.diag(rows @ np.linalg.inv(information) @ rows.T)
+    def natural_variance(inv):  # of what each parameter is judged on, per unit sigma^2
+        return None if inv is None else np.diag(rows @ inv @ rows.T)
 
-    def design_at(points):
-        return law.design({v: np.log(points[v]) - log_ref[v] for v in law.variables})
-
-    current = natural_variance(design_at(arrays))
+    current = natural_variance(inverse)
     candidates = _candidates(law, arrays)
     out = {}
     for name, (value, interval) in targets.items():
@@ -267,7 +285,8 @@ def suggest_extensions(law: Law, arrays: Mapping[str, np.ndarray], log_ref: Mapp
         found = None
         for text, points, runs, tokens in candidates:
             combined = {v: np.concatenate([arrays[v], points[v]]) for v in law.variables}
-            extended = natural_variance(design_at(combined))
+            extended = natural_variance(
+                _inverse_information(_scaled_design(law, combined, log_ref), theta, free))
             if extended is None:
                 continue
             usable = (current is not None and interval is not None and current[index] > 0
@@ -304,20 +323,25 @@ def identification(law: Law, theta: np.ndarray, scaled_samples: np.ndarray,
     judged = judged_matrix(law, unscale)
     values = judged @ theta
     fixed = np.array([spec.natural in at_bound for spec in law.params])
+    free = np.flatnonzero(~fixed)
+    variance = _noise_variance(log_residuals, free.size)
     samples = np.asarray(scaled_samples, dtype=float).reshape(-1, law.n_params) @ judged.T
+
+    def inverse_at_runs():
+        return _inverse_information(_scaled_design(law, arrays, log_ref), theta, free)
+
+    # without bootstrap samples, delta-method intervals (standard_errors found J^T J regular)
+    delta_method = not len(samples) and errors.log_variance is not None
+    inverse = inverse_at_runs() if delta_method else None
+    if inverse is not None:
+        rows = judged[:, free]
+        covariance = variance * rows @ inverse @ rows.T
     out, targets = {}, {}
     for i, spec in enumerate(law.params):
         name = spec.natural
         if len(samples):
             interval = [float(v) for v in np.percentile(samples[:, i], [2.5, 97.5])]
-        elif errors.log_variance is not None and not fixed[i]:
-            free = np.flatnonzero(~fixed)
-            rows = judged[:, free]
-            jac = log_jacobian(law.design({v: np.log(arrays[v]) - log_ref[v]
-                                           for v in law.variables}), theta)[:, free]
-            dof = max(log_residuals.size - free.size, 1)
-            covariance = (float(log_residuals @ log_residuals) / dof
-                          * rows @ np.linalg.inv(jac.T @ jac) @ rows.T)
+        elif inverse is not None and not fixed[i]:
             half = _Z95 * math.sqrt(max(covariance[i, i], 0.0))
             interval = [values[i] - half, values[i] + half]
         else:
@@ -335,9 +359,8 @@ def identification(law: Law, theta: np.ndarray, scaled_samples: np.ndarray,
         if not ok:
             targets[name] = (value, interval)
     if targets:
-        dof = max(log_residuals.size - int((~fixed).sum()), 1)
-        variance = float(log_residuals @ log_residuals) / dof
-        for name, suggestion in suggest_extensions(law, arrays, log_ref, theta, judged, fixed,
-                                                   variance, targets).items():
+        for name, suggestion in suggest_extensions(
+                law, arrays, log_ref, theta, judged, fixed, variance, targets,
+                inverse if delta_method else inverse_at_runs()).items():
             out[name].update(suggestion)
     return out

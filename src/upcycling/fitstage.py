@@ -146,8 +146,8 @@ def _configs(rows: pd.DataFrame) -> list[dict[str, Any]]:
     return [dict(experts=e, top_k=k, granularity=g, moe=moe_label(e, k, g)) for e, k, g in configs]
 
 
-def _select(table, init, method, config, size=None):
-    return select_runs(table, init, method=method, size=size, experts=config["experts"],
+def _select(table, init, method, config):
+    return select_runs(table, init, method=method, experts=config["experts"],
                        top_k=config["top_k"], granularity=config["granularity"])
 
 

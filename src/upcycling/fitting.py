@@ -171,13 +171,17 @@ class _Optimum:
     details: dict
 
 
+def _inside(theta: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """``theta`` clipped inside the bounds by 1e-9 of their width: the start of both solvers
+    (lmfit maps bounded parameters through a sine; exactly at a bound the gradient vanishes)."""
+    margin = 1e-9 * (bounds[:, 1] - bounds[:, 0])
+    return np.clip(np.asarray(theta, dtype=float), bounds[:, 0] + margin, bounds[:, 1] - margin)
+
+
 def _parameters(law: Law, theta: np.ndarray, bounds: np.ndarray) -> lmfit.Parameters:
     params = lmfit.Parameters()
-    for spec, value, (low, high) in zip(law.params, theta, bounds):
-        # lmfit maps bounded parameters through a sine; exactly at a bound the gradient vanishes
-        margin = 1e-9 * (high - low)
-        params.add(spec.name, value=float(np.clip(value, low + margin, high - margin)),
-                   min=low, max=high)
+    for spec, value, (low, high) in zip(law.params, _inside(theta, bounds), bounds):
+        params.add(spec.name, value=float(value), min=low, max=high)
     return params
 
 
@@ -203,9 +207,7 @@ def _least_squares(law, problem, theta0, bounds, tolerances=None):
     wraps the same function): the refits run thousands of times, and the wrapper's parameter
     bookkeeping cost more than the model.
     """
-    margin = 1e-9 * (bounds[:, 1] - bounds[:, 0])
-    start = np.clip(np.asarray(theta0, dtype=float), bounds[:, 0] + margin, bounds[:, 1] - margin)
-    result = least_squares(problem.residuals, start, jac=problem.jacobian,
+    result = least_squares(problem.residuals, _inside(theta0, bounds), jac=problem.jacobian,
                            bounds=(bounds[:, 0], bounds[:, 1]), method="trf", loss="huber",
                            f_scale=problem.delta, **(tolerances or _LSQ_TOLERANCES))
     return result.x, problem.objective(result.x), str(result.message)

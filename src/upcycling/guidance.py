@@ -167,6 +167,27 @@ def scratch_tokens(d1, d2, n1: float, n2: float, count_sunk_cost: bool):
 # --------------------------------------------------------------------------------------------
 
 
+def _scan(upcycled: Callable, scratch: Callable, d1: float, n1: float, n2: float,
+          count_sunk_cost: bool, low: float, high: float, grid_points: int):
+    """(difference, log_grid, diff): L_up - L_scratch at equal compute as a function of log D2,
+    a log grid of D2 from low to high, and the difference on it."""
+
+    def difference(log_d2):
+        d2 = np.exp(log_d2)
+        d_s = scratch_tokens(d1, d2, n1, n2, count_sunk_cost)
+        return upcycled(d1, d2) - scratch(d_s)
+
+    log_grid = np.linspace(math.log(low), math.log(high), grid_points)
+    return difference, log_grid, difference(log_grid)
+
+
+def _root(difference: Callable, log_grid: np.ndarray, i: int) -> float:
+    """The D2 where ``difference`` changes sign between grid points i and i + 1 (brentq)."""
+    root = brentq(lambda x: float(difference(x)), log_grid[i], log_grid[i + 1],
+                  xtol=1e-13, rtol=1e-14, maxiter=200)
+    return float(math.exp(root))
+
+
 def break_even_d2(upcycled: Callable, scratch: Callable, d1: float, *, n1: float, n2: float,
                   count_sunk_cost: bool, d2_range: tuple[float, float] = DEFAULT_D2_RANGE,
                   grid_points: int = 600) -> BreakEven:
@@ -178,13 +199,8 @@ def break_even_d2(upcycled: Callable, scratch: Callable, d1: float, *, n1: float
     if not 0 < low < high:
         raise ValueError(f"d2_range must satisfy 0 < low < high, got {d2_range}")
 
-    def difference(log_d2):
-        d2 = np.exp(log_d2)
-        d_s = scratch_tokens(d1, d2, n1, n2, count_sunk_cost)
-        return upcycled(d1, d2) - scratch(d_s)
-
-    log_grid = np.linspace(math.log(low), math.log(high), grid_points)
-    diff = difference(log_grid)
+    difference, log_grid, diff = _scan(upcycled, scratch, d1, n1, n2, count_sunk_cost, low, high,
+                                       grid_points)
     upcycle_better = diff < 0
     result = dict(d1=float(d1), count_sunk_cost=bool(count_sunk_cost), d2_range=(low, high))
     if upcycle_better[-1]:
@@ -193,9 +209,7 @@ def break_even_d2(upcycled: Callable, scratch: Callable, d1: float, *, n1: float
         return BreakEven(d2_star=0.0, status="scratch_better_in_range", **result)
     # the last grid point where upcycling is better; scratch is at least as good after it
     last = int(np.flatnonzero(upcycle_better)[-1])
-    root = brentq(lambda x: float(difference(x)), log_grid[last], log_grid[last + 1],
-                  xtol=1e-13, rtol=1e-14, maxiter=200)
-    return BreakEven(d2_star=float(math.exp(root)), status="crossing", **result)
+    return BreakEven(d2_star=_root(difference, log_grid, last), status="crossing", **result)
 
 
 def crossings(upcycled: Callable, scratch: Callable, d1: float, *, n1: float, n2: float,
@@ -205,20 +219,12 @@ def crossings(upcycled: Callable, scratch: Callable, d1: float, *, n1: float, n2
     (``"scratch"`` or ``"upcycle"``), in increasing D2. With the dense cost counted there can be
     two: from scratch better at small D2 (the dense tokens it gets), upcycling in between."""
     low, high = (float(v) for v in d2_range)
-
-    def difference(log_d2):
-        d2 = np.exp(log_d2)
-        return upcycled(d1, d2) - scratch(scratch_tokens(d1, d2, n1, n2, count_sunk_cost))
-
-    log_grid = np.linspace(math.log(low), math.log(high), grid_points)
-    sign = np.sign(difference(log_grid))
-    out = []
-    for i in np.flatnonzero(sign[:-1] * sign[1:] < 0):
-        root = brentq(lambda x: float(difference(x)), log_grid[i], log_grid[i + 1],
-                      xtol=1e-13, rtol=1e-14, maxiter=200)
-        out.append({"d2": float(math.exp(root)),
-                    "better_after": "scratch" if sign[i + 1] > 0 else "upcycle"})
-    return out
+    difference, log_grid, diff = _scan(upcycled, scratch, d1, n1, n2, count_sunk_cost, low, high,
+                                       grid_points)
+    sign = np.sign(diff)
+    return [{"d2": _root(difference, log_grid, i),
+             "better_after": "scratch" if sign[i + 1] > 0 else "upcycle"}
+            for i in np.flatnonzero(sign[:-1] * sign[1:] < 0)]
 
 
 def search_range(d2_values, decades: float = 1.0) -> tuple[float, float]:

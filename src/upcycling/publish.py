@@ -25,7 +25,7 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-def _sibling(path: Path) -> Path:
+def temporary_sibling(path: Path) -> Path:
     """A unique temporary name beside ``path``, created by the caller with the umask's mode (as
     any output of the user's, readable by their group where the umask allows)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -45,7 +45,7 @@ def publish_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary sibling, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _sibling(path)
+    temporary = temporary_sibling(path)
     try:
         with open(temporary, "x") as stream:  # not mkstemp: its 0600 mode would become the file's
             stream.write(text)
@@ -98,7 +98,7 @@ def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
     without an exception, deleted when it raises."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staged = _sibling(final)
+    staged = temporary_sibling(final)
     staged.mkdir()  # not mkdtemp: its 0700 mode would become the published directory's
     try:
         yield staged

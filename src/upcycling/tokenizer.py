@@ -20,13 +20,13 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .corpus import CorpusError, CorpusOptions, Source, safe_cut
+from .publish import temporary_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def make_tokenizer(sources: list[Source], options: CorpusOptions, tokenizer_cfg:
     """Write out_path: the given tokenizer.json byte for byte, or one trained on the sample."""
     out_path = Path(out_path)
     given = tokenizer_cfg.get("path")
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_sibling(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         if given:

@@ -204,3 +204,21 @@ def test_information_criteria():
     assert criteria["aicc"] == pytest.approx(criteria["aic"] + 2 * k * (k + 1) / (n - k - 1))
     assert criteria["bic"] == pytest.approx(k * math.log(n) - 2 * log_likelihood)
     assert math.isinf(diagnostics.information_criteria(residuals[:5], 3)["aicc"])
+
+
+def test_identification_with_every_parameter_at_a_bound_reports_each_not_identified(monkeypatch):
+    """A degenerate fit (every parameter on a bound) is reported, not a crash of the fit stage."""
+    captured = []
+    original = diagnostics.identification
+    monkeypatch.setattr(diagnostics, "identification", lambda *args: captured.append(args) or original(*args))
+    fit_law("dataset", synthetic("dataset", noise=0.01, seed=1), n_bootstrap=0, n_starts=3, holdout=False)
+    law, theta, _, unscale, _, _, arrays, log_ref, log_residuals = captured[0]
+    design = law.design({v: np.log(arrays[v]) - log_ref[v] for v in law.variables})
+    every = np.ones(law.n_params, dtype=bool)
+    errors = diagnostics.standard_errors(law, diagnostics.log_jacobian(design, theta), log_residuals, theta,
+                                         unscale, every)
+    result = original(law, theta, np.empty((0, law.n_params)), unscale, errors,
+                      {spec.natural: "forced" for spec in law.params}, arrays, log_ref, log_residuals)
+    assert set(result) == {spec.natural for spec in law.params}
+    assert not any(entry["identified"] for entry in result.values())
+    assert all("on a bound" in entry["extension_note"] for entry in result.values())

@@ -250,7 +250,10 @@ def _scaled_design(law: Law, points: Mapping[str, np.ndarray],
 
 def _inverse_information(design: np.ndarray, theta: np.ndarray,
                          free: np.ndarray) -> np.ndarray | None:
-    """(J^T J)^-1 of the free parameters at the design's points; None where J^T J is singular."""
+    """(J^T J)^-1 of the free parameters at the design's points; None where J^T J is singular
+    or no parameter is free (every one at a bound)."""
+    if free.size == 0:
+        return None
     jac = log_jacobian(design, theta)[:, free]
     information = jac.T @ jac
     if np.linalg.cond(information) > MAX_CONDITION:
@@ -307,7 +310,6 @@ def suggest_extensions(law: Law, arrays: Mapping[str, np.ndarray], log_ref: Mapp
         out[name] = found or {"extension": None, "extension_note": f"none of the "
                               f"{len(candidates)} candidate extensions identifies it"}
     return out
-
 
 
 def identification(law: Law, theta: np.ndarray, scaled_samples: np.ndarray,

@@ -393,12 +393,12 @@ def _snakemake(workdir: Path, config: Path, targets: list[str], *extra: str, tim
 
 
 CANCELLED_RULE = "upcycled_stable"
-# The job to cancel: the long stable job (to D2's stable point 196608) of the D1=16384 upcycled
-# chain. Its run at D2=262144 depends on it; the chain's run at D2=8192 does not.
-CANCELLED = {"size": "xs", "seed": "0", "d1": "16384", "variant": "e4_k2_g1", "point": "196608"}
-CANCELLED_RUN = "upcycled/xs/seed0/d1_16384/e4_k2_g1/stable_196608"
-CANCELLED_POINT = 196608
-DEPENDENT = {**{k: v for k, v in CANCELLED.items() if k != "point"}, "d2": "262144"}
+# The job to cancel: the long stable job (to D2's stable point 491520) of the D1=16384 upcycled
+# chain. Its run at D2=655360 depends on it; the chain's run at D2=8192 does not.
+CANCELLED = {"size": "xs", "seed": "0", "d1": "16384", "variant": "e4_k2_g1", "point": "491520"}
+CANCELLED_RUN = "upcycled/xs/seed0/d1_16384/e4_k2_g1/stable_491520"
+CANCELLED_POINT = 491520
+DEPENDENT = {**{k: v for k, v in CANCELLED.items() if k != "point"}, "d2": "655360"}
 
 
 def _newest_run_id(workdir: Path, ignore: set) -> str | None:

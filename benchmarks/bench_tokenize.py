@@ -32,8 +32,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from upcycling import tokenize as tk
-from upcycling.corpus import read_documents, resolve_sources
+from upcycling.data import tokenize as tk
+from upcycling.data.corpus import read_documents, resolve_sources
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = str(REPO / "data/corpus/shakespeare/*.txt.gz")
@@ -72,7 +72,8 @@ def overhead(args) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_tokenize.") as scratch:
         scratch = Path(scratch)
         trained_s, _, meta = timed(
-            lambda: tk.tokenize_corpus(corpus_cfg, {"vocab_size": args.vocab_size}, scratch / "trained"))
+            lambda: tk.tokenize_corpus(corpus_cfg, {"vocab_size": args.vocab_size}, scratch / "trained")
+        )
         train_tokenizer_s, _, _ = timed(lambda: tk.train_tokenizer(training_texts, args.vocab_size, 2))
         tokenizer_path = scratch / "trained" / "tokenizer.json"
         given_cfg = {"vocab_size": args.vocab_size, "path": str(tokenizer_path)}
@@ -91,10 +92,14 @@ def overhead(args) -> int:
         plain_s = min(timed(lambda: bare_loop(tokenizer, batches, "encode_batch"))[0] for _ in range(2))
         no_ids_s = min(timed(lambda: bare_loop(tokenizer, batches, method, False))[0] for _ in range(2))
 
-    print(f"corpus: {len(sources)} files, {corpus_bytes / 1e6:.2f} MB of text, {tokens} tokens "
-          f"(vocab {meta['vocab_size']}), {len(batches)} batches of up to {tk.BATCH_CHARS} characters")
-    print(f"tokenizer training: {train_tokenizer_s:.2f} s (excluded below); "
-          f"the whole stage with training: {trained_s:.2f} s")
+    print(
+        f"corpus: {len(sources)} files, {corpus_bytes / 1e6:.2f} MB of text, {tokens} tokens "
+        f"(vocab {meta['vocab_size']}), {len(batches)} batches of up to {tk.BATCH_CHARS} characters"
+    )
+    print(
+        f"tokenizer training: {train_tokenizer_s:.2f} s (excluded below); "
+        f"the whole stage with training: {trained_s:.2f} s"
+    )
     print(f"{'':38s}{'best s':>8s}{'median s':>10s}{'tokens/s':>12s}{'MB/s':>8s}{'CPU s':>8s}")
 
     def row(label, wall_times, cpu_times=()):
@@ -111,8 +116,10 @@ def overhead(args) -> int:
     ratio = 100 * (statistics.median(s[0] / b[0] for s, b in zip(stage_runs, bare_runs)) - 1)
     best_ratio = 100 * (min(w for w, _ in stage_runs) / min(w for w, _ in bare_runs) - 1)
     cpu_ratio = 100 * (min(c for _, c in stage_runs) / min(c for _, c in bare_runs) - 1)
-    print(f"stage overhead vs bare {method} + ids: {ratio:+.1f}% wall, median of {args.repeats} paired runs "
-          f"(limit {args.max_overhead:.0f}%); best of each {best_ratio:+.1f}%; CPU s {cpu_ratio:+.1f}%")
+    print(
+        f"stage overhead vs bare {method} + ids: {ratio:+.1f}% wall, median of {args.repeats} paired runs "
+        f"(limit {args.max_overhead:.0f}%); best of each {best_ratio:+.1f}%; CPU s {cpu_ratio:+.1f}%"
+    )
     if args.check and ratio > args.max_overhead:
         print("FAIL: the stage is slower than the bare loop by more than the limit", file=sys.stderr)
         return 1
@@ -160,8 +167,8 @@ def run_child(code: str, env: dict) -> tuple[float, float, float, dict]:
 
 CHILD_PRELUDE = """
 import json, sys
-from upcycling import tokenize as tk
-from upcycling.corpus import resolve_sources
+from upcycling.data import tokenize as tk
+from upcycling.data.corpus import resolve_sources
 sources = resolve_sources({paths!r})
 options = tk.CorpusOptions("text", 0.1, 0)
 """
@@ -175,31 +182,47 @@ def scale(args) -> int:
         started = time.perf_counter()
         text_bytes = write_corpus(corpus, args.gb, args.files)
         disk = sum(p.stat().st_size for p in corpus.iterdir())
-        print(f"corpus: {args.files} .jsonl.zst files, {text_bytes / 1e9:.2f} GB of text, {disk / 1e6:.0f} MB on "
-              f"disk (written in {time.perf_counter() - started:.0f} s)", flush=True)
+        print(
+            f"corpus: {args.files} .jsonl.zst files, {text_bytes / 1e9:.2f} GB of text, {disk / 1e6:.0f} MB on "
+            f"disk (written in {time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
         prelude = CHILD_PRELUDE.format(paths=str(corpus / "*.jsonl.zst"))
         env = dict(os.environ, RAYON_NUM_THREADS=str(max(args.threads)), OMP_NUM_THREADS="1")
         tokenizer_cfg = {"vocab_size": args.vocab_size, "sample_bytes": int(args.sample_mb * 1e6)}
-        wall, _, rss, _ = run_child(prelude + f"""
-tk.make_tokenizer(sources, options, {tokenizer_cfg!r}, {str(scratch / 'tokenizer.json')!r})
-print(json.dumps({{}}))""", env)
-        print(f"tokenizer: vocab {args.vocab_size}, trained on a {args.sample_mb:.0f} MB sample in {wall:.1f} s "
-              f"({max(args.threads)} threads), peak RSS {rss:.0f} MB", flush=True)
+        wall, _, rss, _ = run_child(
+            prelude
+            + f"""
+tk.make_tokenizer(sources, options, {tokenizer_cfg!r}, {str(scratch / "tokenizer.json")!r})
+print(json.dumps({{}}))""",
+            env,
+        )
+        print(
+            f"tokenizer: vocab {args.vocab_size}, trained on a {args.sample_mb:.0f} MB sample in {wall:.1f} s "
+            f"({max(args.threads)} threads), peak RSS {rss:.0f} MB",
+            flush=True,
+        )
 
         rows = []
         for threads in args.threads:
             env = dict(os.environ, RAYON_NUM_THREADS=str(threads), OMP_NUM_THREADS="1")
             out = scratch / f"shard_{threads}"
-            wall, cpu, rss, sidecar = run_child(prelude + f"""
-sidecar = tk.tokenize_shard(sources, options, {str(scratch / 'tokenizer.json')!r}, {str(out)!r})
-print(json.dumps(sidecar))""", env)
+            wall, cpu, rss, sidecar = run_child(
+                prelude
+                + f"""
+sidecar = tk.tokenize_shard(sources, options, {str(scratch / "tokenizer.json")!r}, {str(out)!r})
+print(json.dumps(sidecar))""",
+                env,
+            )
             tokens = sidecar["train_tokens"] + sidecar["val_tokens"]
             rows.append((threads, wall, cpu))
             # Tokens per CPU second is the per-core rate even when other processes share the cores.
-            print(f"threads {threads}: {wall:7.1f} s wall, {cpu:7.1f} s CPU, {tokens / wall:9.0f} tokens/s, "
-                  f"{tokens / cpu:9.0f} tokens per CPU s, {text_bytes / wall / 1e6:6.2f} MB/s, "
-                  f"{text_bytes / tokens:.2f} bytes/token, peak RSS {rss:.0f} MB, load {os.getloadavg()[0]:.1f}",
-                  flush=True)
+            print(
+                f"threads {threads}: {wall:7.1f} s wall, {cpu:7.1f} s CPU, {tokens / wall:9.0f} tokens/s, "
+                f"{tokens / cpu:9.0f} tokens per CPU s, {text_bytes / wall / 1e6:6.2f} MB/s, "
+                f"{text_bytes / tokens:.2f} bytes/token, peak RSS {rss:.0f} MB, load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
             import shutil
 
             shutil.rmtree(out)
@@ -207,9 +230,11 @@ print(json.dumps(sidecar))""", env)
             base = rows[0]
             for threads, wall, cpu in rows[1:]:
                 speedup = base[1] / wall
-                print(f"scaling {base[0]} -> {threads} threads: {speedup:.2f}x wall "
-                      f"({100 * speedup / (threads / base[0]):.0f}% parallel efficiency), CPU s x{cpu / base[2]:.2f} "
-                      f"(the machine's load average is printed per run: above the thread count, cores were shared)")
+                print(
+                    f"scaling {base[0]} -> {threads} threads: {speedup:.2f}x wall "
+                    f"({100 * speedup / (threads / base[0]):.0f}% parallel efficiency), CPU s x{cpu / base[2]:.2f} "
+                    f"(the machine's load average is printed per run: above the thread count, cores were shared)"
+                )
     return 0
 
 

@@ -9,7 +9,7 @@ One run, same model, same batches, same optimizer (AdamW, clipping):
     python benchmarks/bench_train.py                       # CPU defaults (DS_ACCELERATOR=cpu)
     python benchmarks/bench_train.py --preset 350m --seq-len 1024 --batch 16   # on a GPU (bf16)
 
-MFU = training FLOPs per token (upcycling.flops, active parameters + attention) x tokens/s / peak.
+MFU = training FLOPs per token (upcycling.model.flops, active parameters + attention) x tokens/s / peak.
 Peak: a known GPU's bf16 dense peak, or --peak-flops (on CPU there is no standard figure).
 --check exits non-zero when the engine overhead exceeds 15% or the MoE costs over 2x per token.
 """
@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from upcycling import distributed
-from upcycling.flops import ModelConfig, count_params, train_flops_per_token
-from upcycling.model import MoEOptions, Transformer
-from upcycling.train import build_engine, peak_flops
+from upcycling.model.flops import ModelConfig, count_params, train_flops_per_token
+from upcycling.model.transformer import MoEOptions, Transformer
+from upcycling.train import distributed
+from upcycling.train.loop import build_engine, peak_flops
 
 PRESETS = {  # d_model, n_layers, n_heads, ffn_hidden
     "cpu": (256, 4, 4, 688),
@@ -45,9 +45,17 @@ def batches(vocab: int, seq_len: int, rows: int, count: int, device) -> list[tup
 
 
 def training_config(args) -> dict:
-    return {"micro_batch_size": args.batch, "grad_accum_steps": 1, "grad_clip": 1.0, "zero_stage": args.zero,
-            "precision": "auto", "lr": 3e-4, "weight_decay": 0.1, "adam_betas": [0.9, 0.95],
-            "compile": args.compile}
+    return {
+        "micro_batch_size": args.batch,
+        "grad_accum_steps": 1,
+        "grad_clip": 1.0,
+        "zero_stage": args.zero,
+        "precision": "auto",
+        "lr": 3e-4,
+        "weight_decay": 0.1,
+        "adam_betas": [0.9, 0.95],
+        "compile": args.compile,
+    }
 
 
 def synchronize():
@@ -133,8 +141,14 @@ def main() -> int:
 
     device = distributed.init()
     d_model, n_layers, n_heads, ffn_hidden = PRESETS[args.preset]
-    dense = ModelConfig(vocab_size=args.vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                        ffn_hidden=ffn_hidden, seq_len=args.seq_len)
+    dense = ModelConfig(
+        vocab_size=args.vocab,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        ffn_hidden=ffn_hidden,
+        seq_len=args.seq_len,
+    )
     # MoE whose experts are each the dense FFN (upcycled shape), and the dense model with its
     # active parameters: FFN hidden = k x expert hidden.
     moe = ModelConfig(**{**dense.__dict__, "experts": args.experts, "top_k": args.top_k})
@@ -148,11 +162,15 @@ def main() -> int:
         tokens_per_s = tokens / seconds
         mfu = train_flops_per_token(cfg) * tokens_per_s / peak if peak else None
         counts = count_params(cfg)
-        print(f"{name:<34} {tokens_per_s:>12,.0f} tok/s   MFU {f'{mfu:.1%}' if mfu else 'n/a':>6}   "
-              f"params {counts.total / 1e6:.1f}M (active {counts.active / 1e6:.1f}M)")
+        print(
+            f"{name:<34} {tokens_per_s:>12,.0f} tok/s   MFU {f'{mfu:.1%}' if mfu else 'n/a':>6}   "
+            f"params {counts.total / 1e6:.1f}M (active {counts.active / 1e6:.1f}M)"
+        )
         return {"tokens_per_s": tokens_per_s, "mfu": mfu, "params": counts.total, "active_params": counts.active}
 
-    print(f"device: {where}; preset {args.preset} seq {args.seq_len} batch {args.batch}, best of {args.rounds} rounds of {args.steps} steps")
+    print(
+        f"device: {where}; preset {args.preset} seq {args.seq_len} batch {args.batch}, best of {args.rounds} rounds of {args.steps} steps"
+    )
     results = {"device": where, "preset": args.preset, "seq_len": args.seq_len, "batch": args.batch}
     steppers = {}
     if args.only != "moe":
@@ -170,12 +188,12 @@ def main() -> int:
         results["engine_overhead"] = seconds["dense_engine"] / seconds["dense_plain"] - 1
         print(f"engine overhead vs plain PyTorch: {results['engine_overhead']:+.1%}")
     if "moe_engine" in seconds:
-        results["dense_same_active"] = report(f"dense, FFN {args.top_k}x (= MoE active)", dense_same_active,
-                                              seconds["dense_same_active"])
+        results["dense_same_active"] = report(
+            f"dense, FFN {args.top_k}x (= MoE active)", dense_same_active, seconds["dense_same_active"]
+        )
         results["moe_engine"] = report(f"MoE E={args.experts} k={args.top_k}, engine", moe, seconds["moe_engine"])
         results["moe_cost_per_token_vs_dense"] = seconds["moe_engine"] / seconds["dense_same_active"]
-        print(f"MoE cost per token vs dense with the same active params: "
-              f"{results['moe_cost_per_token_vs_dense']:.2f}x")
+        print(f"MoE cost per token vs dense with the same active params: {results['moe_cost_per_token_vs_dense']:.2f}x")
     if torch.cuda.is_available():
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(f"peak GPU memory (all models of this run): {results['peak_memory_gib']:.1f} GiB")

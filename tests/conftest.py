@@ -35,11 +35,18 @@ def cli_env(**extra: str) -> dict:
 
 
 def run_cli(args: list[str], cwd: Path, check: bool = True, timeout: int = 300, **env: str):
-    result = subprocess.run([sys.executable, "-m", "upcycling.cli", *args], cwd=cwd, env=cli_env(**env),
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "upcycling.cli", *args],
+        cwd=cwd,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"upcycling {' '.join(args)} exited {result.returncode}:\n"
-                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"upcycling {' '.join(args)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 

@@ -1,6 +1,6 @@
 """A synthetic study of the default sweep's shape, made from known laws, as a results store.
 
-Parameter counts are those of the default config's models (``upcycling.flops.count_params``,
+Parameter counts are those of the default config's models (``upcycling.model.flops.count_params``,
 vocabulary 2048); losses follow the truths below with multiplicative noise. Shape (per method):
 3 sizes x 3 D1 x 4 D2 upcycled runs, 3 sizes x 3 D1 dense runs, 3 sizes x 5 D from-scratch runs,
 and (``sparsity=True``, moe_upcycle only) 2 extra expert counts at one (D1, D2) pair per size,
@@ -13,8 +13,9 @@ import math
 
 import numpy as np
 
-from upcycling import laws, results
-from upcycling.flops import ModelConfig, count_params
+from upcycling.analysis import laws
+from upcycling.analysis import store as results
+from upcycling.model.flops import ModelConfig, count_params
 
 SIZES = {"xxs": (32, 2, 2, 96), "xs": (64, 2, 4, 176), "s": (96, 3, 4, 256)}
 D1 = [65536, 131072, 262144]
@@ -34,31 +35,49 @@ def dataset_truth(alpha3: float, slope1: float = 0.1, slope2: float = 0.3, term:
 
 
 # non-embedding counts: N1 from 2.7e4 to 3.3e5
-TRUE_JOINT = {**dataset_truth(0.02), "B": 1.0 * 1e5 ** 0.3, "beta2": 0.3, "E": 2.5}
-TRUE_SCRATCH = dict(E=2.5, A=1.0 * 1.7e5 ** 0.3, alpha=0.3, B=2.0 * 1.3e5 ** 0.6, beta=0.6)
-TRUE_DENSE = dict(E=2.5, A=1.0 * 1e5 ** 0.3, alpha=0.3, B=2.0 * 1.3e5 ** 0.4, beta=0.4)
+TRUE_JOINT = {**dataset_truth(0.02), "B": 1.0 * 1e5**0.3, "beta2": 0.3, "E": 2.5}
+TRUE_SCRATCH = dict(E=2.5, A=1.0 * 1.7e5**0.3, alpha=0.3, B=2.0 * 1.3e5**0.6, beta=0.6)
+TRUE_DENSE = dict(E=2.5, A=1.0 * 1e5**0.3, alpha=0.3, B=2.0 * 1.3e5**0.4, beta=0.4)
 METHOD_ALPHA3 = {"moe_upcycle": 0.02, "continue": 0.035, "grow_depth": 0.01, "grow_width": 0.01}
 SPARSITY_GAIN = dict(A=0.3, beta1=0.8)  # loss - A P^-beta1 + A P0^-beta1 across expert counts
 
 
 def counts(size: str, experts: int = 1, top_k: int = 1, layers_factor: int = 1):
     d_model, n_layers, n_heads, ffn = SIZES[size]
-    return count_params(ModelConfig(2048, d_model, n_layers * layers_factor, n_heads, ffn, 128,
-                                    experts=experts, top_k=top_k))
+    return count_params(
+        ModelConfig(2048, d_model, n_layers * layers_factor, n_heads, ffn, 128, experts=experts, top_k=top_k)
+    )
 
 
 def _record(size, init, method, d1, d2, experts, top_k, loss, model, dense):
-    coords = dict(size=size, init=init, method=method, seed=0, d1_tokens=d1, d2_tokens=d2,
-                  experts=experts, top_k=top_k, granularity=1)
+    coords = dict(
+        size=size,
+        init=init,
+        method=method,
+        seed=0,
+        d1_tokens=d1,
+        d2_tokens=d2,
+        experts=experts,
+        top_k=top_k,
+        granularity=1,
+    )
     tokens = d1 if init == "dense" else d2
-    return {"path": "/".join(str(v) for v in coords.values()), "coords": coords,
-            "final_val_loss": loss, "flops": 6.0 * model.active * tokens,
-            "n_params": model.total, "active_params": model.active, "dense_params": dense.total,
-            "non_embedding_params": model.non_embedding,
-            "active_non_embedding_params": model.active_non_embedding,
-            "dense_non_embedding_params": dense.non_embedding, "tokens_seen": tokens,
-            "wall_time_s": 1.0, "curve_tokens": np.array([tokens // 2, tokens], dtype=np.int64),
-            "curve_val_loss": np.array([loss + 0.2, loss])}
+    return {
+        "path": "/".join(str(v) for v in coords.values()),
+        "coords": coords,
+        "final_val_loss": loss,
+        "flops": 6.0 * model.active * tokens,
+        "n_params": model.total,
+        "active_params": model.active,
+        "dense_params": dense.total,
+        "non_embedding_params": model.non_embedding,
+        "active_non_embedding_params": model.active_non_embedding,
+        "dense_non_embedding_params": dense.non_embedding,
+        "tokens_seen": tokens,
+        "wall_time_s": 1.0,
+        "curve_tokens": np.array([tokens // 2, tokens], dtype=np.int64),
+        "curve_val_loss": np.array([loss + 0.2, loss]),
+    }
 
 
 def _architecture(size, method):
@@ -70,8 +89,9 @@ def _architecture(size, method):
     return 1, 1, counts(size)  # continue (grow_width is not modelled here: same as continue)
 
 
-def records(methods=("moe_upcycle",), noise: float = 0.002, seed: int = 0,
-            sparsity: bool = True, sizes=tuple(SIZES)) -> list[dict]:
+def records(
+    methods=("moe_upcycle",), noise: float = 0.002, seed: int = 0, sparsity: bool = True, sizes=tuple(SIZES)
+) -> list[dict]:
     rng = np.random.default_rng(seed)
 
     def noisy(value):
@@ -82,19 +102,31 @@ def records(methods=("moe_upcycle",), noise: float = 0.002, seed: int = 0,
         dense = counts(size)
         n1 = dense.non_embedding
         for d1 in D1:
-            out.append(_record(size, "dense", "dense", d1, 0, 1, 1,
-                               noisy(laws.chinchilla(n1, d1, **TRUE_DENSE)), dense, dense))
+            out.append(
+                _record(size, "dense", "dense", d1, 0, 1, 1, noisy(laws.chinchilla(n1, d1, **TRUE_DENSE)), dense, dense)
+            )
         for method in methods:
             experts, top_k, model = _architecture(size, method)
             truth = {**TRUE_JOINT, **dataset_truth(METHOD_ALPHA3[method])}
             for d1 in D1:
                 for d2 in D2:
-                    out.append(_record(size, "upcycled", method, d1, d2, experts, top_k,
-                                       noisy(laws.joint(d1, d2, n1, **truth)), model, dense))
+                    out.append(
+                        _record(
+                            size,
+                            "upcycled",
+                            method,
+                            d1,
+                            d2,
+                            experts,
+                            top_k,
+                            noisy(laws.joint(d1, d2, n1, **truth)),
+                            model,
+                            dense,
+                        )
+                    )
             for d in SCRATCH_D:
                 loss = laws.chinchilla(model.active_non_embedding, d, **TRUE_SCRATCH)
-                out.append(_record(size, "scratch", method, 0, d, experts, top_k, noisy(loss),
-                                   model, dense))
+                out.append(_record(size, "scratch", method, 0, d, experts, top_k, noisy(loss), model, dense))
         if sparsity and "moe_upcycle" in methods:
             d1, d2 = SPARSITY_PAIR
             main = counts(size, 4, 2)
@@ -103,8 +135,7 @@ def records(methods=("moe_upcycle",), noise: float = 0.002, seed: int = 0,
                 p, p0 = (m.non_embedding / m.active_non_embedding for m in (model, main))
                 gain = SPARSITY_GAIN["A"] * (p ** -SPARSITY_GAIN["beta1"] - p0 ** -SPARSITY_GAIN["beta1"])
                 loss = laws.joint(d1, d2, n1, **TRUE_JOINT) + gain
-                out.append(_record(size, "upcycled", "moe_upcycle", d1, d2, experts, 2,
-                                   noisy(loss), model, dense))
+                out.append(_record(size, "upcycled", "moe_upcycle", d1, d2, experts, 2, noisy(loss), model, dense))
     return out
 
 

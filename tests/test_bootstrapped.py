@@ -27,8 +27,21 @@ def bootstrapped(tmp_path_factory):
     cfg["results_dir"] = "results"
     config = workdir / "bootstrapped.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--configfile", str(config),
-               "--directory", str(workdir), "--profile", str(REPO / "profiles" / "local"), "--cores", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--configfile",
+        str(config),
+        "--directory",
+        str(workdir),
+        "--profile",
+        str(REPO / "profiles" / "local"),
+        "--cores",
+        "2",
+    ]
     result = subprocess.run(command, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]
     return workdir / "results"
@@ -45,7 +58,7 @@ def _hf_loss(export_dir, tokens: torch.Tensor) -> float:
 def test_every_method_starts_from_the_dense_model_in_transformers(bootstrapped):
     """The dense export at D1 and each method's initial export, loaded by transformers (Llama or
     Mixtral), give the same loss on the same held-out tokens: every transform preserves the function."""
-    from upcycling.tokens import load_tokens
+    from upcycling.data.tokens import load_tokens
 
     _, val, _ = load_tokens(bootstrapped / "tokens")
     tokens = torch.from_numpy(val.read(0, 4 * 128).astype(np.int64)).view(4, 128)

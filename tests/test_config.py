@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, cli_env
-from upcycling.config import ConfigError, load_sweep, sweep_from_mapping
+from upcycling.sweep.load import ConfigError, load_sweep, sweep_from_mapping
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
@@ -47,6 +47,7 @@ def _set(path: str, value):
         for key in parents:
             node = node[key]
         node[leaf] = value
+
     return mutate
 
 
@@ -57,6 +58,7 @@ def _delete(path: str):
         for key in parents:
             node = node[key]
         del node[leaf]
+
     return mutate
 
 
@@ -70,8 +72,12 @@ BAD_CONFIGS = [
     ("D beyond the corpus", _set("sweep.d2_tokens", [65536, 10**9]), "sweep.d2_tokens", "exceed what the corpus"),
     ("missing corpus", _set("corpus.paths", ["data/nothing/*.txt"]), "corpus.paths", "matches no file"),
     ("granularity vs ffn", _set("sweep.granularity", [3]), "sweep.granularity", "does not divide"),
-    ("E not multiple of G", lambda cfg: cfg["sweep"].update(experts=[5], granularity=[2]), "sweep.experts",
-     "not a multiple of granularity"),
+    (
+        "E not multiple of G",
+        lambda cfg: cfg["sweep"].update(experts=[5], granularity=[2]),
+        "sweep.experts",
+        "not a multiple of granularity",
+    ),
     ("ep_size vs E", _set("moe.ep_size", 3), "moe.ep_size", "does not divide"),
     ("unknown key", _set("training.learning_rate", 1e-3), "training", "misspelt"),
     ("missing section", _delete("sweep"), "<top level>", "'sweep' is a required property"),
@@ -79,12 +85,20 @@ BAD_CONFIGS = [
     ("warmup too long", _set("training.warmup_tokens", 10**6), "training.warmup_tokens", "lower warmup_tokens"),
     ("zero-3", _set("training.zero_stage", 3), "training.zero_stage", None),
     ("missing tokenizer file", _set("tokenizer.path", "no/such/tokenizer.json"), "tokenizer.path", "does not exist"),
-    ("throughput missing a size", _set("slurm.throughput_tokens_per_s", {"xs": 1.0}),
-     "slurm.throughput_tokens_per_s", "no throughput for dense model"),
+    (
+        "throughput missing a size",
+        _set("slurm.throughput_tokens_per_s", {"xs": 1.0}),
+        "slurm.throughput_tokens_per_s",
+        "no throughput for dense model",
+    ),
     ("repeated seeds", _set("training.seeds", [0, 0]), "training.seeds", "repeat"),
     ("val_fraction", _set("corpus.val_fraction", 0.9), "corpus.val_fraction", None),
-    ("model_config D1 not trained", _set("sweep.model_config.d1_tokens", 12345), "sweep.model_config.d1_tokens",
-     "not one of sweep.d1_tokens"),
+    (
+        "model_config D1 not trained",
+        _set("sweep.model_config.d1_tokens", 12345),
+        "sweep.model_config.d1_tokens",
+        "not one of sweep.d1_tokens",
+    ),
     ("model_config k > E", _set("sweep.model_config.top_k", [4]), "sweep.model_config.top_k", "k <= E"),
 ]
 
@@ -104,6 +118,7 @@ def test_k_not_multiple_of_granularity_is_refused():
         cfg["sweep"]["granularity"] = [2]
         cfg["sweep"]["experts"] = [4]
         cfg["sweep"]["top_k"] = [1]
+
     with pytest.raises(ConfigError, match="'sweep.top_k'.*multiple of granularity"):
         _check(mutate)
 
@@ -118,17 +133,45 @@ def test_missing_or_invalid_config_file(tmp_path):
 
 
 def _snakemake(workdir, *args):
-    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2",
-                           "--directory", str(workdir), *args], cwd=workdir, env=cli_env(), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--cores",
+            "2",
+            "--directory",
+            str(workdir),
+            *args,
+        ],
+        cwd=workdir,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_snakemake_builds_the_dag_on_the_default_config(tmp_path):
-    result = _snakemake(tmp_path, "-n", "--forceall", "--quiet", "rules", "--configfile",
-                        str(REPO / "config" / "config.yaml"), "--config", f"results_dir={tmp_path / 'results'}")
+    result = _snakemake(
+        tmp_path,
+        "-n",
+        "--forceall",
+        "--quiet",
+        "rules",
+        "--configfile",
+        str(REPO / "config" / "config.yaml"),
+        "--config",
+        f"results_dir={tmp_path / 'results'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    counts = dict(line.split()[:2] for line in result.stdout.splitlines()
-                  if line.strip() and line.split()[-1].isdigit() and len(line.split()) == 2)
+    counts = dict(
+        line.split()[:2]
+        for line in result.stdout.splitlines()
+        if line.strip() and line.split()[-1].isdigit() and len(line.split()) == 2
+    )
     cfg = DEFAULT
     sizes, d1, d2 = len(cfg["dense_models"]), len(cfg["sweep"]["d1_tokens"]), len(cfg["sweep"]["d2_tokens"])
     extra = len(cfg["sweep"]["model_config"]["experts"])  # model-configuration runs: one D2 each
@@ -155,14 +198,24 @@ def test_jobs_run_the_sweep_the_dag_was_built_from(tmp_path):
     """--configfile replaces the default sweep (nothing of it leaks in), --config KEY=VALUE
     overrides reach every job: each job's command carries its spec, and no file is written."""
     results = tmp_path / "results"
-    result = _snakemake(tmp_path, "-n", "--forceall", "-p", "--configfile", str(REPO / "tests" / "configs" / "tiny.yaml"),
-                        "--config", f"results_dir={results}", "training={'lr': 0.002}")
+    result = _snakemake(
+        tmp_path,
+        "-n",
+        "--forceall",
+        "-p",
+        "--configfile",
+        str(REPO / "tests" / "configs" / "tiny.yaml"),
+        "--config",
+        f"results_dir={results}",
+        "training={'lr': 0.002}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     tiny = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
     specs = [json.loads(spec) for spec in re.findall(r"upcycling train --spec '(\{.*?\})'", result.stdout)]
     assert specs and {spec["run_id"].split("/")[1] for spec in specs} == set(tiny["dense_models"])
     assert {spec["end_tokens"] for spec in specs if spec["family"] == "dense" and spec["phase"] == "final"} == set(
-        tiny["sweep"]["d1_tokens"])
+        tiny["sweep"]["d1_tokens"]
+    )
     assert {spec["training"]["lr"] for spec in specs} == {0.002}  # the override, in every job
     assert all(spec["training"]["micro_batch_size"] == tiny["training"]["micro_batch_size"] for spec in specs)
     assert not results.exists()  # a dry run writes nothing

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from upcycling import corpus, readers
-from upcycling.corpus import CorpusError, read_documents, resolve_sources
-from upcycling.tokenize import tokenize_corpus
+from upcycling.data import corpus, readers
+from upcycling.data.corpus import CorpusError, read_documents, resolve_sources
+from upcycling.data.tokenize import tokenize_corpus
 
 DOCUMENTS = [
     "It was the best of times, it was the worst of times.\nIt was the age of wisdom.\n",
@@ -99,18 +99,28 @@ def test_the_same_text_in_every_format_gives_identical_token_files(tmp_path):
 
 
 def test_corpus_hash_follows_the_text_not_the_compression(tmp_path):
-    metas = [tokenize_corpus({"paths": write_corpus(tmp_path / fmt.replace(".", "_"), fmt), "val_fraction": 0.3},
-                             TOKENIZER_CFG, tmp_path / f"t_{fmt}") for fmt in ("jsonl", "jsonl.gz", "jsonl.zst")]
+    metas = [
+        tokenize_corpus(
+            {"paths": write_corpus(tmp_path / fmt.replace(".", "_"), fmt), "val_fraction": 0.3},
+            TOKENIZER_CFG,
+            tmp_path / f"t_{fmt}",
+        )
+        for fmt in ("jsonl", "jsonl.gz", "jsonl.zst")
+    ]
     assert len({meta["corpus_sha256"] for meta in metas}) == 1
     changed = list(DOCUMENTS)
     changed[4] = "Short two."
-    other = tokenize_corpus({"paths": write_corpus(tmp_path / "changed", "jsonl", changed), "val_fraction": 0.3},
-                            TOKENIZER_CFG, tmp_path / "t_changed")
+    other = tokenize_corpus(
+        {"paths": write_corpus(tmp_path / "changed", "jsonl", changed), "val_fraction": 0.3},
+        TOKENIZER_CFG,
+        tmp_path / "t_changed",
+    )
     assert other["corpus_sha256"] != metas[0]["corpus_sha256"]
 
 
 def test_split_depends_on_the_text_only(tmp_path):
     """Renaming, reordering and re-chunking files keep every document on its side."""
+
     def held_out(paths):
         sources = resolve_sources(paths)
         return {doc.text: doc.held_out for doc in corpus.documents(sources, "text", 0.4, 7)}
@@ -119,8 +129,10 @@ def test_split_depends_on_the_text_only(tmp_path):
     second = held_out(write_corpus(tmp_path / "b", "parquet", DOCUMENTS[::-1], files=4))
     assert first == second and 0 < sum(first.values()) < len(DOCUMENTS)
     assert held_out(write_corpus(tmp_path / "c", "jsonl", files=2)) == first
-    other_seed = {d.text: d.held_out for d in corpus.documents(resolve_sources(write_corpus(tmp_path / "d", "txt")),
-                                                                "text", 0.4, 8)}
+    other_seed = {
+        d.text: d.held_out
+        for d in corpus.documents(resolve_sources(write_corpus(tmp_path / "d", "txt")), "text", 0.4, 8)
+    }
     assert other_seed != first
 
 
@@ -207,12 +219,17 @@ def bad_file(kind: str, root: Path):
         (root / "full.parquet").unlink()
         name, words = "p.parquet", ["not a readable parquet file"]
     elif kind == "parquet corrupt row group":
-        pq.write_table(pa.table({"text": DOCUMENTS * 4}), root / "p.parquet", row_group_size=10,
-                       compression="none", use_dictionary=False)
+        pq.write_table(
+            pa.table({"text": DOCUMENTS * 4}),
+            root / "p.parquet",
+            row_group_size=10,
+            compression="none",
+            use_dictionary=False,
+        )
         chunk = pq.ParquetFile(root / "p.parquet").metadata.row_group(2).column(0)
         data = bytearray((root / "p.parquet").read_bytes())
         page_end = chunk.data_page_offset + chunk.total_compressed_size
-        data[page_end - 200:page_end] = b"\xff" * 200  # the third row group's string lengths
+        data[page_end - 200 : page_end] = b"\xff" * 200  # the third row group's string lengths
         (root / "p.parquet").write_bytes(bytes(data))
         name, words = "p.parquet", ["row group 2 (rows from 20", "corrupt or truncated"]
     elif kind == "arrow stream truncated":
@@ -221,7 +238,7 @@ def bad_file(kind: str, root: Path):
             for batch in table.to_batches(max_chunksize=10):
                 writer.write_batch(batch)
         full = (root / "full.arrow").read_bytes()
-        (root / "s.arrow").write_bytes(full[:len(full) * 3 // 5])
+        (root / "s.arrow").write_bytes(full[: len(full) * 3 // 5])
         (root / "full.arrow").unlink()
         name, words = "s.arrow", ["rows from 20", "not a readable Arrow IPC file"]
     elif kind == "parquet without text":
@@ -257,11 +274,25 @@ def bad_file(kind: str, root: Path):
 
 
 BAD_FILES = [
-    "zst truncated", "zst truncated at a line end", "zst garbage", "zst bad line", "gz missing field",
-    "json array", "parquet missing column", "parquet integer column", "parquet invalid utf-8",
-    "parquet truncated", "parquet corrupt row group", "arrow stream truncated", "parquet without text", "dataset without the column", "dataset dict",
-    "dataset missing file", "bz2", "plain directory",
-]  # fmt: skip
+    "zst truncated",
+    "zst truncated at a line end",
+    "zst garbage",
+    "zst bad line",
+    "gz missing field",
+    "json array",
+    "parquet missing column",
+    "parquet integer column",
+    "parquet invalid utf-8",
+    "parquet truncated",
+    "parquet corrupt row group",
+    "arrow stream truncated",
+    "parquet without text",
+    "dataset without the column",
+    "dataset dict",
+    "dataset missing file",
+    "bz2",
+    "plain directory",
+]
 
 
 @pytest.mark.parametrize("kind", BAD_FILES)
@@ -269,8 +300,11 @@ def test_bad_file_is_refused_naming_it_and_nothing_is_written(kind, tmp_path):
     paths, field, words = bad_file(kind, tmp_path / "corpus")
     (tmp_path / "out").mkdir()
     with pytest.raises(CorpusError) as caught:
-        tokenize_corpus({"paths": paths, "text_field": field, "val_fraction": 0.3, "shards": 2},
-                        TOKENIZER_CFG, tmp_path / "out" / "tokens")
+        tokenize_corpus(
+            {"paths": paths, "text_field": field, "val_fraction": 0.3, "shards": 2},
+            TOKENIZER_CFG,
+            tmp_path / "out" / "tokens",
+        )
     for word in words:
         assert word in str(caught.value), (word, str(caught.value))
     assert list((tmp_path / "out").iterdir()) == []  # no output, no temporary directory
@@ -294,8 +328,9 @@ def test_select_keeps_matching_records_in_every_record_format(tmp_path):
     """SlimPajama's CommonCrawl part: select on a nested field, in JSON Lines, parquet and arrow."""
     sets = [SOURCES[i % 3] for i in range(len(DOCUMENTS))]
     rows = [{"text": t, "meta": {"redpajama_set_name": s}, "n": i} for i, (t, s) in enumerate(zip(DOCUMENTS, sets))]
-    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
-        "".join(json.dumps(r) + "\n" for r in rows).encode()))
+    (tmp_path / "a.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    )
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
     with pa.ipc.new_stream(tmp_path / "a.arrow", pa.Table.from_pylist(rows).schema) as writer:
         writer.write_table(pa.Table.from_pylist(rows), max_chunksize=4)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import synthetic_study as study
-from upcycling import advice, fitstage, report
-from upcycling.figures import FIGURES
-from upcycling.fitresult import FitResult
+from upcycling.analysis import advice, fitstage, report
+from upcycling.analysis.figures import FIGURES
+from upcycling.analysis.fitresult import FitResult
 
 METHODS = ("moe_upcycle", "continue", "grow_depth")
 QUICK = {"bootstrap": 8, "huber_delta": 1e-3, "seed": 0, "n_starts": 4}
@@ -30,15 +30,15 @@ def fitted(tmp_path_factory):
 def test_runs_table_counts_parameters_one_way(fitted):
     _, ds, _ = fitted
     table = fitstage.runs_table(ds)
-    upcycled = fitstage.select_runs(table, "upcycled", method="moe_upcycle", size="s",
-                                    experts=4)
+    upcycled = fitstage.select_runs(table, "upcycled", method="moe_upcycle", size="s", experts=4)
     counts = study.counts("s", 4, 2)
     assert set(upcycled["n2_params"]) == {counts.active_non_embedding}
     assert set(upcycled["n1_params"]) == {study.counts("s").non_embedding}
     # non-embedding P is close to the experts' ratio E/k = 2; with the embeddings it is not
     assert upcycled["sparsity"].iloc[0] == pytest.approx(1.797, abs=1e-3)
-    total = fitstage.select_runs(fitstage.runs_table(ds, "total"), "upcycled",
-                                 method="moe_upcycle", size="s", experts=4)
+    total = fitstage.select_runs(
+        fitstage.runs_table(ds, "total"), "upcycled", method="moe_upcycle", size="s", experts=4
+    )
     assert total["sparsity"].iloc[0] == pytest.approx(counts.total / counts.active)
     assert total["sparsity"].iloc[0] < 1.5
     with pytest.raises(ValueError, match="parameter counts 'nope'"):
@@ -51,8 +51,7 @@ def test_runs_table_counts_parameters_one_way(fitted):
 def test_plan_keys_carry_the_method_and_the_sparsity_axis_feeds_model_config(fitted):
     _, ds, _ = fitted
     tasks = {task.key: task for task in fitstage.plan_fits(fitstage.runs_table(ds))}
-    for method, moe in (("moe_upcycle", "e4k2g1"), ("continue", "e1k1g1"),
-                        ("grow_depth", "e1k1g1")):
+    for method, moe in (("moe_upcycle", "e4k2g1"), ("continue", "e1k1g1"), ("grow_depth", "e1k1g1")):
         for size in study.SIZES:
             assert len(tasks[f"dataset.{method}.{size}.{moe}"].rows) == 12
             assert len(tasks[f"scratch_power.{method}.{size}.{moe}"].rows) == 5
@@ -68,19 +67,22 @@ def test_plan_keys_carry_the_method_and_the_sparsity_axis_feeds_model_config(fit
 
 def test_fit_all_fits_and_writes_every_law(fitted):
     root, _, fits = fitted
-    for key in ("dataset.moe_upcycle.xs.e4k2g1", "joint.moe_upcycle.e4k2g1",
-                "model_config.moe_upcycle", "chinchilla_dense",
-                "joint.continue.e1k1g1", "scratch_power.grow_depth.s.e1k1g1"):
+    for key in (
+        "dataset.moe_upcycle.xs.e4k2g1",
+        "joint.moe_upcycle.e4k2g1",
+        "model_config.moe_upcycle",
+        "chinchilla_dense",
+        "joint.continue.e1k1g1",
+        "scratch_power.grow_depth.s.e1k1g1",
+    ):
         assert fits[key].ok, (key, fits[key].status_detail)
         assert fits[key].context["parameter_counts"] == "non_embedding"
     assert fits["joint.continue.e1k1g1"].context["method"] == "continue"
     written = fitstage.load_fits(root / "fits")
     assert set(written) == set(fits)
-    assert written["joint.moe_upcycle.e4k2g1"].params == pytest.approx(
-        fits["joint.moe_upcycle.e4k2g1"].params)
+    assert written["joint.moe_upcycle.e4k2g1"].params == pytest.approx(fits["joint.moe_upcycle.e4k2g1"].params)
     # the saturation differs by method as in the truths (continue 0.035, moe_upcycle 0.02)
-    assert (fits["joint.continue.e1k1g1"].params["alpha3"]
-            > fits["joint.moe_upcycle.e4k2g1"].params["alpha3"] > 0)
+    assert fits["joint.continue.e1k1g1"].params["alpha3"] > fits["joint.moe_upcycle.e4k2g1"].params["alpha3"] > 0
     # the sparsity exponent of the synthetic runs (0.8) and the size exponent (0.3)
     config = fits["model_config.moe_upcycle"]
     assert config.params["beta1"] == pytest.approx(study.SPARSITY_GAIN["beta1"], abs=0.2)
@@ -116,18 +118,26 @@ def test_report_opens_with_findings_and_covers_the_three_laws(fitted, tmp_path):
     headings = [line for line in summary.splitlines() if line.startswith("## ")]
     assert headings[0] == "## Findings"
     assert summary.index("## Findings") < summary.index("## Fits at a glance")
-    findings_text = summary[summary.index("## Findings"):summary.index("## Fits at a glance")]
-    for phrase in ("alpha3 = ", "excludes 0", "alpha2 > alpha1 > alpha3", "ΔAICc", "D2* = ",
-                   "`model_config.moe_upcycle`", "beta1 (sparsity P)", "(continue)",
-                   "trained from scratch", "converged cleanly"):
+    findings_text = summary[summary.index("## Findings") : summary.index("## Fits at a glance")]
+    for phrase in (
+        "alpha3 = ",
+        "excludes 0",
+        "alpha2 > alpha1 > alpha3",
+        "ΔAICc",
+        "D2* = ",
+        "`model_config.moe_upcycle`",
+        "beta1 (sparsity P)",
+        "(continue)",
+        "trained from scratch",
+        "converged cleanly",
+    ):
         assert phrase in findings_text, phrase
     assert "non-embedding" in summary
     # the methods compared: continue saturates most in the truths (alpha3 0.035 vs 0.02, 0.01)
     assert "Saturation alpha3 by method (`joint` laws), largest first: continue" in summary
     items = json.loads(written["findings"].read_text())
     topics = {item["topic"] for item in items}
-    assert {"interaction", "ordering", "comparison", "break_even", "model_config",
-            "methods", "health"} <= topics
+    assert {"interaction", "ordering", "comparison", "break_even", "model_config", "methods", "health"} <= topics
     for name, filename in FIGURES.items():
         png = tmp_path / "report" / filename
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -151,17 +161,16 @@ def test_predict(fitted):
     assert out["law"] == "joint.moe_upcycle.e4k2g1"
     low, high = out["interval"]
     assert low <= out["loss"] <= high
-    from upcycling import laws
-    assert out["loss"] == pytest.approx(laws.joint(131072, 262144, n1, **study.TRUE_JOINT),
-                                        rel=0.01)
+    from upcycling.analysis import laws
+
+    assert out["loss"] == pytest.approx(laws.joint(131072, 262144, n1, **study.TRUE_JOINT), rel=0.01)
     assert out["inputs"]["n2"] == pytest.approx(study.counts("s", 4, 2).active_non_embedding)
     counted = out["by_accounting"]["sunk_cost_counted"]
     assert counted["scratch_tokens"] == pytest.approx(262144 + n1 * 131072 / out["inputs"]["n2"])
     assert out["recommendation"] in ("upcycle", "scratch")
     grown = advice.predict(fits, n1, 131072, 262144, experts=1, top_k=1, method="grow_depth")
     assert grown["law"] == "joint.grow_depth.e1k1g1"
-    assert grown["by_accounting"]["sunk_cost_not_counted"]["scratch_law"] == \
-        "chinchilla_scratch.grow_depth.e1k1g1"
+    assert grown["by_accounting"]["sunk_cost_not_counted"]["scratch_law"] == "chinchilla_scratch.grow_depth.e1k1g1"
     far = advice.predict(fits, n1, 131072, 1e8, experts=4, top_k=2)
     assert any("outside the runs" in note for note in far["notes"])
     json.dumps(out, allow_nan=False)
@@ -174,15 +183,16 @@ def test_predict_cli_plans_from_saved_fits_and_refuses_bad_arguments(fitted, tmp
 
     root, _, fits = fitted
     n1 = str(study.counts("s").non_embedding)
-    args = ["predict", "--fits", str(root / "fits"), "--d1", "131072", "--d2", "262144",
-            "--experts", "4"]
+    args = ["predict", "--fits", str(root / "fits"), "--d1", "131072", "--d2", "262144", "--experts", "4"]
     out = json.loads(run_cli([*args, "--n1", n1, "--top-k", "2"], cwd=tmp_path).stdout)
     expected = advice.predict(fitstage.load_fits(root / "fits"), float(n1), 131072, 262144, 4, 2)
     assert out["loss"] == pytest.approx(expected["loss"])
     assert out["recommendation"] == expected["recommendation"]
-    for bad, named in ((["--n1", "-5", "--top-k", "2"], "--n1"),
-                       (["--n1", "1e6", "--top-k", "8"], "--top-k"),
-                       (["--n1", "1e6", "--top-k", "2", "--method", "nope"], "--method")):
+    for bad, named in (
+        (["--n1", "-5", "--top-k", "2"], "--n1"),
+        (["--n1", "1e6", "--top-k", "8"], "--top-k"),
+        (["--n1", "1e6", "--top-k", "2", "--method", "nope"], "--method"),
+    ):
         result = run_cli([*args, *bad], cwd=tmp_path, check=False)
         assert result.returncode != 0 and named in result.stderr, result.stderr
     unknown = run_cli([*args[:-1], "8", "--n1", n1, "--top-k", "2"], cwd=tmp_path, check=False)
@@ -196,22 +206,37 @@ def test_fit_and_report_cli(fitted, tmp_path):
     store = tmp_path / "losses.zarr"
     study.store(store, sparsity=False, sizes=("xs", "s"))  # small: the CLI's plumbing
     config = tmp_path / "config.yaml"
-    config.write_text((REPO / "config" / "config.yaml").read_text()
-                      .replace("bootstrap: 64", "bootstrap: 2"))
-    run_cli(["fit", "--config", str(config), "--workdir", str(REPO), "--store",
-             str(store), "--out-dir", str(tmp_path / "fits"), "--workers", "1",
-             "--parameter-counts", "total"], cwd=tmp_path)
+    config.write_text((REPO / "config" / "config.yaml").read_text().replace("bootstrap: 64", "bootstrap: 2"))
+    run_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--workdir",
+            str(REPO),
+            "--store",
+            str(store),
+            "--out-dir",
+            str(tmp_path / "fits"),
+            "--workers",
+            "1",
+            "--parameter-counts",
+            "total",
+        ],
+        cwd=tmp_path,
+    )
     fits = fitstage.load_fits(tmp_path / "fits")
     assert fits["dataset.moe_upcycle.s.e4k2g1"].context["parameter_counts"] == "total"
     assert math.isfinite(fits["dataset.moe_upcycle.s.e4k2g1"].params["alpha3"])
     assert "needs at least 3 distinct values of n1" in fits["joint.moe_upcycle.e4k2g1"].reason
-    run_cli(["report", "--store", str(store), "--fits", str(tmp_path / "fits"), "--out-dir",
-             str(tmp_path / "report")], cwd=tmp_path)
+    run_cli(
+        ["report", "--store", str(store), "--fits", str(tmp_path / "fits"), "--out-dir", str(tmp_path / "report")],
+        cwd=tmp_path,
+    )
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert summary.splitlines()[0] == "# Upcycling scaling-law report"
     assert "**total**" in summary
-    assert np.isfinite(json.loads((tmp_path / "report" / "findings.json").read_text())[0]
-                       ["data"]["alpha3"])
+    assert np.isfinite(json.loads((tmp_path / "report" / "findings.json").read_text())[0]["data"]["alpha3"])
     assert "model_config.moe_upcycle` was not fitted" in summary  # no sparsity axis here
 
 

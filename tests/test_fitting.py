@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from test_laws import TRUE_PARAMS
-from upcycling import diagnostics
-from upcycling.fitresult import FitResult
-from upcycling.fitting import check_data, fit_law, huber
-from upcycling.laws import LAWS
+from upcycling.analysis import diagnostics
+from upcycling.analysis.fitresult import FitResult
+from upcycling.analysis.fitting import check_data, fit_law, huber
+from upcycling.analysis.laws import LAWS
 
 DATA = Path(__file__).parent / "data" / "chinchilla_epoch_svg_extracted.csv"
 TOKENS = np.geomspace(6.5e4, 2.1e6, 6)
@@ -62,8 +62,7 @@ def test_chinchilla_replication():
     d = frame["Training FLOP"].to_numpy() / (6 * n)
     loss = frame["loss"].to_numpy()
     keep = np.argsort(loss, kind="stable")[:-5]  # leave out the 5 highest losses, like Epoch
-    result = fit_law("chinchilla_dense", {"n": n[keep], "d": d[keep], "loss": loss[keep]},
-                     n_bootstrap=0, holdout=False)
+    result = fit_law("chinchilla_dense", {"n": n[keep], "d": d[keep], "loss": loss[keep]}, n_bootstrap=0, holdout=False)
     p = result.params
     assert p["alpha"] == pytest.approx(0.3478, abs=0.01)
     assert p["beta"] == pytest.approx(0.3658, abs=0.01)
@@ -115,8 +114,7 @@ def test_too_few_points_is_a_clear_error():
     with pytest.raises(ValueError, match=r"'dataset': no usable data points.*at least 6"):
         fit_law("dataset", nan, n_bootstrap=0)
     # NaN entries are dropped, not fitted
-    assert check_data("dataset", {**data, "loss": np.where(data["d2"] > 1e6, np.nan,
-                                                           data["loss"])})["loss"].size == 24
+    assert check_data("dataset", {**data, "loss": np.where(data["d2"] > 1e6, np.nan, data["loss"])})["loss"].size == 24
     one_d1 = {k: v[data["d1"] == data["d1"][0]] for k, v in data.items()}
     with pytest.raises(ValueError, match="distinct values of d1"):
         fit_law("dataset", one_d1, n_bootstrap=0)
@@ -155,8 +153,7 @@ def test_held_out_refits_never_see_the_held_out_runs():
     data = synthetic("dataset", noise=0.003, seed=7)
     result = fit_law("dataset", data, n_bootstrap=0)
     largest = data["d2"] == data["d2"].max()
-    alone = fit_law("dataset", {k: v[~largest] for k, v in data.items()}, n_bootstrap=0,
-                    holdout=False)
+    alone = fit_law("dataset", {k: v[~largest] for k, v in data.items()}, n_bootstrap=0, holdout=False)
     predicted = alone.predict(d1=data["d1"][largest], d2=data["d2"][largest])
     rmse = np.sqrt(np.mean((predicted - data["loss"][largest]) ** 2))
     assert result.held_out["d2"]["rmse"] == pytest.approx(rmse, rel=1e-6)
@@ -187,9 +184,14 @@ def test_standard_errors_hold_pinned_parameters_fixed():
     design = law.design({"d": log_d - log_d.mean()})
     theta = np.array([0.0, 0.3, law.params[2].bounds[0]])  # log_E pinned at its lower bound
     residuals = law.log_predict(theta, {"d": log_d - log_d.mean()}) - np.log(data["loss"])
-    errors = diagnostics.standard_errors(law, diagnostics.log_jacobian(design, theta), residuals,
-                                         theta, law.unscale_matrix({"d": log_d.mean()}),
-                                         np.array([False, False, True]))
+    errors = diagnostics.standard_errors(
+        law,
+        diagnostics.log_jacobian(design, theta),
+        residuals,
+        theta,
+        law.unscale_matrix({"d": log_d.mean()}),
+        np.array([False, False, True]),
+    )
     assert math.isnan(errors.errors["E"]) and "E" in errors.note
     assert math.isfinite(errors.errors["B"]) and math.isfinite(errors.errors["beta"])
     assert not errors.singular
@@ -198,7 +200,7 @@ def test_standard_errors_hold_pinned_parameters_fixed():
 def test_information_criteria():
     residuals = np.array([0.01, -0.02, 0.015, 0.0, -0.005, 0.01, -0.01, 0.02])
     n, k = residuals.size, 3 + 1
-    log_likelihood = -0.5 * n * (math.log(2 * math.pi * np.mean(residuals ** 2)) + 1)
+    log_likelihood = -0.5 * n * (math.log(2 * math.pi * np.mean(residuals**2)) + 1)
     criteria = diagnostics.information_criteria(residuals, 3)
     assert criteria["aic"] == pytest.approx(2 * k - 2 * log_likelihood)
     assert criteria["aicc"] == pytest.approx(criteria["aic"] + 2 * k * (k + 1) / (n - k - 1))
@@ -215,10 +217,20 @@ def test_identification_with_every_parameter_at_a_bound_reports_each_not_identif
     law, theta, _, unscale, _, _, arrays, log_ref, log_residuals = captured[0]
     design = law.design({v: np.log(arrays[v]) - log_ref[v] for v in law.variables})
     every = np.ones(law.n_params, dtype=bool)
-    errors = diagnostics.standard_errors(law, diagnostics.log_jacobian(design, theta), log_residuals, theta,
-                                         unscale, every)
-    result = original(law, theta, np.empty((0, law.n_params)), unscale, errors,
-                      {spec.natural: "forced" for spec in law.params}, arrays, log_ref, log_residuals)
+    errors = diagnostics.standard_errors(
+        law, diagnostics.log_jacobian(design, theta), log_residuals, theta, unscale, every
+    )
+    result = original(
+        law,
+        theta,
+        np.empty((0, law.n_params)),
+        unscale,
+        errors,
+        {spec.natural: "forced" for spec in law.params},
+        arrays,
+        log_ref,
+        log_residuals,
+    )
     assert set(result) == {spec.natural for spec in law.params}
     assert not any(entry["identified"] for entry in result.values())
     assert all("on a bound" in entry["extension_note"] for entry in result.values())

@@ -22,9 +22,12 @@ import torch
 import faults
 from conftest import REPO, cli_env, read_json, run_cli, write_config
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="needs a CUDA GPU: scripts/gpu-check.sh runs this tier on a GPU machine")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU: scripts/gpu-check.sh runs this tier on a GPU machine"
+    ),
+]
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (data/expert parallel of 2)")
 DENSE = ["--family", "dense", "--size", "xs"]
 MOE = ["--family", "scratch", "--size", "xs", "--experts", "4", "--top-k", "2"]
@@ -46,9 +49,23 @@ def test_tiny_pipeline_end_to_end_on_one_gpu_in_bf16(tmp_path):
     workdir = tmp_path / "pipeline"
     workdir.mkdir()
     config = write_config(workdir, {"slurm": {"gpus_per_job": 1}})
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--configfile", str(config),
-               "--directory", str(workdir), "--profile", str(REPO / "profiles" / "local"), "--cores", "8",
-               "--scheduler", "greedy"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--configfile",
+        str(config),
+        "--directory",
+        str(workdir),
+        "--profile",
+        str(REPO / "profiles" / "local"),
+        "--cores",
+        "8",
+        "--scheduler",
+        "greedy",
+    ]
     result = subprocess.run(command, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]
     metrics = [read_json(path) for path in (workdir / "results").rglob("metrics.json")]
@@ -81,15 +98,17 @@ def test_resume_after_a_preemption_matches_a_straight_run(tmp_path, tiny_tokens)
         finals.append(read_json(workdir / "results/scratch/xs/seed0/e4_k2_g1/d_8192/metrics.json"))
     assert finals[0]["curve"]["tokens"] == finals[1]["curve"]["tokens"]
     assert finals[1]["curve"]["val_loss"] == pytest.approx(finals[0]["curve"]["val_loss"], abs=2e-3)
-    print(f"\nresume on GPU: final loss {finals[0]['final_val_loss']:.6f} straight, "
-          f"{finals[1]['final_val_loss']:.6f} resumed")
+    print(
+        f"\nresume on GPU: final loss {finals[0]['final_val_loss']:.6f} straight, "
+        f"{finals[1]['final_val_loss']:.6f} resumed"
+    )
 
 
 def _logits_match(export_dir, hf_class, tolerance):
     """Our model and transformers' on the export, in fp32 on the GPU: the same logits."""
-    from upcycling import distributed
-    from upcycling.export import load_hf
-    from upcycling.model import Transformer
+    from upcycling.model.export import load_hf
+    from upcycling.model.transformer import Transformer
+    from upcycling.train import distributed
 
     distributed.init()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -113,8 +132,20 @@ def test_exports_of_gpu_trained_models_equal_in_transformers(tmp_path, tiny_toke
     _train(workdir, *DENSE, "--budget", "8192")
     dense = workdir / "results/dense/xs/seed0/d1_8192/hf"
     assert json.loads((dense / "config.json").read_text())["torch_dtype"] == "float32"
-    run_cli(["transform", "--config", str(workdir / "config.yaml"), "--size", "xs", "--d1", "8192", "--variant",
-             "e4_k2_g1"], cwd=workdir)
+    run_cli(
+        [
+            "transform",
+            "--config",
+            str(workdir / "config.yaml"),
+            "--size",
+            "xs",
+            "--d1",
+            "8192",
+            "--variant",
+            "e4_k2_g1",
+        ],
+        cwd=workdir,
+    )
     print(f"\nLlama export max |logit diff| {_logits_match(dense, LlamaForCausalLM, 1e-4):.2e}")
     moe = workdir / "results/upcycled/xs/seed0/d1_8192/e4_k2_g1/init"
     print(f"Mixtral export max |logit diff| {_logits_match(moe, MixtralForCausalLM, 1e-4):.2e}")
@@ -124,10 +155,10 @@ def test_upcycling_preserves_the_function_in_bf16():
     """The upcycled MoE computes the dense model's function in bf16 too, up to bf16 rounding of
     the expert outputs and their gate-weighted sum: the loss within 2e-3 nats and every logit
     within 0.05 (the logits themselves are O(1); fp32 agrees to 1e-5, tests/test_upcycle.py)."""
-    from upcycling import distributed
-    from upcycling.flops import ModelConfig
-    from upcycling.model import MoEOptions, Transformer
-    from upcycling.upcycle import upcycle_state
+    from upcycling.model.flops import ModelConfig
+    from upcycling.model.transformer import MoEOptions, Transformer
+    from upcycling.train import distributed
+    from upcycling.transform.upcycle import upcycle_state
 
     distributed.init()
     torch.manual_seed(0)
@@ -150,8 +181,19 @@ def test_upcycling_preserves_the_function_in_bf16():
 
 
 def _torchrun(workdir, *args):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "upcycling.cli", "train", "--config", str(workdir / "config.yaml"), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "upcycling.cli",
+        "train",
+        "--config",
+        str(workdir / "config.yaml"),
+        *args,
+    ]
     result = subprocess.run(command, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -163,8 +205,13 @@ def test_two_gpus_train_like_one(tmp_path, tiny_tokens, ep_size):
     like 1 GPU x 8 rows, to bf16 tolerance (load balancing off: it is per rank, as in GShard)."""
     moe = {"aux_loss_coef": 0.0}
     one = _workdir(tmp_path / "one", tiny_tokens, training={"schedule": "cosine"}, moe=moe)
-    two = _workdir(tmp_path / "two", tiny_tokens, training={"schedule": "cosine", "micro_batch_size": 4},
-                   moe={**moe, "ep_size": ep_size}, slurm={"gpus_per_job": 2})
+    two = _workdir(
+        tmp_path / "two",
+        tiny_tokens,
+        training={"schedule": "cosine", "micro_batch_size": 4},
+        moe={**moe, "ep_size": ep_size},
+        slurm={"gpus_per_job": 2},
+    )
     _train(one, *MOE, "--budget", "8192")
     _torchrun(two, *MOE, "--budget", "8192")
     single, parallel = (read_json(w / "results/scratch/xs/seed0/e4_k2_g1/d_8192/metrics.json") for w in (one, two))

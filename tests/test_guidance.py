@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from upcycling import guidance
-from upcycling.guidance import (
+from upcycling.analysis import guidance
+from upcycling.analysis.guidance import (
     break_even_d2,
     closed_form_break_even_d2,
     equal_compute_curves,
@@ -18,21 +18,26 @@ from upcycling.guidance import (
 )
 
 N1, N2 = 3.0e5, 1.0e6
-UPCYCLED = SimpleNamespace(law="dataset",
-                           params=dict(A=50.0, alpha1=0.3, alpha2=0.4, alpha3=0.02, E=2.0))
+UPCYCLED = SimpleNamespace(law="dataset", params=dict(A=50.0, alpha1=0.3, alpha2=0.4, alpha3=0.02, E=2.0))
 
 
 def scratch_with_same_constant(upcycled_constant, beta=0.35, B=200.0):
     """A from-scratch Chinchilla law whose loss at N2 and infinite data equals the upcycled E."""
     E, alpha = 1.5, 0.3
-    A = (upcycled_constant - E) * N2 ** alpha
-    return SimpleNamespace(law="chinchilla_scratch",
-                           params=dict(E=E, A=A, alpha=alpha, B=B, beta=beta))
+    A = (upcycled_constant - E) * N2**alpha
+    return SimpleNamespace(law="chinchilla_scratch", params=dict(E=E, A=A, alpha=alpha, B=B, beta=beta))
 
 
 def numeric(upcycled, scratch, d1, count_sunk_cost=False, **kwargs):
-    return break_even_d2(upcycled_loss_fn(upcycled, N1), scratch_loss_fn(scratch, N2), d1,
-                         n1=N1, n2=N2, count_sunk_cost=count_sunk_cost, **kwargs)
+    return break_even_d2(
+        upcycled_loss_fn(upcycled, N1),
+        scratch_loss_fn(scratch, N2),
+        d1,
+        n1=N1,
+        n2=N2,
+        count_sunk_cost=count_sunk_cost,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("d1", [1e5, 1e6, 1e7, 1e8])
@@ -48,8 +53,9 @@ def test_numeric_matches_closed_form_same_irreducible_loss(d1):
 
 
 def test_numeric_matches_closed_form_for_joint_law():
-    joint = SimpleNamespace(law="joint", params=dict(A=50.0, alpha1=0.3, alpha2=0.4,
-                                                     alpha3=0.02, B=300.0, beta2=0.35, E=1.7))
+    joint = SimpleNamespace(
+        law="joint", params=dict(A=50.0, alpha1=0.3, alpha2=0.4, alpha3=0.02, B=300.0, beta2=0.35, E=1.7)
+    )
     constant = joint.params["E"] + joint.params["B"] * N1 ** -joint.params["beta2"]
     scratch = scratch_with_same_constant(constant)
     for d1 in (1e5, 1e7):
@@ -64,15 +70,13 @@ def test_numeric_matches_closed_form_same_exponent():
     gamma = UPCYCLED.params["alpha2"] - UPCYCLED.params["alpha3"] * math.log(d1)
     scratch = SimpleNamespace(law="scratch_power", params=dict(E=1.5, B=5.0, beta=gamma))
     closed = closed_form_break_even_d2(UPCYCLED, scratch, d1)
-    found = break_even_d2(upcycled_loss_fn(UPCYCLED), scratch_loss_fn(scratch), d1, n1=N1,
-                          n2=N2, count_sunk_cost=False)
+    found = break_even_d2(upcycled_loss_fn(UPCYCLED), scratch_loss_fn(scratch), d1, n1=N1, n2=N2, count_sunk_cost=False)
     assert found.status == "crossing"
     assert found.d2_star == pytest.approx(closed, rel=1e-9)
 
 
 def test_no_closed_form_cases():
-    scratch = SimpleNamespace(law="chinchilla_scratch",
-                              params=dict(E=1.0, A=300.0, alpha=0.3, B=200.0, beta=0.35))
+    scratch = SimpleNamespace(law="chinchilla_scratch", params=dict(E=1.0, A=300.0, alpha=0.3, B=200.0, beta=0.35))
     assert closed_form_break_even_d2(UPCYCLED, scratch, 1e6, n2=N2) is None
     same = scratch_with_same_constant(UPCYCLED.params["E"])
     assert closed_form_break_even_d2(UPCYCLED, same, 1e6, n2=N2, count_sunk_cost=True) is None
@@ -94,13 +98,13 @@ def test_counting_the_sunk_cost_favours_scratch():
 def test_range_conventions():
     # upcycling always better: a scratch law with a much higher floor
     worse = SimpleNamespace(law="scratch_power", params=dict(E=5.0, B=200.0, beta=0.35))
-    result = break_even_d2(upcycled_loss_fn(UPCYCLED), scratch_loss_fn(worse), 1e6, n1=N1,
-                           n2=N2, count_sunk_cost=False)
+    result = break_even_d2(upcycled_loss_fn(UPCYCLED), scratch_loss_fn(worse), 1e6, n1=N1, n2=N2, count_sunk_cost=False)
     assert result.status == "upcycle_better_in_range" and math.isinf(result.d2_star)
     # scratch always better: a much lower floor and a tiny data term
     better = SimpleNamespace(law="scratch_power", params=dict(E=0.5, B=1.0, beta=0.35))
-    result = break_even_d2(upcycled_loss_fn(UPCYCLED), scratch_loss_fn(better), 1e6, n1=N1,
-                           n2=N2, count_sunk_cost=False)
+    result = break_even_d2(
+        upcycled_loss_fn(UPCYCLED), scratch_loss_fn(better), 1e6, n1=N1, n2=N2, count_sunk_cost=False
+    )
     assert result.status == "scratch_better_in_range" and result.d2_star == 0.0
     # a crossing beyond the searched range is reported as none in range
     scratch = scratch_with_same_constant(UPCYCLED.params["E"])
@@ -117,11 +121,9 @@ def test_scratch_tokens_and_equal_compute():
     d_s = scratch_tokens(d1, d2, N1, N2, True)
     assert 6 * N2 * d_s == pytest.approx(6 * N2 * d2 + 6 * N1 * d1)
     scratch = scratch_with_same_constant(UPCYCLED.params["E"])
-    curves = equal_compute_curves(UPCYCLED, scratch, d1, [d2, 2 * d2], n1=N1, n2=N2,
-                                  count_sunk_cost=True)
+    curves = equal_compute_curves(UPCYCLED, scratch, d1, [d2, 2 * d2], n1=N1, n2=N2, count_sunk_cost=True)
     np.testing.assert_allclose(curves["compute"], 6 * N2 * curves["scratch_tokens"])
-    np.testing.assert_allclose(curves["upcycled_loss"],
-                               upcycled_loss_fn(UPCYCLED)(d1, np.array([d2, 2 * d2])))
+    np.testing.assert_allclose(curves["upcycled_loss"], upcycled_loss_fn(UPCYCLED)(d1, np.array([d2, 2 * d2])))
 
 
 def test_guidance_table():
@@ -153,6 +155,7 @@ def test_loss_functions_validate_laws():
 def test_crossings_finds_every_change_of_the_better_option():
     """With the dense cost counted, from scratch gets N1 D1 / N2 extra tokens: ahead at small
     D2, behind in between, ahead again at large D2 when it learns faster: two crossings."""
+
     def up(d1, d2):
         return 2.0 + 5.0 * np.asarray(d2, dtype=float) ** -0.2
 
@@ -160,8 +163,7 @@ def test_crossings_finds_every_change_of_the_better_option():
         return 1.8 + 300.0 * np.asarray(d, dtype=float) ** -0.5
 
     d1 = 1e4 * N2 / N1  # the dense cost buys the from-scratch run 1e4 tokens
-    found = guidance.crossings(up, sc, d1, n1=N1, n2=N2, count_sunk_cost=True,
-                               d2_range=(1.0, 1e9))
+    found = guidance.crossings(up, sc, d1, n1=N1, n2=N2, count_sunk_cost=True, d2_range=(1.0, 1e9))
     assert [c["better_after"] for c in found] == ["upcycle", "scratch"]
     for crossing in found:
         d2 = crossing["d2"]
@@ -169,8 +171,7 @@ def test_crossings_finds_every_change_of_the_better_option():
     last = break_even_d2(up, sc, d1, n1=N1, n2=N2, count_sunk_cost=True, d2_range=(1.0, 1e9))
     assert found[-1]["d2"] == pytest.approx(last.d2_star, rel=1e-9)
     # without the dense cost only the last crossing remains
-    alone = guidance.crossings(up, sc, d1, n1=N1, n2=N2, count_sunk_cost=False,
-                               d2_range=(1e2, 1e9))
+    alone = guidance.crossings(up, sc, d1, n1=N1, n2=N2, count_sunk_cost=False, d2_range=(1e2, 1e9))
     assert [c["better_after"] for c in alone] == ["scratch"]
 
 
@@ -178,28 +179,27 @@ def test_break_even_samples_match_the_exact_root_per_sample():
     scratch = scratch_with_same_constant(UPCYCLED.params["E"])
     rng = np.random.default_rng(0)
     up_samples = {k: list(v * np.exp(rng.normal(0, 0.02, 6))) for k, v in UPCYCLED.params.items()}
-    scratch_samples = {k: list(v * np.exp(rng.normal(0, 0.02, 6)))
-                       for k, v in scratch.params.items()}
-    up_fit = SimpleNamespace(law="dataset", params=UPCYCLED.params,
-                             bootstrap={"samples": up_samples})
-    scratch_fit = SimpleNamespace(law="chinchilla_scratch", params=scratch.params,
-                                  bootstrap={"samples": scratch_samples})
+    scratch_samples = {k: list(v * np.exp(rng.normal(0, 0.02, 6))) for k, v in scratch.params.items()}
+    up_fit = SimpleNamespace(law="dataset", params=UPCYCLED.params, bootstrap={"samples": up_samples})
+    scratch_fit = SimpleNamespace(
+        law="chinchilla_scratch", params=scratch.params, bootstrap={"samples": scratch_samples}
+    )
     d2_range = guidance.search_range([1e4, 1e9], decades=1.0)
     assert d2_range == pytest.approx((1e3, 1e10))
     for counted in (False, True):
-        samples = guidance.break_even_samples(up_fit, scratch_fit, 1e6, n1=N1, n2=N2,
-                                              count_sunk_cost=counted, d2_range=d2_range)
+        samples = guidance.break_even_samples(
+            up_fit, scratch_fit, 1e6, n1=N1, n2=N2, count_sunk_cost=counted, d2_range=d2_range
+        )
         assert samples.shape == (6,)
         for i, value in enumerate(samples):
-            one_up = SimpleNamespace(law="dataset",
-                                     params={k: v[i] for k, v in up_samples.items()})
-            one_scratch = SimpleNamespace(law="chinchilla_scratch",
-                                          params={k: v[i] for k, v in scratch_samples.items()})
+            one_up = SimpleNamespace(law="dataset", params={k: v[i] for k, v in up_samples.items()})
+            one_scratch = SimpleNamespace(
+                law="chinchilla_scratch", params={k: v[i] for k, v in scratch_samples.items()}
+            )
             exact = numeric(one_up, one_scratch, 1e6, count_sunk_cost=counted, d2_range=d2_range)
             if math.isfinite(exact.d2_star) and exact.d2_star > 0:
                 assert value == pytest.approx(exact.d2_star, rel=2e-3)  # linear interpolation
             else:
                 assert value == exact.d2_star
     empty = SimpleNamespace(law="dataset", params=UPCYCLED.params, bootstrap={})
-    assert guidance.break_even_samples(empty, scratch_fit, 1e6, n1=N1, n2=N2,
-                                       count_sunk_cost=False).size == 0
+    assert guidance.break_even_samples(empty, scratch_fit, 1e6, n1=N1, n2=N2, count_sunk_cost=False).size == 0

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from upcycling import laws
-from upcycling.laws import LAWS, get_law
+from upcycling.analysis import laws
+from upcycling.analysis.laws import LAWS, get_law
 
 # physically sensible natural-unit coefficients for every registered law
 TRUE_PARAMS = {
@@ -21,12 +21,32 @@ TRUE_PARAMS = {
     "scratch_power": dict(B=60.0, beta=0.3, E=2.5),
 }
 
-# columns of upcycling.fitstage.runs_table
-TABLE_COLUMNS = {"size", "init", "method", "seed", "d1_tokens", "d2_tokens", "experts", "top_k",
-                 "granularity", "final_val_loss", "flops", "n_params", "active_params",
-                 "dense_params", "non_embedding_params", "active_non_embedding_params",
-                 "dense_non_embedding_params", "tokens_seen", "wall_time_s", "n1_params",
-                 "n2_params", "total_params", "sparsity"}
+# columns of upcycling.analysis.fitstage.runs_table
+TABLE_COLUMNS = {
+    "size",
+    "init",
+    "method",
+    "seed",
+    "d1_tokens",
+    "d2_tokens",
+    "experts",
+    "top_k",
+    "granularity",
+    "final_val_loss",
+    "flops",
+    "n_params",
+    "active_params",
+    "dense_params",
+    "non_embedding_params",
+    "active_non_embedding_params",
+    "dense_non_embedding_params",
+    "tokens_seen",
+    "wall_time_s",
+    "n1_params",
+    "n2_params",
+    "total_params",
+    "sparsity",
+}
 
 
 def random_variables(law, rng, n=9):
@@ -53,15 +73,14 @@ def test_unscale_maps_scaled_fit_to_natural_units(name):
     law = LAWS[name]
     rng = np.random.default_rng(2)
     log_ref = {v: rng.uniform(10, 20) for v in law.variables}
-    theta_scaled = np.array([rng.uniform(-1, 1) if p.is_log_amplitude else rng.uniform(0.1, 0.5)
-                             for p in law.params])
+    theta_scaled = np.array([rng.uniform(-1, 1) if p.is_log_amplitude else rng.uniform(0.1, 0.5) for p in law.params])
     variables = random_variables(law, rng)
     scaled_logs = {v: np.log(x) - log_ref[v] for v, x in variables.items()}
     natural = law.to_natural(law.unscale(theta_scaled, log_ref))
-    np.testing.assert_allclose(np.log(law.predict(natural, **variables)),
-                               law.log_predict(theta_scaled, scaled_logs), rtol=1e-10)
-    np.testing.assert_allclose(law.scale(law.unscale(theta_scaled, log_ref), log_ref),
-                               theta_scaled, atol=1e-10)
+    np.testing.assert_allclose(
+        np.log(law.predict(natural, **variables)), law.log_predict(theta_scaled, scaled_logs), rtol=1e-10
+    )
+    np.testing.assert_allclose(law.scale(law.unscale(theta_scaled, log_ref), log_ref), theta_scaled, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", sorted(LAWS))
@@ -106,20 +125,18 @@ def test_bounds_leave_every_sign_free_except_the_prior(name):
 def test_law_formulas():
     d1, d2, n1 = 2.0e5, 8.0e5, 3.0e6
     A, a1, a2, a3, E, B, b2 = 50.0, 0.3, 0.4, 0.015, 2.0, 200.0, 0.3
-    dataset = A * d1 ** -a1 * d2 ** (-a2 + a3 * math.log(d1)) + E
+    dataset = A * d1**-a1 * d2 ** (-a2 + a3 * math.log(d1)) + E
     assert laws.dataset(d1, d2, A, a1, a2, a3, E) == pytest.approx(dataset, rel=1e-14)
-    assert laws.dataset_no_interaction(d1, d2, A, a1, a2, E) == pytest.approx(
-        A * d1 ** -a1 * d2 ** -a2 + E, rel=1e-14)
-    assert laws.dataset_additive(d1, d2, A, a1, B, a2, E) == pytest.approx(
-        A * d1 ** -a1 + B * d2 ** -a2 + E, rel=1e-14)
-    assert laws.joint(d1, d2, n1, A, a1, a2, a3, B, b2, E) == pytest.approx(
-        dataset + B * n1 ** -b2, rel=1e-14)
+    assert laws.dataset_no_interaction(d1, d2, A, a1, a2, E) == pytest.approx(A * d1**-a1 * d2**-a2 + E, rel=1e-14)
+    assert laws.dataset_additive(d1, d2, A, a1, B, a2, E) == pytest.approx(A * d1**-a1 + B * d2**-a2 + E, rel=1e-14)
+    assert laws.joint(d1, d2, n1, A, a1, a2, a3, B, b2, E) == pytest.approx(dataset + B * n1**-b2, rel=1e-14)
     assert laws.model_config(4.0, n1, 0.8, 0.4, 300.0, 0.35, 2.0) == pytest.approx(
-        0.8 * 4.0 ** -0.4 + 300.0 * n1 ** -0.35 + 2.0, rel=1e-14)
+        0.8 * 4.0**-0.4 + 300.0 * n1**-0.35 + 2.0, rel=1e-14
+    )
     assert laws.chinchilla(1e9, 2e10, 1.8, 400.0, 0.34, 2000.0, 0.36) == pytest.approx(
-        1.8 + 400.0 / 1e9 ** 0.34 + 2000.0 / 2e10 ** 0.36, rel=1e-14)
-    assert laws.data_power(2e10, 2000.0, 0.36, 1.8) == pytest.approx(
-        1.8 + 2000.0 / 2e10 ** 0.36, rel=1e-14)
+        1.8 + 400.0 / 1e9**0.34 + 2000.0 / 2e10**0.36, rel=1e-14
+    )
+    assert laws.data_power(2e10, 2000.0, 0.36, 1.8) == pytest.approx(1.8 + 2000.0 / 2e10**0.36, rel=1e-14)
 
 
 def test_log_predict_is_stable_for_extreme_terms():

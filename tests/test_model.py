@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from upcycling.export import load_hf, save_hf
-from upcycling.flops import ModelConfig, count_params, train_flops_per_token
-from upcycling.model import MoEOptions, Transformer
+from upcycling.model.export import load_hf, save_hf
+from upcycling.model.flops import ModelConfig, count_params, train_flops_per_token
+from upcycling.model.transformer import MoEOptions, Transformer
 
 DENSE = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48, seq_len=16)
 

@@ -24,9 +24,22 @@ pytestmark = pytest.mark.slow
 
 
 def snakemake(workdir: Path, config: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--configfile",
-               str(config), "--directory", str(workdir), "--profile", str(REPO / "profiles" / "local"),
-               "--cores", "2", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--configfile",
+        str(config),
+        "--directory",
+        str(workdir),
+        "--profile",
+        str(REPO / "profiles" / "local"),
+        "--cores",
+        "2",
+        *args,
+    ]
     return subprocess.run(command, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -170,4 +183,6 @@ def test_a_corrupt_checkpoint_is_named_and_the_rerun_heals(tiny_workdir):
     assert not stable.exists()  # the stale output is gone, so Snakemake redoes the job that wrote it
     result = snakemake(tiny_workdir, config, str(metrics))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert job_stats(result.stdout + result.stderr).get("dense_stable") == 1 and read_json(metrics)["tokens_seen"] == 8192
+    assert (
+        job_stats(result.stdout + result.stderr).get("dense_stable") == 1 and read_json(metrics)["tokens_seen"] == 8192
+    )

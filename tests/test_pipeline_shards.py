@@ -11,7 +11,7 @@ import pytest
 
 from conftest import write_config
 from test_pipeline import snakemake
-from upcycling.tokens import load_tokens
+from upcycling.data.tokens import load_tokens
 
 pytestmark = pytest.mark.slow
 

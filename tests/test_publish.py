@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from upcycling.publish import publish_json, sha256_file, staging_dir
+from upcycling.core.publish import publish_json, sha256_file, staging_dir
 
 
 def _umask() -> int:

@@ -10,12 +10,11 @@ import math
 import numpy as np
 import pytest
 
-from upcycling import laws
-from upcycling.fitting import fit_law
+from upcycling.analysis import laws
+from upcycling.analysis.fitting import fit_law
 
 GRIDS = {
-    "default": (np.array([65536.0, 131072.0, 262144.0]),
-                np.array([32768.0, 65536.0, 131072.0, 262144.0])),
+    "default": (np.array([65536.0, 131072.0, 262144.0]), np.array([32768.0, 65536.0, 131072.0, 262144.0])),
     "paper": (np.geomspace(1e9, 1e11, 4), np.geomspace(1e9, 1e11, 5)),
 }
 # (term at the grid's centre, local D1 slope there, local D2 slope there, alpha3, E)
@@ -76,17 +75,21 @@ def test_noisy_data_intervals_cover_and_the_corner_is_predicted(grid, shape):
     within = 0
     for seed in range(20):
         data = runs(grid, params, noise=0.005, seed=seed)
-        result = fit_law("dataset", data, n_bootstrap=48, seed=seed, holdout=False, n_starts=6,
-                         huber_delta=1e-2)
+        result = fit_law("dataset", data, n_bootstrap=48, seed=seed, holdout=False, n_starts=6, huber_delta=1e-2)
         for name, value in params.items():
             low, high = result.interval[name]
             covered[name] += low <= value <= high
         corner = (data["d1"] == data["d1"].max()) & (data["d2"] == data["d2"].max())
-        rest = fit_law("dataset", {k: v[~corner] for k, v in data.items()}, n_bootstrap=0,
-                       holdout=False, n_starts=6, huber_delta=1e-2)
+        rest = fit_law(
+            "dataset",
+            {k: v[~corner] for k, v in data.items()},
+            n_bootstrap=0,
+            holdout=False,
+            n_starts=6,
+            huber_delta=1e-2,
+        )
         true_corner = laws.dataset(data["d1"][corner], data["d2"][corner], **params)
-        within += abs(rest.predict(d1=data["d1"][corner], d2=data["d2"][corner])[0]
-                      / true_corner[0] - 1) < 0.01
+        within += abs(rest.predict(d1=data["d1"][corner], d2=data["d2"][corner])[0] / true_corner[0] - 1) < 0.01
     assert all(count >= 18 for count in covered.values()), covered
     assert within >= 18, f"corner within 1% in {within} of 20 seeds"
 
@@ -97,8 +100,9 @@ def test_coverage_with_the_default_huber_delta(grid, shape):
     params = truth(grid, shape)
     covered = {name: 0 for name in params}
     for seed in range(20):
-        result = fit_law("dataset", runs(grid, params, noise=0.005, seed=seed), n_bootstrap=64,
-                         seed=seed, holdout=False, n_starts=6)
+        result = fit_law(
+            "dataset", runs(grid, params, noise=0.005, seed=seed), n_bootstrap=64, seed=seed, holdout=False, n_starts=6
+        )
         for name, value in params.items():
             covered[name] += result.interval[name][0] <= value <= result.interval[name][1]
     assert all(count >= 18 for count in covered.values()), covered
@@ -121,8 +125,7 @@ def test_the_monotone_prior_is_explicit_and_reported_when_active():
     assert free.status == "converged" and free.prior == {}
     # a truth whose local D1 slope is 0 at the centre: with noise pushing it below 0, the
     # prior holds it at 0 and says so
-    data_below = runs("default", truth("default", "crossing") | {
-        "alpha1": params["alpha1"] - 0.02})
+    data_below = runs("default", truth("default", "crossing") | {"alpha1": params["alpha1"] - 0.02})
     bounded = fit_law("dataset", data_below, n_bootstrap=0, holdout=False, monotone=True)
     assert bounded.prior["name"] == "more data never hurts"
     assert bounded.prior["active"] == ["alpha1"]
@@ -155,9 +158,11 @@ def test_the_suggested_extension_identifies_a_loose_parameter():
     points = entry["points"]
     extra = laws.dataset(np.array(points["d1"]), np.array(points["d2"]), **params)
     extra = extra * np.exp(np.random.default_rng(4).normal(0.0, 0.004, extra.shape))
-    extended = {"d1": np.concatenate([data["d1"], points["d1"]]),
-                "d2": np.concatenate([data["d2"], points["d2"]]),
-                "loss": np.concatenate([data["loss"], extra])}
+    extended = {
+        "d1": np.concatenate([data["d1"], points["d1"]]),
+        "d2": np.concatenate([data["d2"], points["d2"]]),
+        "loss": np.concatenate([data["loss"], extra]),
+    }
     refit = fit_law("dataset", extended, n_bootstrap=32, seed=1, holdout=False)
     before, after = entry["interval"], refit.identification[name]["interval"]
     predicted = entry["predicted_interval"]

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from upcycling import fitstage, results
-from upcycling.metrics import MetricsError
+from upcycling.analysis import fitstage
+from upcycling.analysis import store as results
+from upcycling.core.metrics import MetricsError
 
 CONFIG_TEXT = "fit:\n  bootstrap: 4\n  huber_delta: 1.0e-3\n"
 
 
-def write_metrics(root, coords, loss, *, n1, n2, n_total, tokens, curve_tokens=None,
-                  name=None, fingerprint=None):
+def write_metrics(root, coords, loss, *, n1, n2, n_total, tokens, curve_tokens=None, name=None, fingerprint=None):
     """One metrics JSON as the trainer writes it (docs/contracts.md)."""
     curve_tokens = curve_tokens if curve_tokens is not None else [tokens // 2, tokens]
     run_id = name or "/".join(str(coords[k]) for k in results.COORDS)
@@ -36,9 +36,10 @@ def write_metrics(root, coords, loss, *, n1, n2, n_total, tokens, curve_tokens=N
         "tokens_seen": tokens,
         "flops": 6.0 * n2 * tokens,
         "wall_time_s": 1.5,
-        "curve": {"tokens": list(curve_tokens),
-                  "val_loss": [loss + 0.1 * (len(curve_tokens) - i)
-                               for i in range(len(curve_tokens))]},
+        "curve": {
+            "tokens": list(curve_tokens),
+            "val_loss": [loss + 0.1 * (len(curve_tokens) - i) for i in range(len(curve_tokens))],
+        },
         "train_curve": {"tokens": [], "loss": []},
         "expert_load": None,
         "model": {},
@@ -59,8 +60,17 @@ def coords(size, init, d1, d2, experts=4, top_k=2, granularity=1, seed=0):
     if init == "dense":
         experts, top_k = 1, 1
     method = "dense" if init == "dense" else "moe_upcycle"
-    return dict(size=size, init=init, method=method, seed=seed, d1_tokens=d1, d2_tokens=d2, experts=experts,
-                top_k=top_k, granularity=granularity)
+    return dict(
+        size=size,
+        init=init,
+        method=method,
+        seed=seed,
+        d1_tokens=d1,
+        d2_tokens=d2,
+        experts=experts,
+        top_k=top_k,
+        granularity=granularity,
+    )
 
 
 # ---- aggregate ------------------------------------------------------------------------------
@@ -69,14 +79,36 @@ def coords(size, init, d1, d2, experts=4, top_k=2, granularity=1, seed=0):
 def small_sweep(root):
     paths = []
     for d1 in (1000, 2000):
-        paths.append(write_metrics(root, coords("xs", "dense", d1, 0), 5.0 - d1 / 1e4,
-                                   n1=100, n2=100, n_total=100, tokens=d1,
-                                   curve_tokens=[250, 500, d1]))
+        paths.append(
+            write_metrics(
+                root,
+                coords("xs", "dense", d1, 0),
+                5.0 - d1 / 1e4,
+                n1=100,
+                n2=100,
+                n_total=100,
+                tokens=d1,
+                curve_tokens=[250, 500, d1],
+            )
+        )
         for d2 in (1000, 3000):
-            paths.append(write_metrics(root, coords("xs", "upcycled", d1, d2), 4.0 - d2 / 1e4,
-                                       n1=100, n2=130, n_total=250, tokens=d2))
-    paths.append(write_metrics(root, coords("s", "scratch", 0, 3000), 4.5, n1=130, n2=130,
-                               n_total=250, tokens=3000, curve_tokens=[700, 3000]))
+            paths.append(
+                write_metrics(
+                    root, coords("xs", "upcycled", d1, d2), 4.0 - d2 / 1e4, n1=100, n2=130, n_total=250, tokens=d2
+                )
+            )
+    paths.append(
+        write_metrics(
+            root,
+            coords("s", "scratch", 0, 3000),
+            4.5,
+            n1=130,
+            n2=130,
+            n_total=250,
+            tokens=3000,
+            curve_tokens=[700, 3000],
+        )
+    )
     return paths
 
 
@@ -122,8 +154,7 @@ def test_aggregate_replaces_an_existing_store(tmp_path):
     store = tmp_path / "losses.zarr"
     first = small_sweep(tmp_path / "a")
     results.aggregate(first, store, CONFIG_TEXT, "v1")
-    second = [write_metrics(tmp_path / "b", coords("m", "dense", 4000, 0), 3.0, n1=9, n2=9,
-                            n_total=9, tokens=4000)]
+    second = [write_metrics(tmp_path / "b", coords("m", "dense", 4000, 0), 3.0, n1=9, n2=9, n_total=9, tokens=4000)]
     results.aggregate(second, store, CONFIG_TEXT, "v2")
     ds = results.load_losses(store)
     assert ds.attrs["code_version"] == "v2"
@@ -133,8 +164,9 @@ def test_aggregate_replaces_an_existing_store(tmp_path):
 
 def test_missing_coordinate_names_the_file(tmp_path):
     paths = small_sweep(tmp_path / "runs")
-    broken = write_metrics(tmp_path / "runs", coords("xs", "upcycled", 5000, 1000), 3.9, n1=1,
-                           n2=1, n_total=1, tokens=1000, name="broken")
+    broken = write_metrics(
+        tmp_path / "runs", coords("xs", "upcycled", 5000, 1000), 3.9, n1=1, n2=1, n_total=1, tokens=1000, name="broken"
+    )
     payload = json.loads(broken.read_text())
     del payload["coords"]["d2_tokens"]
     broken.write_text(json.dumps(payload))
@@ -158,7 +190,7 @@ def test_aggregate_refuses_a_run_made_by_other_settings(tmp_path):
 
 def test_the_contract_documents_every_field_of_the_metrics_schema():
     """docs/contracts.md names every property of the schema that the trainer writes against."""
-    from upcycling.metrics import schema
+    from upcycling.core.metrics import schema
 
     contract = (Path(__file__).parents[1] / "docs" / "contracts.md").read_text()
     properties = schema()["properties"]
@@ -168,15 +200,15 @@ def test_the_contract_documents_every_field_of_the_metrics_schema():
 
 def test_duplicate_coordinates_name_both_files(tmp_path):
     paths = small_sweep(tmp_path / "runs")
-    twin = write_metrics(tmp_path / "runs", coords("xs", "dense", 1000, 0), 4.0, n1=100, n2=100,
-                         n_total=100, tokens=1000, name="twin")
+    twin = write_metrics(
+        tmp_path / "runs", coords("xs", "dense", 1000, 0), 4.0, n1=100, n2=100, n_total=100, tokens=1000, name="twin"
+    )
     with pytest.raises(MetricsError, match=rf"duplicate.*{paths[0]}.*{twin}"):
         results.aggregate(paths + [twin], tmp_path / "losses.zarr", CONFIG_TEXT, "x")
 
 
 def test_malformed_metrics_are_errors(tmp_path):
-    path = write_metrics(tmp_path, coords("xs", "dense", 1000, 0), 4.0, n1=1, n2=1, n_total=1,
-                         tokens=1000)
+    path = write_metrics(tmp_path, coords("xs", "dense", 1000, 0), 4.0, n1=1, n2=1, n_total=1, tokens=1000)
     payload = json.loads(path.read_text())
     payload["final_val_loss"] = None
     path.write_text(json.dumps(payload))

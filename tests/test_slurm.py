@@ -25,12 +25,13 @@ import pytest
 import yaml
 
 from conftest import REPO, cli_env, read_json, write_config
-from upcycling import jobargs, launch
-from upcycling.config import load_sweep, sweep_from_mapping
-from upcycling.jobs import RULES, TRAINING_RULES, Inventory
-from upcycling.plan import format_plan, plan
-from upcycling.preflight import Cluster, Node, Partition, problems
-from upcycling.resources import job_resources, launch_resources, launcher, training_resources
+from upcycling.cluster import launch
+from upcycling.cluster.plan import format_plan, plan
+from upcycling.cluster.preflight import Cluster, Node, Partition, problems
+from upcycling.cluster.resources import job_resources, launch_resources, launcher, training_resources
+from upcycling.pipeline import jobargs
+from upcycling.pipeline.jobs import RULES, TRAINING_RULES, Inventory
+from upcycling.sweep.load import load_sweep, sweep_from_mapping
 
 START = REPO / "scripts" / "slurm" / "start-local-cluster.sh"
 SLURM_TINY = REPO / "tests" / "configs" / "slurm_tiny.yaml"
@@ -46,9 +47,18 @@ def _sweep(path=PAPER, **slurm):
     return sweep_from_mapping(mapping, REPO, check_corpus=False)
 
 
-STEP = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_STEP_ID": "0",
-        "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_NUM_NODES": "2",
-        "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}
+STEP = {
+    "SLURM_JOB_ID": "123456",
+    "SLURM_JOB_NODELIST": "gpu[017-018]",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NUM_TASKS": "8",
+    "SLURM_NTASKS": "8",
+    "SLURM_STEP_NUM_NODES": "2",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_PROCID": "5",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1",
+}
 
 
 def _slurm_environ(monkeypatch, environ):
@@ -83,7 +93,8 @@ def test_one_process_outside_a_multi_task_step(monkeypatch):
 def test_launcher_and_launch_resources():
     assert launcher(_sweep(gpus_per_job=1)) == "" and launcher(_sweep(gpus_per_job=0)) == ""
     assert launcher(_sweep(gpus_per_job=16, nodes=2)) == (
-        "srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 --cpus-per-task=4")
+        "srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 --cpus-per-task=4"
+    )
 
     def launch_for(gpus, nodes):
         return launch_resources(_sweep(gpus_per_job=gpus, nodes=nodes))
@@ -94,8 +105,7 @@ def test_launcher_and_launch_resources():
     assert launch_for(8, 1) == {"nodes": 1, "gpu": 8, "mpi": "srun", "tasks_per_node": 8}
     # Several nodes: GPUs per node (--gres), never a --gpus total Slurm could spread unevenly.
     assert launch_for(16, 2) == {"nodes": 2, "gpu": 0, "gres": "gpu:8", "mpi": "srun", "tasks_per_node": 8}
-    assert launch_for(2, 2) == {"nodes": 2, "gpu": 0, "gres": "gpu:1", "mpi": "srun", "tasks": 2,
-                                "tasks_per_gpu": 1}
+    assert launch_for(2, 2) == {"nodes": 2, "gpu": 0, "gres": "gpu:1", "mpi": "srun", "tasks": 2, "tasks_per_gpu": 1}
 
 
 class _Resources(dict):
@@ -128,8 +138,9 @@ def test_the_plugin_turns_multi_gpu_resources_into_one_task_per_gpu():
 
 def test_runtime_leaves_room_for_the_warning_signal():
     """The job must finish its tokens before USR1 arrives; memory grows with processes per node."""
-    slurm = dict(throughput_tokens_per_s={"xs": 1000}, runtime_margin=1.0, startup_minutes=0,
-                 signal_seconds_before_limit=600)
+    slurm = dict(
+        throughput_tokens_per_s={"xs": 1000}, runtime_margin=1.0, startup_minutes=0, signal_seconds_before_limit=600
+    )
     one = _sweep(SLURM_TINY, gpus_per_job=1, **slurm)
     job = _first(one, "dense_final")
     resources = training_resources(one, job)
@@ -144,11 +155,14 @@ def test_runtime_leaves_room_for_the_warning_signal():
 def test_submit_cli_parses_training_arguments():
     parser = __import__("argparse").ArgumentParser()
     launch.add_arguments(parser)
-    args = parser.parse_args(["--config", "c.yaml", "--timeout-min", "30", "--", "--family", "dense", "--size",
-                              "xs", "--budget", "8192"])
+    args = parser.parse_args(
+        ["--config", "c.yaml", "--timeout-min", "30", "--", "--family", "dense", "--size", "xs", "--budget", "8192"]
+    )
     assert args.timeout_min == 30 and args.train_args[-2:] == ["--budget", "8192"]
-    assert jobargs.job_key(jobargs.parse(args.train_args[1:])) == ("dense_final", {"size": "xs", "seed": "0",
-                                                                                   "d1": "8192"})
+    assert jobargs.job_key(jobargs.parse(args.train_args[1:])) == (
+        "dense_final",
+        {"size": "xs", "seed": "0", "d1": "8192"},
+    )
     with pytest.raises(ValueError):
         jobargs.parse(["--family", "dense", "--size", "xs"])
 
@@ -183,8 +197,8 @@ def test_plan_of_the_paper_config():
 
 
 def test_paper_config_model_sizes():
-    from upcycling.flops import count_params
-    from upcycling.lineages import model_config
+    from upcycling.model.flops import count_params
+    from upcycling.sweep.models import model_config
 
     sweep = _sweep()
     totals = [count_params(model_config(sweep, size, sweep.tokenizer.vocab_size)).total for size in sweep.dense_models]
@@ -194,7 +208,7 @@ def test_paper_config_model_sizes():
 
 def test_plan_config_checks_still_apply(tmp_path):
     """Only the corpus checks are skipped: a bad sweep still fails."""
-    from upcycling.config import ConfigError
+    from upcycling.sweep.load import ConfigError
 
     cfg = yaml.safe_load(PAPER.read_text())
     cfg["sweep"]["top_k"] = [16]
@@ -205,21 +219,31 @@ def test_plan_config_checks_still_apply(tmp_path):
 
 
 def test_plan_cli_on_the_paper_config():
-    result = subprocess.run(["upcycling", "plan", "--config", str(PAPER)], cwd=REPO,
-                            env=cli_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["upcycling", "plan", "--config", str(PAPER)],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "GPU-hours requested" in result.stdout and "dense_stable" in result.stdout
 
 
 def test_preflight_names_the_key_for_every_job_the_cluster_cannot_run():
-    cpu_only = Cluster(partitions={"cpu": Partition("cpu", ("n1", "n2"), 60.0, default=True)},
-                       nodes={"n1": Node("n1", 2, 8000, 0), "n2": Node("n2", 16, 64000, 0)},
-                       accounts=frozenset({"physics"}))
+    cpu_only = Cluster(
+        partitions={"cpu": Partition("cpu", ("n1", "n2"), 60.0, default=True)},
+        nodes={"n1": Node("n1", 2, 8000, 0), "n2": Node("n2", 16, 64000, 0)},
+        accounts=frozenset({"physics"}),
+    )
     tiny = Inventory(_sweep(SLURM_TINY, gpus_per_job=0))
     assert problems(tiny, cpu_only) == []
     gpu_sweep = Inventory(_sweep(SLURM_TINY, gpus_per_job=1))
-    assert any(line.startswith("slurm.gpus_per_job:") and "set slurm.gpus_per_job: 0" in line
-               for line in problems(gpu_sweep, cpu_only))
+    assert any(
+        line.startswith("slurm.gpus_per_job:") and "set slurm.gpus_per_job: 0" in line
+        for line in problems(gpu_sweep, cpu_only)
+    )
     paper = Inventory(_sweep(PAPER, account="chemistry", partition="gpu"))
     found = problems(paper, cpu_only)
     assert found[0].startswith("slurm.account: account 'chemistry' does not exist")
@@ -238,15 +262,19 @@ def test_preflight_names_the_key_for_every_job_the_cluster_cannot_run():
 def slurm_cluster():
     """A running local Slurm cluster (started here when needed), or a skip that says why."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster needs root (start-local-cluster.sh installs packages and starts "
-                    "daemons); run the tests as root to include the Slurm tests")
+        pytest.skip(
+            "the local Slurm cluster needs root (start-local-cluster.sh installs packages and starts "
+            "daemons); run the tests as root to include the Slurm tests"
+        )
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
         pytest.skip("Slurm is not installed and there is no apt-get to install it (Debian/Ubuntu needed)")
     started = time.monotonic()
     result = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
-        pytest.skip(f"the local Slurm cluster did not come up (start-local-cluster.sh exited {result.returncode}): "
-                    f"{(result.stderr or result.stdout).strip()[-800:]}")
+        pytest.skip(
+            f"the local Slurm cluster did not come up (start-local-cluster.sh exited {result.returncode}): "
+            f"{(result.stderr or result.stdout).strip()[-800:]}"
+        )
     print(f"\nlocal Slurm cluster up in {time.monotonic() - started:.0f} s")
     return {"bring_up_s": time.monotonic() - started}
 
@@ -272,8 +300,9 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
 
 
 def sacct_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"], capture_output=True,
-                         text=True).stdout.split()
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"], capture_output=True, text=True
+    ).stdout.split()
     return out[0] if out else ""
 
 
@@ -281,12 +310,16 @@ def _remote_plan_totals(config_path: str) -> dict:
     """Runs on a Slurm node: imports upcycling and plans the sweep there."""
     import socket
 
-    from upcycling.config import load_sweep
-    from upcycling.plan import plan
+    from upcycling.cluster.plan import plan
+    from upcycling.sweep.load import load_sweep
 
     totals = plan(load_sweep(config_path, check_corpus=False))["totals"]
-    return {"host": socket.gethostname(), "job_id": os.environ.get("SLURM_JOB_ID"),
-            "training_jobs": totals["training_jobs"], "expected_gpu_hours": totals["expected_gpu_hours"]}
+    return {
+        "host": socket.gethostname(),
+        "job_id": os.environ.get("SLURM_JOB_ID"),
+        "training_jobs": totals["training_jobs"],
+        "expected_gpu_hours": totals["expected_gpu_hours"],
+    }
 
 
 @pytest.mark.slurm
@@ -313,13 +346,23 @@ def test_submitit_runs_a_function_on_slurm(slurm_cluster, tmp_path, monkeypatch)
 def test_submitit_training_requeues_and_resumes(slurm_cluster, tiny_workdir, tmp_path):
     """A training run submitted with submit_training gets the time-out warning while it trains: it
     checkpoints, requeues itself, and the requeued job resumes from the checkpoint and finishes."""
-    config = write_config(tiny_workdir, {"training": {"schedule": "cosine", "checkpoint_every_tokens": 32768,
-                                                      "eval_every_tokens": 32768, "log_every_steps": 4},
-                                         "sweep": {"d1_tokens": [8192, 131072]},
-                                         "slurm": {"gpus_per_job": 0, "signal_seconds_before_limit": 60}})
+    config = write_config(
+        tiny_workdir,
+        {
+            "training": {
+                "schedule": "cosine",
+                "checkpoint_every_tokens": 32768,
+                "eval_every_tokens": 32768,
+                "log_every_steps": 4,
+            },
+            "sweep": {"d1_tokens": [8192, 131072]},
+            "slurm": {"gpus_per_job": 0, "signal_seconds_before_limit": 60},
+        },
+    )
     train_args = ["--family", "dense", "--size", "xs", "--budget", "131072"]
-    job = launch.submit_training(config, train_args, tmp_path / "submitit", workdir=tiny_workdir,
-                                 env=slurm_env(), cpus_per_task=1, mem_gb=3)
+    job = launch.submit_training(
+        config, train_args, tmp_path / "submitit", workdir=tiny_workdir, env=slurm_env(), cpus_per_task=1, mem_gb=3
+    )
     # Wait until the trainer is past its first step, then announce the time limit (USR2).
     wait_for(lambda: " step " in _read(job.paths.stdout), 180, "the trainer's first steps", interval=0.2)
     job._interrupt(timeout=True)
@@ -343,14 +386,29 @@ def _read(path) -> str:
 def test_srun_starts_one_rank_per_task(slurm_cluster, tiny_workdir):
     """`srun` with two tasks: each process maps Slurm's variables to RANK/WORLD_SIZE/... and the two
     train one model together (gloo on CPU)."""
-    config = write_config(tiny_workdir, {"training": {"schedule": "cosine"},
-                                         "slurm": {"gpus_per_job": 2, "cpus_per_gpu": 1}})
+    config = write_config(
+        tiny_workdir, {"training": {"schedule": "cosine"}, "slurm": {"gpus_per_job": 2, "cpus_per_gpu": 1}}
+    )
     srun = launcher(load_sweep(config, base_dir=tiny_workdir)).split()  # what the training rules put first
     assert srun[:3] == ["srun", "--nodes=1", "--ntasks-per-node=2"]
-    command = [*srun, "--mem=3000", "--time=10", sys.executable, "-m", "upcycling.cli", "train", "--config",
-               str(config), "--family", "dense", "--size", "xs", "--budget", "8192"]
-    result = subprocess.run(command, cwd=tiny_workdir, env=slurm_env(), capture_output=True, text=True,
-                            timeout=300)
+    command = [
+        *srun,
+        "--mem=3000",
+        "--time=10",
+        sys.executable,
+        "-m",
+        "upcycling.cli",
+        "train",
+        "--config",
+        str(config),
+        "--family",
+        "dense",
+        "--size",
+        "xs",
+        "--budget",
+        "8192",
+    ]
+    result = subprocess.run(command, cwd=tiny_workdir, env=slurm_env(), capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "[rank 0]" in output and "[rank 1]" in output
@@ -362,8 +420,13 @@ def test_srun_starts_one_rank_per_task(slurm_cluster, tiny_workdir):
 
 
 def _aggregate_available() -> bool:
-    result = subprocess.run([sys.executable, "-m", "upcycling.cli", "aggregate", "--help"], env=cli_env(),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "upcycling.cli", "aggregate", "--help"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return result.returncode == 0
 
 
@@ -376,16 +439,35 @@ def _job_stats(output: str) -> dict[str, int]:
 
 
 def _snakemake(workdir: Path, config: Path, targets: list[str], *extra: str, timeout: int = 420, wait=True):
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-               str(workdir), "--configfile", str(config), "--profile", str(REPO / "profiles" / "slurm"),
-               # Faster polling for seconds-long jobs (the profile's 40 s suit hours-long ones).
-               "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
-               "--latency-wait", "5",
-               # Two jobs side by side on the 2-CPU node.
-               "--set-resources", *[f"{rule}:mem_mb=2000" for rule in RULES],
-               *extra, "--", *targets]
-    process = subprocess.Popen(command, cwd=workdir, env=slurm_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(config),
+        "--profile",
+        str(REPO / "profiles" / "slurm"),
+        # Faster polling for seconds-long jobs (the profile's 40 s suit hours-long ones).
+        "--slurm-init-seconds-before-status-checks",
+        "1",
+        "--seconds-between-status-checks",
+        "2",
+        "--latency-wait",
+        "5",
+        # Two jobs side by side on the 2-CPU node.
+        "--set-resources",
+        *[f"{rule}:mem_mb=2000" for rule in RULES],
+        *extra,
+        "--",
+        *targets,
+    ]
+    process = subprocess.Popen(
+        command, cwd=workdir, env=slurm_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if not wait:
         return process
     output, _ = process.communicate(timeout=timeout)
@@ -409,8 +491,7 @@ def _newest_run_id(workdir: Path, ignore: set) -> str | None:
 
 
 def _running_job(run_id: str, comment: re.Pattern) -> str | None:
-    out = subprocess.run(["squeue", "-h", f"--name={run_id}", "-o", "%i|%T|%k"], capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(["squeue", "-h", f"--name={run_id}", "-o", "%i|%T|%k"], capture_output=True, text=True).stdout
     for line in out.splitlines():
         job_id, state, job_comment = (line.split("|", 2) + ["", ""])[:3]
         if state == "RUNNING" and comment.search(job_comment.strip()):
@@ -424,6 +505,7 @@ def _signal_when_training(workdir: Path, log: Path, ignore_logs: set, signal: st
     run_id = wait_for(lambda: _newest_run_id(workdir, ignore_logs), 120, "snakemake's SLURM run ID")
     # The plugin puts rule and wildcards in the job's --comment.
     comment = re.compile(rf"rule_{CANCELLED_RULE}_wildcards_xs_0_16384_.*_{CANCELLED_POINT}$")
+
     def training():
         text = _read(log)
         if "done," in text:
@@ -431,8 +513,7 @@ def _signal_when_training(workdir: Path, log: Path, ignore_logs: set, signal: st
         return " step " in text
 
     wait_for(training, 420, f"{log.name} to show training steps", interval=0.1)
-    job_id = wait_for(lambda: _running_job(run_id, comment), 30, f"the {CANCELLED_RULE} job in squeue",
-                      interval=0.1)
+    job_id = wait_for(lambda: _running_job(run_id, comment), 30, f"the {CANCELLED_RULE} job in squeue", interval=0.1)
     text = _read(log)
     subprocess.run(["scancel", *([f"--signal={signal}"] if signal else []), job_id], check=True)
     return job_id, text
@@ -459,8 +540,11 @@ def sweep_under_slurm(slurm_cluster, tmp_path_factory):
     runs = []
     for index in range(2):
         if index == 1:
-            runs[0]["before"] = {path: (Path(path).stat().st_mtime_ns, read_json(path)["final_val_loss"])
-                                 for path in metrics if Path(path).is_file()}
+            runs[0]["before"] = {
+                path: (Path(path).stat().st_mtime_ns, read_json(path)["final_val_loss"])
+                for path in metrics
+                if Path(path).is_file()
+            }
             runs[0]["checkpoint_after"] = (checkpoint / "manifest.json").is_file()
         old_logs = set((workdir / ".snakemake" / "log").glob("*.snakemake.log"))
         started = time.monotonic()
@@ -474,15 +558,29 @@ def sweep_under_slurm(slurm_cluster, tmp_path_factory):
             if process.poll() is None:
                 process.kill()
                 process.communicate()
-        runs.append({"returncode": process.returncode, "output": output, "job_id": job_id,
-                     "log_at_signal": log_text, "log_after": _read(job_log),
-                     "attempts": _read(job_log.with_name(job_log.stem + ".attempts.log")),
-                     "seconds": time.monotonic() - started})
+        runs.append(
+            {
+                "returncode": process.returncode,
+                "output": output,
+                "job_id": job_id,
+                "log_at_signal": log_text,
+                "log_after": _read(job_log),
+                "attempts": _read(job_log.with_name(job_log.stem + ".attempts.log")),
+                "seconds": time.monotonic() - started,
+            }
+        )
     wait_for(lambda: sacct_state(runs[0]["job_id"]) == "CANCELLED", 60, "sacct to report the cancellation")
     print(f"\nsnakemake --profile slurm: first run {runs[0]['seconds']:.0f} s, rerun {runs[1]['seconds']:.0f} s")
-    return {"workdir": workdir, "cfg": cfg, "inventory": inventory, "metrics": metrics, "targets": targets,
-            "first": runs[0],
-            "second": runs[1], "before": runs[0]["before"]}
+    return {
+        "workdir": workdir,
+        "cfg": cfg,
+        "inventory": inventory,
+        "metrics": metrics,
+        "targets": targets,
+        "first": runs[0],
+        "second": runs[1],
+        "before": runs[0]["before"],
+    }
 
 
 @pytest.mark.slurm
@@ -543,8 +641,12 @@ def test_scancel_checkpoints_and_the_rerun_resumes(sweep_under_slurm):
 def test_a_cpu_training_job_uses_its_allocation(sweep_under_slurm):
     """A CPU job asks slurm.cpu_threads CPUs and trains with as many threads: sacct's TotalCPU over
     Elapsed x AllocCPUS is at least 90% for the sweep's longest training job."""
-    submitted = set(re.findall(r"submitted with SLURM jobid (\d+)",
-                               sweep_under_slurm["first"]["output"] + sweep_under_slurm["second"]["output"]))
+    submitted = set(
+        re.findall(
+            r"submitted with SLURM jobid (\d+)",
+            sweep_under_slurm["first"]["output"] + sweep_under_slurm["second"]["output"],
+        )
+    )
     job_id, elapsed, cpus = _longest_training_job(submitted)
     used = _total_cpu_seconds(job_id)
     print(f"\nCPU job {job_id}: {used:.1f} CPU-s over {elapsed:.1f} s x {cpus} CPUs = {used / (elapsed * cpus):.0%}")
@@ -566,19 +668,28 @@ def _seconds(text: str) -> float:
 
 def _longest_training_job(job_ids: set[str]) -> tuple[str, float, int]:
     """(job id, elapsed seconds, allocated CPUs) of the longest completed training job among job_ids."""
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-S", "now-1hour", "-o", "JobID,State,ElapsedRaw,AllocCPUS,Comment%200"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-S", "now-1hour", "-o", "JobID,State,ElapsedRaw,AllocCPUS,Comment%200"],
+        capture_output=True,
+        text=True,
+    ).stdout
     jobs = [line.split("|", 4) for line in out.splitlines() if line.count("|") >= 4]
-    training = [(job_id, float(elapsed), int(cpus)) for job_id, state, elapsed, cpus, comment in jobs
-                if job_id in job_ids and state == "COMPLETED" and re.match(r"rule_(dense|upcycled)_(stable|final)_wildcards", comment)]
+    training = [
+        (job_id, float(elapsed), int(cpus))
+        for job_id, state, elapsed, cpus, comment in jobs
+        if job_id in job_ids
+        and state == "COMPLETED"
+        and re.match(r"rule_(dense|upcycled)_(stable|final)_wildcards", comment)
+    ]
     assert training, out[-3000:]
     return max(training, key=lambda job: job[1])
 
 
 def _total_cpu_seconds(job_id: str) -> float:
     """The job's TotalCPU: the sum over its steps, which `sacct -X` (allocation only) leaves at 0."""
-    line = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "-o", "JobID,TotalCPU"],
-                          capture_output=True, text=True).stdout.splitlines()[0]
+    line = subprocess.run(
+        ["sacct", "-n", "-P", "-j", job_id, "-o", "JobID,TotalCPU"], capture_output=True, text=True
+    ).stdout.splitlines()[0]
     return _seconds(line.split("|")[1])
 
 
@@ -588,13 +699,23 @@ def test_a_real_time_limit_checkpoints_and_the_retry_resumes(slurm_cluster, tmp_
     before the limit (or TERM at it); the trainer saves and exits 75; Snakemake's job wrapper
     survives it (the step is not cancelled); the profile's retries resume it until it is done,
     and its attempts log keeps every attempt."""
-    config = write_config(tmp_path, {
-        "training": {"schedule": "cosine", "checkpoint_every_tokens": 10**9, "log_every_steps": 16},
-        "data": {"seq_len": 32, "max_epochs": 100},
-        "sweep": {"d1_tokens": [TIME_LIMITED_TOKENS], "d2_tokens": [8192]},
-        # A 1-minute limit: no throughput estimate (huge), no start-up allowance, a 20 s warning.
-        "slurm": {"gpus_per_job": 0, "throughput_tokens_per_s": {"xs": 1e12}, "startup_minutes": 0,
-                  "runtime_margin": 1.0, "signal_seconds_before_limit": 20}}, base=SLURM_TINY)
+    config = write_config(
+        tmp_path,
+        {
+            "training": {"schedule": "cosine", "checkpoint_every_tokens": 10**9, "log_every_steps": 16},
+            "data": {"seq_len": 32, "max_epochs": 100},
+            "sweep": {"d1_tokens": [TIME_LIMITED_TOKENS], "d2_tokens": [8192]},
+            # A 1-minute limit: no throughput estimate (huge), no start-up allowance, a 20 s warning.
+            "slurm": {
+                "gpus_per_job": 0,
+                "throughput_tokens_per_s": {"xs": 1e12},
+                "startup_minutes": 0,
+                "runtime_margin": 1.0,
+                "signal_seconds_before_limit": 20,
+            },
+        },
+        base=SLURM_TINY,
+    )
     inventory = Inventory(load_sweep(config, base_dir=tmp_path))
     job = inventory.find("dense_final", {"size": "xs", "seed": "0", "d1": str(TIME_LIMITED_TOKENS)})
     assert job_resources(inventory.sweep, job)["runtime"] == 1
@@ -606,9 +727,21 @@ def test_a_real_time_limit_checkpoints_and_the_retry_resumes(slurm_cluster, tmp_
     assert re.search(r"SIG(USR1|TERM) received: checkpoint saved", attempts), attempts[-4000:]
     assert read_json(job.outputs["metrics"])["tokens_seen"] == TIME_LIMITED_TOKENS
     # The failed attempts ended by the trainer's exit, not by Slurm cancelling the step under it.
-    states = subprocess.run(["sacct", "-n", "-P", "-S", "now-1hour", "--name",
-                             re.search(r"SLURM run ID: (\S+)", output).group(1), "-o", "JobID,State"],
-                            capture_output=True, text=True).stdout
+    states = subprocess.run(
+        [
+            "sacct",
+            "-n",
+            "-P",
+            "-S",
+            "now-1hour",
+            "--name",
+            re.search(r"SLURM run ID: (\S+)", output).group(1),
+            "-o",
+            "JobID,State",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "CANCELLED" not in states and "COMPLETED" in states, states
 
 
@@ -619,12 +752,24 @@ TIME_LIMITED_TOKENS = 3_000_000  # minutes of training for xs on one CPU: severa
 def test_preflight_on_this_cluster_before_any_sbatch(slurm_cluster, tmp_path):
     """The default config runs on this CPU-only cluster as shipped; a config asking GPUs is refused,
     naming the key, by `plan --check` and by `snakemake --profile slurm` before anything is submitted."""
-    result = subprocess.run(["upcycling", "plan", "--check", "--config", str(REPO / "config" / "config.yaml")],
-                            cwd=REPO, env=slurm_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["upcycling", "plan", "--check", "--config", str(REPO / "config" / "config.yaml")],
+        cwd=REPO,
+        env=slurm_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and "preflight: every job fits" in result.stdout, result.stderr[-2000:]
     config = write_config(tmp_path, {"slurm": {"gpus_per_job": 1}}, base=SLURM_TINY)
-    result = subprocess.run(["upcycling", "plan", "--check", "--config", str(config)], cwd=tmp_path,
-                            env=slurm_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["upcycling", "plan", "--check", "--config", str(config)],
+        cwd=tmp_path,
+        env=slurm_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "slurm.gpus_per_job: " in result.stderr, result.stderr[-2000:]
     returncode, output = _snakemake(tmp_path, config, [], timeout=300)
     assert returncode != 0 and "cannot run the sweep (nothing was submitted)" in output, output[-3000:]

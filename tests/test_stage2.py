@@ -16,13 +16,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import read_json, run_cli, write_config
 from upcycling.cli import main as cli_main
-from upcycling.config import ConfigError, load_sweep
-from upcycling.export import load_hf, save_hf
-from upcycling.flops import ModelConfig, count_params, train_flops_per_token
-from upcycling.model import MoEOptions, Transformer
-from upcycling.grow import transform
-from upcycling.stage2 import Stage2Options, options_for, problem, target_config
-from upcycling.upcycle import upcycle_state
+from upcycling.model.export import load_hf, save_hf
+from upcycling.model.flops import ModelConfig, count_params, train_flops_per_token
+from upcycling.model.transformer import MoEOptions, Transformer
+from upcycling.sweep.load import ConfigError, load_sweep
+from upcycling.sweep.load import stage2_problem as problem
+from upcycling.sweep.models import options_for
+from upcycling.transform.grow import transform
+from upcycling.transform.methods import Stage2Options, target_config
+from upcycling.transform.upcycle import upcycle_state
 
 DENSE = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, seq_len=16)
 
@@ -40,14 +42,18 @@ PRESERVING = [
     ("moe_upcycle", Stage2Options(experts=8, top_k=4, granularity=2)),
 ]
 DENSE_TARGETS = [case for case in PRESERVING if case[0] != "moe_upcycle"] + [
-    ("grow_depth", Stage2Options(depth_factor=2, depth_init="stack"))]
+    ("grow_depth", Stage2Options(depth_factor=2, depth_init="stack"))
+]
 
 
 def _case_id(case) -> str:
     """The method and the options that differ from the defaults, e.g. grow_depth-depth_factor=3."""
     method, options = case
-    changed = [f"{field.name}={getattr(options, field.name)}" for field in dataclasses.fields(options)
-               if getattr(options, field.name) != field.default]
+    changed = [
+        f"{field.name}={getattr(options, field.name)}"
+        for field in dataclasses.fields(options)
+        if getattr(options, field.name) != field.default
+    ]
     return "-".join([method, *changed])
 
 
@@ -106,8 +112,14 @@ def test_grow_depth_identity_blocks_copy_their_layer_with_zero_outputs_and_learn
     assert cfg.n_layers == 6
     for grown_index in range(6):
         source, is_copy = divmod(grown_index, 3)
-        for name in ("attn.qkv.weight", "attn_norm.weight", "ffn.gate_up.weight", "ffn_norm.weight",
-                     "attn.out.weight", "ffn.down.weight"):
+        for name in (
+            "attn.qkv.weight",
+            "attn_norm.weight",
+            "ffn.gate_up.weight",
+            "ffn_norm.weight",
+            "attn.out.weight",
+            "ffn.down.weight",
+        ):
             grown, original = state[f"blocks.{grown_index}.{name}"], dense.state_dict()[f"blocks.{source}.{name}"]
             if is_copy and name in ("attn.out.weight", "ffn.down.weight"):
                 assert torch.count_nonzero(grown) == 0
@@ -145,7 +157,7 @@ def test_grow_width_copies_units_and_splits_their_outgoing_weights():
     old_gate_up, old_down = old["blocks.0.ffn.gate_up.weight"], old["blocks.0.ffn.down.weight"]
     gate_up, down = state["blocks.0.ffn.gate_up.weight"], state["blocks.0.ffn.down.weight"]
     # Unit 64 + u copies unit u for u < 32 (gate rows, then up rows); units 32..63 are not copied.
-    assert torch.equal(gate_up[64:96], old_gate_up[:32]) and torch.equal(gate_up[96 + 64:], old_gate_up[64:96])
+    assert torch.equal(gate_up[64:96], old_gate_up[:32]) and torch.equal(gate_up[96 + 64 :], old_gate_up[64:96])
     assert torch.equal(down[:, 32:64], old_down[:, 32:64])
     torch.testing.assert_close(down[:, :32] + down[:, 64:], old_down[:, :32], rtol=0, atol=1e-6)
     assert not torch.allclose(down[:, :32], down[:, 64:], atol=1e-3)  # split unevenly
@@ -215,10 +227,13 @@ def test_grown_param_and_flop_counts_match_the_modules(case):
     assert counter.get_total_flops() == tokens.numel() * train_flops_per_token(cfg)
 
 
-@pytest.mark.parametrize("method,options", [
-    ("grow_width", Stage2Options(ffn_factor=1.5, heads_factor=2)),
-    ("grow_depth", Stage2Options(depth_factor=2)),
-])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("grow_width", Stage2Options(ffn_factor=1.5, heads_factor=2)),
+        ("grow_depth", Stage2Options(depth_factor=2)),
+    ],
+)
 def test_grown_export_loads_in_transformers_with_same_logits(tmp_path, method, options):
     transformers = pytest.importorskip("transformers")
     state, cfg = transform(_dense_model().state_dict(), DENSE, method, options, seed=0)
@@ -233,22 +248,28 @@ def test_grown_export_loads_in_transformers_with_same_logits(tmp_path, method, o
         torch.testing.assert_close(hf_model(tokens).logits, model(tokens)[0], rtol=1e-5, atol=1e-5)
     loaded_state, loaded_cfg, raw = load_hf(tmp_path / "grown")
     assert loaded_cfg == cfg and raw["head_dim"] == 8
-    assert all(torch.equal(loaded_state[name], tensor) for name, tensor in model.state_dict().items()
-               if not name.startswith("rope_"))
+    assert all(
+        torch.equal(loaded_state[name], tensor)
+        for name, tensor in model.state_dict().items()
+        if not name.startswith("rope_")
+    )
 
 
-@pytest.mark.parametrize("method,options,dense,message", [
-    ("grow", Stage2Options(), DENSE, "unknown second-stage method"),
-    ("grow_width", Stage2Options(ffn_factor=1.3), DENSE, r"ffn_factor': 64 FFN hidden units x 1.3"),
-    ("grow_width", Stage2Options(heads_factor=1.1), DENSE, r"heads_factor': 4 heads"),
-    ("grow_width", Stage2Options(heads_factor=1.5), DENSE, "6 heads do not divide d_model=32"),
-    ("grow_width", Stage2Options(ffn_factor=1, heads_factor=1), DENSE, "method 'continue'"),
-    ("grow_depth", Stage2Options(depth_factor=1), DENSE, r"grow_depth.factor"),
-    ("grow_depth", Stage2Options(depth_init="interleave"), DENSE, r"grow_depth.init"),
-    ("moe_upcycle", Stage2Options(), DENSE, "at least 2 experts"),
-    ("moe_upcycle", Stage2Options(experts=4, top_k=5), DENSE, "top_k"),
-    ("continue", Stage2Options(), dataclasses.replace(DENSE, experts=4, top_k=2), "dense checkpoint"),
-])
+@pytest.mark.parametrize(
+    "method,options,dense,message",
+    [
+        ("grow", Stage2Options(), DENSE, "unknown second-stage method"),
+        ("grow_width", Stage2Options(ffn_factor=1.3), DENSE, r"ffn_factor': 64 FFN hidden units x 1.3"),
+        ("grow_width", Stage2Options(heads_factor=1.1), DENSE, r"heads_factor': 4 heads"),
+        ("grow_width", Stage2Options(heads_factor=1.5), DENSE, "6 heads do not divide d_model=32"),
+        ("grow_width", Stage2Options(ffn_factor=1, heads_factor=1), DENSE, "method 'continue'"),
+        ("grow_depth", Stage2Options(depth_factor=1), DENSE, r"grow_depth.factor"),
+        ("grow_depth", Stage2Options(depth_init="interleave"), DENSE, r"grow_depth.init"),
+        ("moe_upcycle", Stage2Options(), DENSE, "at least 2 experts"),
+        ("moe_upcycle", Stage2Options(experts=4, top_k=5), DENSE, "top_k"),
+        ("continue", Stage2Options(), dataclasses.replace(DENSE, experts=4, top_k=2), "dense checkpoint"),
+    ],
+)
 def test_bad_options_are_refused_with_the_key_to_fix(method, options, dense, message):
     with pytest.raises(ValueError, match=message):
         target_config(dense, method, options)
@@ -259,26 +280,44 @@ def test_stage2_config_section_defaults_and_options(tmp_path):
     assert sweep.stage2.methods == ("moe_upcycle",) and sweep.stage2.corpus is None
     expected = Stage2Options(experts=4, top_k=2, router_init_std=sweep.moe.router_init_std)
     assert options_for(sweep, 4, 2) == expected
-    stage2 = {"methods": ["continue", "grow_width", "grow_depth"],
-              "grow_depth": {"factor": 3, "init": "stack"}, "grow_width": {"ffn_factor": 1.5, "split_noise": 0}}
+    stage2 = {
+        "methods": ["continue", "grow_width", "grow_depth"],
+        "grow_depth": {"factor": 3, "init": "stack"},
+        "grow_width": {"ffn_factor": 1.5, "split_noise": 0},
+    }
     sweep = load_sweep(write_config(tmp_path, {"stage2": stage2}), check_corpus=False)
     options = options_for(sweep)
-    assert (options.depth_factor, options.depth_init, options.ffn_factor, options.heads_factor,
-            options.split_noise) == (3, "stack", 1.5, 2, 0)
+    assert (
+        options.depth_factor,
+        options.depth_init,
+        options.ffn_factor,
+        options.heads_factor,
+        options.split_noise,
+    ) == (3, "stack", 1.5, 2, 0)
     assert problem(sweep) is None  # every dense model of the tiny config can grow so
     stage2["grow_width"]["ffn_factor"] = 1.3
     with pytest.raises(ConfigError, match=r"grow_width on dense model '\w+': .*ffn_factor"):
         load_sweep(write_config(tmp_path, {"stage2": stage2}), check_corpus=False)
-    for bad, key in [({"methods": ["grow"]}, "stage2.methods"), ({"corpus": {"path": "x"}}, "stage2.corpus"),
-                     ({"grow_depth": {"factor": 1}}, "stage2.grow_depth.factor")]:
+    for bad, key in [
+        ({"methods": ["grow"]}, "stage2.methods"),
+        ({"corpus": {"path": "x"}}, "stage2.corpus"),
+        ({"grow_depth": {"factor": 1}}, "stage2.grow_depth.factor"),
+    ]:
         with pytest.raises(ConfigError, match=key):
             load_sweep(write_config(tmp_path, {"stage2": bad}), check_corpus=False)
 
 
 def _transform_spec(tmp_path, method, out, **options):
-    return json.dumps({"method": method, "options": dataclasses.asdict(Stage2Options(**options)),
-                       "dense": str(tmp_path / "dense"), "out": str(tmp_path / out), "seed": 2,
-                       "copy_optimizer_state": False})
+    return json.dumps(
+        {
+            "method": method,
+            "options": dataclasses.asdict(Stage2Options(**options)),
+            "dense": str(tmp_path / "dense"),
+            "out": str(tmp_path / out),
+            "seed": 2,
+            "copy_optimizer_state": False,
+        }
+    )
 
 
 def test_transform_command_writes_the_initial_export(tmp_path):
@@ -296,7 +335,9 @@ def test_transform_command_writes_the_initial_export(tmp_path):
     assert json.loads((tmp_path / "moe" / "config.json").read_text())["num_local_experts"] == 4
 
 
-@pytest.mark.parametrize("method,message", [("grow", "unknown second-stage method"), ("moe_upcycle", "at least 2 experts")])
+@pytest.mark.parametrize(
+    "method,message", [("grow", "unknown second-stage method"), ("moe_upcycle", "at least 2 experts")]
+)
 def test_transform_command_refuses_bad_input_before_writing(tmp_path, capsys, method, message):
     save_hf(_dense_model().state_dict(), DENSE, tmp_path / "dense")
     code = cli_main(["transform", "--spec", _transform_spec(tmp_path, method, "out")])
@@ -308,15 +349,33 @@ def test_grown_model_trains_in_deepspeed_from_the_dense_loss(tmp_path, tiny_toke
     """dense run -> `upcycling transform` (grow_width) -> the real trainer, as the DAG runs them:
     the grown run's first evaluation equals the dense run's last (function preservation end to
     end), then it learns."""
-    config = write_config(tmp_path, {"training": {"schedule": "cosine", "precision": "fp32"},
-                                     "stage2": {"methods": ["grow_width"]}})
+    config = write_config(
+        tmp_path, {"training": {"schedule": "cosine", "precision": "fp32"}, "stage2": {"methods": ["grow_width"]}}
+    )
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "tokens").symlink_to(tiny_tokens)
     run_cli(["train", "--config", str(config), "--family", "dense", "--size", "xs", "--budget", "8192"], cwd=tmp_path)
-    run_cli(["transform", "--config", str(config), "--size", "xs", "--d1", "8192", "--variant", "grow_width"],
-            cwd=tmp_path)
-    run_cli(["train", "--config", str(config), "--family", "upcycled", "--method", "grow_width", "--size", "xs",
-             "--d1", "8192", "--budget", "8192"], cwd=tmp_path)
+    run_cli(
+        ["transform", "--config", str(config), "--size", "xs", "--d1", "8192", "--variant", "grow_width"], cwd=tmp_path
+    )
+    run_cli(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--family",
+            "upcycled",
+            "--method",
+            "grow_width",
+            "--size",
+            "xs",
+            "--d1",
+            "8192",
+            "--budget",
+            "8192",
+        ],
+        cwd=tmp_path,
+    )
     dense_metrics = read_json(tmp_path / "results/dense/xs/seed0/d1_8192/metrics.json")
     grown_metrics = read_json(tmp_path / "results/upcycled/xs/seed0/d1_8192/grow_width/d2_8192/metrics.json")
     assert grown_metrics["coords"]["method"] == "grow_width" and grown_metrics["coords"]["experts"] == 1

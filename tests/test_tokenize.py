@@ -12,15 +12,23 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from upcycling import corpus as corpus_module
-from upcycling import readers
-from upcycling import tokenize as tk
-from upcycling import tokenizer as tok
-from upcycling import tokens as layout
-from upcycling.corpus import read_documents, resolve_sources
-from upcycling.data import TokenWindows
-from upcycling.tokenize import (CorpusError, CorpusOptions, TokenFilesError, gather_shards, load_tokens,
-                                make_tokenizer, tokenize_corpus, tokenize_shard)  # fmt: skip
+from upcycling.data import corpus as corpus_module
+from upcycling.data import readers
+from upcycling.data import tokenize as tk
+from upcycling.data import tokenizer as tok
+from upcycling.data import tokens as layout
+from upcycling.data.corpus import read_documents, resolve_sources
+from upcycling.data.tokenize import (
+    CorpusError,
+    CorpusOptions,
+    TokenFilesError,
+    gather_shards,
+    load_tokens,
+    make_tokenizer,
+    tokenize_corpus,
+    tokenize_shard,
+)
+from upcycling.data.windows import TokenWindows
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "data" / "corpus" / "shakespeare"
@@ -47,8 +55,13 @@ def small_corpus(root: Path, documents: int = 12) -> Path:
 
 
 def corpus_cfg(paths, val_fraction=0.3, shards=1) -> dict:
-    return {"paths": [str(p) for p in paths], "text_field": "text", "val_fraction": val_fraction, "split_seed": 0,
-            "shards": shards}  # fmt: skip
+    return {
+        "paths": [str(p) for p in paths],
+        "text_field": "text",
+        "val_fraction": val_fraction,
+        "split_seed": 0,
+        "shards": shards,
+    }
 
 
 TOKENIZER_CFG = {"vocab_size": 320, "path": None, "min_frequency": 2}
@@ -97,8 +110,10 @@ def test_shakespeare_round_trip_and_sidecar(shakespeare_tokens):
     assert meta["shards"] == [{"path": ONE_SHARD.as_posix(), "train_tokens": len(train), "val_tokens": len(val)}]
     assert meta["sources"] == [(SHAKESPEARE / TRAIN_PLAY).as_posix(), (SHAKESPEARE / VAL_PLAY).as_posix()]
     assert meta["tokenizer_sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
-    file_hashes = [hashlib.sha256(hashlib.sha256(gzip.open(SHAKESPEARE / name).read()).digest()).hexdigest()
-                   for name in (TRAIN_PLAY, VAL_PLAY)]  # fmt: skip
+    file_hashes = [
+        hashlib.sha256(hashlib.sha256(gzip.decompress((SHAKESPEARE / name).read_bytes())).digest()).hexdigest()
+        for name in (TRAIN_PLAY, VAL_PLAY)
+    ]
     assert meta["corpus_sha256"] == hashlib.sha256("".join(f"{h}\n" for h in file_hashes).encode()).hexdigest()
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert meta["vocab_size"] == tokenizer.get_vocab_size() <= 512
@@ -108,12 +123,12 @@ def test_shakespeare_round_trip_and_sidecar(shakespeare_tokens):
         assert int((ids == meta["eot_id"]).sum()) == 1 and ids[-1] == meta["eot_id"]
 
     # Held-out text round-trips, and the token files decode to exactly the plays.
-    val_text = gzip.open(SHAKESPEARE / VAL_PLAY).read().decode()
+    val_text = gzip.decompress((SHAKESPEARE / VAL_PLAY).read_bytes()).decode()
     assert tokenizer.decode(tokenizer.encode(val_text).ids) == val_text
     assert decoded_documents(everything(val), tokenizer, meta["eot_id"]) == [val_text]
     # Encoded in pieces, yet the same ids as the whole play in one call.
     assert everything(val)[:-1].tolist() == tokenizer.encode(val_text).ids
-    train_text = gzip.open(SHAKESPEARE / TRAIN_PLAY).read().decode()
+    train_text = gzip.decompress((SHAKESPEARE / TRAIN_PLAY).read_bytes()).decode()
     assert decoded_documents(everything(train), tokenizer, meta["eot_id"]) == [train_text]
 
 
@@ -247,8 +262,13 @@ def test_determinism(tmp_path):
     first = tokenize_corpus(cfg, TOKENIZER_CFG, tmp_path / "a")
     second = tokenize_corpus(cfg, TOKENIZER_CFG, tmp_path / "b")
     assert first == second
-    for name in (ONE_SHARD / "train.bin", ONE_SHARD / "val.bin", ONE_SHARD / "shard.json", "meta.json",
-                 "tokenizer.json"):  # fmt: skip
+    for name in (
+        ONE_SHARD / "train.bin",
+        ONE_SHARD / "val.bin",
+        ONE_SHARD / "shard.json",
+        "meta.json",
+        "tokenizer.json",
+    ):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # Re-running into an existing directory replaces it.
     assert tokenize_corpus(cfg, TOKENIZER_CFG, tmp_path / "a") == first
@@ -270,9 +290,11 @@ def test_gzip_jsonl_and_globs(tmp_path):
 
     sources = resolve_sources([corpus / "*.txt*", corpus / "sub" / "*.jsonl*"])
     assert [(Path(s.label).name, s.kind, s.compression) for s in sources] == [
-        ("packed.txt.gz", "text", "gzip"), ("plain.txt", "text", None), ("a.jsonl", "jsonl", None),
+        ("packed.txt.gz", "text", "gzip"),
+        ("plain.txt", "text", None),
+        ("a.jsonl", "jsonl", None),
         ("b.jsonl.gz", "jsonl", "gzip"),
-    ]  # fmt: skip
+    ]
     expected = [texts["packed.txt.gz"], texts["plain.txt"], *jsonl_docs]
     assert [text for source in sources for text in read_documents(source)] == expected
 
@@ -363,10 +385,20 @@ def bad_input(kind: str, tmp_path: Path):
 
 
 BAD_INPUTS = [
-    "missing path", "empty file", "whitespace file", "invalid utf-8", "jsonl without the field",
-    "jsonl bad line", "corrupt gzip", "truncated gzip", "missing tokenizer", "unloadable tokenizer",
-    "empty validation split", "empty training split", "too many shards",
-]  # fmt: skip
+    "missing path",
+    "empty file",
+    "whitespace file",
+    "invalid utf-8",
+    "jsonl without the field",
+    "jsonl bad line",
+    "corrupt gzip",
+    "truncated gzip",
+    "missing tokenizer",
+    "unloadable tokenizer",
+    "empty validation split",
+    "empty training split",
+    "too many shards",
+]
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
@@ -451,7 +483,7 @@ def test_given_sentencepiece_style_tokenizer_keeps_exact_ids(tmp_path, monkeypat
     spm.save(str(tmp_path / "llama_like.json"))
     given = Tokenizer.from_file(str(tmp_path / "llama_like.json"))
     monkeypatch.setattr(tok, "PIECE_CHARS", 40)  # every document is longer than a piece
-    documents = [f"Part {i}. " + "".join(PARAGRAPHS[i % 4:] + PARAGRAPHS[:i % 4]) for i in range(8)]
+    documents = [f"Part {i}. " + "".join(PARAGRAPHS[i % 4 :] + PARAGRAPHS[: i % 4]) for i in range(8)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
     # Encoding in pieces would change the ids: the guard is needed.
     assert not tok.exact_cuts(given) and tok.exact_cuts(tok.train_tokenizer(PARAGRAPHS, 300, 1))
@@ -465,8 +497,12 @@ def test_given_sentencepiece_style_tokenizer_keeps_exact_ids(tmp_path, monkeypat
     eot = given.token_to_id("</s>")
     train, val, _ = load_tokens(tmp_path / "t")
     for stream, held_out in ((train, False), (val, True)):
-        expected = [i for d in documents if split_of_text(d, 0.4) == held_out
-                    for i in given.encode(d, add_special_tokens=False).ids + [eot]]  # fmt: skip
+        expected = [
+            i
+            for d in documents
+            if split_of_text(d, 0.4) == held_out
+            for i in given.encode(d, add_special_tokens=False).ids + [eot]
+        ]
         assert everything(stream).tolist() == expected
     assert meta["eot_id"] == eot and meta["train_documents"] and meta["val_documents"]
 

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from conftest import REPO, run_cli, write_config
-from upcycling import tokens
-from upcycling.config import ConfigError, load_sweep
-from upcycling.data import TokenStream, TokenWindows
+from upcycling.data import tokens
+from upcycling.data.windows import TokenStream, TokenWindows
+from upcycling.sweep.load import ConfigError, load_sweep
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3, 5, 8])
@@ -55,8 +55,11 @@ def test_runtime_estimate_scales_with_bytes_and_cores():
 
 
 def test_tokenize_jobs_cover_every_output_with_estimates(tmp_path):
-    cfg = {"corpus": {"shards": 3}, "tokenizer": {"threads": 4, "sample_bytes": 10**8},
-           "slurm": {"runtime_margin": 2.0, "startup_minutes": 5}}  # fmt: skip
+    cfg = {
+        "corpus": {"shards": 3},
+        "tokenizer": {"threads": 4, "sample_bytes": 10**8},
+        "slurm": {"runtime_margin": 2.0, "startup_minutes": 5},
+    }
     labels = [f"c/{i}.jsonl.zst" for i in range(6)]
     sizes, text_bytes = [10**9] * 6, [4 * 10**9] * 6
     jobs = tokens.tokenize_jobs(cfg, tmp_path, labels, sizes, text_bytes)
@@ -87,8 +90,10 @@ def test_token_stream_reads_across_parts():
     with pytest.raises(IndexError):
         stream.read(95, 101)
     windows = TokenWindows(stream, 8)
-    assert TokenWindows(full, 8).train_batch(1, 2, 4, slice(0, 4))[0].tolist() == \
-        windows.train_batch(1, 2, 4, slice(0, 4))[0].tolist()
+    assert (
+        TokenWindows(full, 8).train_batch(1, 2, 4, slice(0, 4))[0].tolist()
+        == windows.train_batch(1, 2, 4, slice(0, 4))[0].tolist()
+    )
 
 
 def test_config_checks_the_corpus_before_anything_runs(tmp_path):
@@ -112,7 +117,7 @@ def test_paper_corpus_section_reads_a_slimpajama_layout(tmp_path):
 
     import zstandard
 
-    from upcycling.tokenize import tokenize_corpus
+    from upcycling.data.tokenize import tokenize_corpus
 
     paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
     root = tmp_path / "SlimPajama-627B"
@@ -128,7 +133,8 @@ def test_paper_corpus_section_reads_a_slimpajama_layout(tmp_path):
                 kept += [text] if name == "RedPajamaCommonCrawl" else []
             data = "".join(json.dumps(row) + "\n" for row in rows).encode()
             (root / "train" / f"chunk{chunk}" / f"example_train_{n}.jsonl.zst").write_bytes(
-                zstandard.ZstdCompressor().compress(data))
+                zstandard.ZstdCompressor().compress(data)
+            )
     corpus = dict(paper["corpus"], shards=3, val_fraction=0.25)
     corpus["paths"] = [p.replace("/data/SlimPajama-627B", str(root)) for p in corpus["paths"]]
     meta = tokenize_corpus(corpus, {"vocab_size": 300}, tmp_path / "tokens")
@@ -139,8 +145,9 @@ def test_paper_corpus_section_reads_a_slimpajama_layout(tmp_path):
 
 def test_cli_steps_refuse_a_shard_of_another_plan(tmp_path):
     config = write_config(tmp_path, {"corpus": {"shards": 2}})
-    result = run_cli(["tokenize-shard", "--config", str(config), "--shard", "00000-of-00004"], cwd=tmp_path,
-                     check=False)
+    result = run_cli(
+        ["tokenize-shard", "--config", str(config), "--shard", "00000-of-00004"], cwd=tmp_path, check=False
+    )
     assert result.returncode == 2 and "no tokenize_shard job with tokens=tokens, shard=00000-of-00004" in result.stderr
     result = run_cli(["tokenize-gather", "--config", str(config)], cwd=tmp_path, check=False)
     assert result.returncode == 2 and "tokenizer.json does not exist: run the train_tokenizer job" in result.stderr

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 import faults
 from conftest import cli_env, read_json, run_cli, write_config
-from upcycling.schedule import Schedule
-from upcycling.train import EXIT_PREEMPTED
+from upcycling.train.loop import EXIT_PREEMPTED
+from upcycling.train.schedule import Schedule
 
 SEQ, ROWS = 32, 8
 STEP_TOKENS = SEQ * ROWS
@@ -36,22 +36,21 @@ def dense(workdir, *args, **kwargs):
 
 
 def test_wsd_schedule_warms_up_holds_and_decays_linearly():
-    schedule = Schedule(peak_lr=1e-3, warmup_tokens=100, min_lr_ratio=0.1, kind="wsd",
-                        decay_start=800, decay_end=1000)
+    schedule = Schedule(peak_lr=1e-3, warmup_tokens=100, min_lr_ratio=0.1, kind="wsd", decay_start=800, decay_end=1000)
     assert schedule.lr_at(0) == pytest.approx(1e-5)
     assert schedule.lr_at(99) == pytest.approx(1e-3)
     assert schedule.lr_at(500) == schedule.lr_at(799) == 1e-3
     assert schedule.lr_at(900) == pytest.approx(0.55e-3)
     assert schedule.lr_at(1000) == pytest.approx(1e-4)
     # A stable job (no decay) follows the same curve up to the decay: chains equal one long run.
-    stable = Schedule(peak_lr=1e-3, warmup_tokens=100, min_lr_ratio=0.1, kind="wsd", decay_start=None,
-                      decay_end=None)
+    stable = Schedule(peak_lr=1e-3, warmup_tokens=100, min_lr_ratio=0.1, kind="wsd", decay_start=None, decay_end=None)
     assert all(stable.lr_at(t) == schedule.lr_at(t) for t in range(0, 800, 37))
 
 
 def test_cosine_schedule_ends_at_min_lr():
-    schedule = Schedule(peak_lr=1e-3, warmup_tokens=0, min_lr_ratio=0.1, kind="cosine", decay_start=None,
-                        decay_end=1000)
+    schedule = Schedule(
+        peak_lr=1e-3, warmup_tokens=0, min_lr_ratio=0.1, kind="cosine", decay_start=None, decay_end=1000
+    )
     assert schedule.lr_at(0) == pytest.approx(1e-3)
     assert schedule.lr_at(500) == pytest.approx(0.55e-3)
     assert schedule.lr_at(1000) == pytest.approx(1e-4)
@@ -70,8 +69,17 @@ def test_dense_run_meets_its_budget_exactly_and_writes_the_contract(tiny_workdir
     dense(tiny_workdir, "--budget", str(D1_SMALL))
     metrics = read_json(tiny_workdir / "results/dense/xs/seed0/d1_8192/metrics.json")
     assert metrics["tokens_seen"] == D1_SMALL
-    assert metrics["coords"] == {"size": "xs", "init": "dense", "method": "dense", "seed": 0, "d1_tokens": D1_SMALL, "d2_tokens": 0,
-                                 "experts": 1, "top_k": 1, "granularity": 1}
+    assert metrics["coords"] == {
+        "size": "xs",
+        "init": "dense",
+        "method": "dense",
+        "seed": 0,
+        "d1_tokens": D1_SMALL,
+        "d2_tokens": 0,
+        "experts": 1,
+        "top_k": 1,
+        "granularity": 1,
+    }
     assert metrics["curve"]["tokens"][0] == 0 and metrics["curve"]["tokens"][-1] == D1_SMALL
     # The decay job continues the stable job's curve (evaluations every 4096 tokens and at each
     # job's end), and training lowers the held-out loss.
@@ -86,8 +94,10 @@ def test_dense_run_meets_its_budget_exactly_and_writes_the_contract(tiny_workdir
 def test_budget_that_is_not_a_multiple_of_the_batch_is_met_exactly(tmp_path, tiny_tokens):
     budget = 5 * STEP_TOKENS + 77
     # A checkpoint at every step: the saves must not add to the run's wall time.
-    write_config(tmp_path, {"training": {"schedule": "cosine", "checkpoint_every_tokens": STEP_TOKENS},
-                            "sweep": {"d1_tokens": [budget]}})
+    write_config(
+        tmp_path,
+        {"training": {"schedule": "cosine", "checkpoint_every_tokens": STEP_TOKENS}, "sweep": {"d1_tokens": [budget]}},
+    )
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "tokens").symlink_to(tiny_tokens)
     result = dense(tmp_path, "--budget", str(budget))
@@ -118,15 +128,15 @@ def test_preempted_run_resumes_to_the_same_weights_bitwise(tmp_path, tiny_tokens
     # SIGUSR1 at a random step of the stable job, and at a step of the decay job.
     stable_steps = STABLE_1 // STEP_TOKENS
     stop_step = random.Random().randint(1, stable_steps - 1)
-    result = dense(runs["interrupted"], "--stable", str(STABLE_1), check=False,
-                   **faults.env(signal_at_step=stop_step))
+    result = dense(runs["interrupted"], "--stable", str(STABLE_1), check=False, **faults.env(signal_at_step=stop_step))
     assert result.returncode == EXIT_PREEMPTED, result.stdout[-2000:]
     assert "SIGUSR1 received" in result.stdout
     assert not (runs["interrupted"] / f"results/checkpoints/dense/xs/seed0/stable_{STABLE_1}").exists()
     resumed = dense(runs["interrupted"], "--stable", str(STABLE_1))
     assert f"resumed its own checkpoint at {stop_step * STEP_TOKENS} tokens" in resumed.stdout
-    result = dense(runs["interrupted"], "--budget", str(D1_SMALL), check=False,
-                   **faults.env(signal_at_step=stable_steps + 2))
+    result = dense(
+        runs["interrupted"], "--budget", str(D1_SMALL), check=False, **faults.env(signal_at_step=stable_steps + 2)
+    )
     assert result.returncode == EXIT_PREEMPTED
     dense(runs["interrupted"], "--budget", str(D1_SMALL))
 
@@ -168,8 +178,19 @@ def test_scratch_moe_preempted_and_resumed_equals_straight_run(tmp_path, tiny_to
 
 
 def _torchrun(workdir, *args, nproc=2):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "upcycling.cli", "train", "--config", str(workdir / "config.yaml"), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "upcycling.cli",
+        "train",
+        "--config",
+        str(workdir / "config.yaml"),
+        *args,
+    ]
     result = subprocess.run(command, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -177,8 +198,13 @@ def _torchrun(workdir, *args, nproc=2):
 
 def _setup(workdir, tiny_tokens, overrides):
     workdir.mkdir()
-    write_config(workdir, {"training": {"schedule": "cosine", **overrides.get("training", {})},
-                           **{k: v for k, v in overrides.items() if k != "training"}})
+    write_config(
+        workdir,
+        {
+            "training": {"schedule": "cosine", **overrides.get("training", {})},
+            **{k: v for k, v in overrides.items() if k != "training"},
+        },
+    )
     (workdir / "results").mkdir()
     (workdir / "results" / "tokens").symlink_to(tiny_tokens)
     return workdir
@@ -204,8 +230,11 @@ def test_expert_parallel_two_processes_match_one(tmp_path, tiny_tokens):
     The load-balancing loss is computed over each rank's own tokens (as in GShard and DeepSpeed),
     so it is not the same function of a batch split over two ranks: it is off here."""
     one = _setup(tmp_path / "one", tiny_tokens, {"moe": {"aux_loss_coef": 0.0}})
-    two = _setup(tmp_path / "two", tiny_tokens, {"training": {"micro_batch_size": ROWS // 2},
-                                                 "moe": {"ep_size": 2, "aux_loss_coef": 0.0}})
+    two = _setup(
+        tmp_path / "two",
+        tiny_tokens,
+        {"training": {"micro_batch_size": ROWS // 2}, "moe": {"ep_size": 2, "aux_loss_coef": 0.0}},
+    )
     args = ["--family", "scratch", "--size", "xs", "--experts", "4", "--top-k", "2", "--budget", "8192"]
     train(one, *args)
     _torchrun(two, *args)
@@ -217,17 +246,43 @@ def test_expert_parallel_two_processes_match_one(tmp_path, tiny_tokens):
 def test_upcycled_run_starts_at_the_dense_loss_with_copied_adam_moments(tmp_path, tiny_tokens):
     """dense -> transform (upcycle) -> MoE through the CLI: the MoE's first evaluation equals the dense model's
     last (function preservation end to end), and its optimizer starts from the dense moments."""
-    workdir = _setup(tmp_path / "run", tiny_tokens, {"training": {"precision": "fp32"},
-                                                      "moe": {"copy_optimizer_state": True}})
+    workdir = _setup(
+        tmp_path / "run", tiny_tokens, {"training": {"precision": "fp32"}, "moe": {"copy_optimizer_state": True}}
+    )
     dense(workdir, "--budget", str(D1_SMALL))
     export = workdir / "results/dense/xs/seed0/d1_8192/hf"
     assert (export / "optimizer.safetensors").is_file()
-    run_cli(["transform", "--config", str(workdir / "config.yaml"), "--size", "xs", "--d1", str(D1_SMALL),
-             "--variant", "e4_k2_g1"], cwd=workdir)
+    run_cli(
+        [
+            "transform",
+            "--config",
+            str(workdir / "config.yaml"),
+            "--size",
+            "xs",
+            "--d1",
+            str(D1_SMALL),
+            "--variant",
+            "e4_k2_g1",
+        ],
+        cwd=workdir,
+    )
     init = workdir / "results/upcycled/xs/seed0/d1_8192/e4_k2_g1/init"
     assert (init / "optimizer.safetensors").is_file()
-    result = train(workdir, "--family", "upcycled", "--d1", str(D1_SMALL), "--size", "xs", "--experts", "4",
-                   "--top-k", "2", "--budget", "8192")
+    result = train(
+        workdir,
+        "--family",
+        "upcycled",
+        "--d1",
+        str(D1_SMALL),
+        "--size",
+        "xs",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--budget",
+        "8192",
+    )
     assert "optimizer starts from copied Adam moments" in result.stdout
     dense_metrics = read_json(workdir / "results/dense/xs/seed0/d1_8192/metrics.json")
     moe_metrics = read_json(workdir / "results/upcycled/xs/seed0/d1_8192/e4_k2_g1/d2_8192/metrics.json")

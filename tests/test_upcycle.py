@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from upcycling.export import CheckpointError, load_hf, save_hf
-from upcycling.flops import ModelConfig
-from upcycling.model import MoEOptions, Transformer
-from upcycling.upcycle import upcycle_state
+from upcycling.model.export import CheckpointError, load_hf, save_hf
+from upcycling.model.flops import ModelConfig
+from upcycling.model.transformer import MoEOptions, Transformer
+from upcycling.transform.upcycle import upcycle_state
 
 DENSE = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, seq_len=16)
 NO_DROP = MoEOptions(drop_tokens=False)
@@ -69,8 +69,9 @@ def test_upcycling_copies_everything_but_the_ffn():
     assert cfg.expert_hidden == 32 and cfg.experts == 4
 
 
-@pytest.mark.parametrize("experts,top_k,granularity,message", [
-    (3, 2, 2, "granularity"), (4, 5, 1, "top_k"), (6, 2, 3, "granularity")])
+@pytest.mark.parametrize(
+    "experts,top_k,granularity,message", [(3, 2, 2, "granularity"), (4, 5, 1, "top_k"), (6, 2, 3, "granularity")]
+)
 def test_bad_upcycling_shapes_are_refused(experts, top_k, granularity, message):
     with pytest.raises(ValueError, match=message):
         upcycle_state(_dense_model().state_dict(), DENSE, experts, top_k, granularity)
@@ -113,7 +114,7 @@ def test_upcycling_an_moe_is_refused():
 
 
 def test_adam_moments_follow_the_weights():
-    from upcycling.upcycle import upcycle_adam_moments
+    from upcycling.transform.upcycle import upcycle_adam_moments
 
     dense = _dense_model()
     exp_avg = {name: torch.randn_like(t) for name, t in dense.state_dict().items()}

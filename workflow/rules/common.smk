@@ -1,10 +1,11 @@
 # Shared by every rule: the checked sweep, its job inventory, and how a rule reads its jobs.
 import re
 
-from upcycling.config import ConfigError, checked_corpora, sweep_from_mapping
-from upcycling.jobs import LOGS, PATTERNS, REPORT_FIGURES, TOKEN_SETS, Inventory
-from upcycling.lineages import VARIANT_PATTERN
-from upcycling.resources import cpus_per_process, job_resources
+from upcycling.sweep.load import ConfigError, checked_corpora, sweep_from_mapping
+from upcycling.core.layout import REPORT_FIGURES, TOKEN_SETS
+from upcycling.pipeline.jobs import LOGS, PATTERNS, Inventory
+from upcycling.pipeline.lineages import VARIANT_PATTERN
+from upcycling.cluster.resources import cpus_per_process, job_resources
 
 # The schema's defaults and the semantic checks; a bad config stops here, before any job runs.
 # The corpus files are found once: by the corpus checks, which hand them to the inventory.
@@ -18,7 +19,7 @@ INVENTORY = Inventory(SWEEP, corpora=CORPORA)
 if workflow.remote_exec and "SLURM_JOB_ID" in os.environ:
     # In a Slurm job, the time-limit warning and a preemption or scancel reach every process of
     # the step: this job wrapper and the rule's shell must outlive the trainer's save.
-    from upcycling.launch import leave_stop_signals_to_the_trainer
+    from upcycling.cluster.launch import leave_stop_signals_to_the_trainer
 
     leave_stop_signals_to_the_trainer()
 
@@ -47,7 +48,7 @@ onstart:
     # Before the first sbatch (the executor is known only now, not while the Snakefile is read):
     # can this cluster run every job? `upcycling plan --check` does the same.
     if getattr(workflow.executor_plugin, "cli_prefix", None) == "slurm":
-        from upcycling.preflight import problems, read_cluster
+        from upcycling.cluster.preflight import problems, read_cluster
 
         cluster = read_cluster()
         found = problems(INVENTORY, cluster) if cluster is not None else []
@@ -81,7 +82,7 @@ _RESOURCES = {}
 
 
 def resources_of(rule_name):
-    """Per-job resources (upcycling.resources) as Snakemake resource callables."""
+    """Per-job resources (upcycling.cluster.resources) as Snakemake resource callables."""
 
     def value(wildcards, name):
         job = INVENTORY.find(rule_name, wildcards)

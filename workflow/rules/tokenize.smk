@@ -1,4 +1,4 @@
-# The tokens stage as a scatter/gather (upcycling.tokens): the tokenizer once, one CPU job per
+# The tokens stage as a scatter/gather (upcycling.data.tokens): the tokenizer once, one CPU job per
 # corpus shard, and the gather, which writes meta.json (what every training job reads).
 
 

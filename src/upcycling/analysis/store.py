@@ -1,0 +1,204 @@
+"""The results store: every run's metrics JSON gathered into one xarray Dataset (zarr).
+
+Public functions:
+
+- ``read_metrics(path, expected_fingerprint=None) -> dict``: one metrics JSON, validated
+  against the metrics schema (MetricsError naming the file)
+- ``build_dataset(records, config_text, code_version) -> xr.Dataset``: records -> Dataset
+- ``aggregate(metrics_paths, out_zarr, config_text, code_version) -> xr.Dataset``: read,
+  build, write atomically (temporary store next to ``out_zarr``, then rename)
+- ``write_store(ds, out_zarr) -> Path``: the atomic write on its own
+- ``load_losses(path) -> xr.Dataset``: ``xarray.open_zarr``
+
+The store as a tidy table of runs, for the fits: :mod:`upcycling.analysis.fitstage`.
+
+Layout (docs/contracts.md): dimensions ``size, init, method, seed, d1_tokens, d2_tokens,
+experts, top_k, granularity`` (NaN where a combination was not run); scalar variables
+``final_val_loss, flops, n_params, active_params, dense_params, non_embedding_params,
+active_non_embedding_params, dense_non_embedding_params, tokens_seen, wall_time_s``;
+``curve_val_loss`` over the extra ``curve_tokens`` dimension (the union of every run's curve
+positions, NaN elsewhere); attributes ``config`` (YAML text) and ``code_version``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from upcycling.core.metrics import FORMAT_VERSION, MetricsError, validate
+from upcycling.core.publish import staging_dir
+
+__all__ = [
+    "COORDS",
+    "SCALARS",
+    "aggregate",
+    "build_dataset",
+    "load_losses",
+    "read_metrics",
+    "write_store",
+]
+
+# coordinate -> Python type of its values (strings are labels, the rest integers)
+COORDS: dict[str, type] = {
+    "size": str,
+    "init": str,
+    "method": str,
+    "seed": int,
+    "d1_tokens": int,
+    "d2_tokens": int,
+    "experts": int,
+    "top_k": int,
+    "granularity": int,
+}
+SCALARS = (
+    "final_val_loss",
+    "flops",
+    "n_params",
+    "active_params",
+    "dense_params",
+    "non_embedding_params",
+    "active_non_embedding_params",
+    "dense_non_embedding_params",
+    "tokens_seen",
+    "wall_time_s",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading metrics files
+# --------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str | Path, expected_fingerprint: str | None = None) -> dict[str, Any]:
+    """One run's metrics JSON as ``{"path", "coords", <scalars>, "curve_tokens",
+    "curve_val_loss"}``, validated against the metrics schema (upcycling.core.metrics). MetricsError
+    naming the file: unreadable, not following the schema, or (``expected_fingerprint``) made by
+    a job spec other than the one the current sweep expects there."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise MetricsError(f"{path}: cannot read metrics JSON ({error}): rerun the job that writes it") from error
+    validate(payload, str(path))
+    if not math.isfinite(payload["final_val_loss"]):
+        raise MetricsError(f"{path}: final_val_loss is {payload['final_val_loss']}, not a finite number")
+    if expected_fingerprint is not None and payload["spec_sha256"] != expected_fingerprint:
+        raise MetricsError(
+            f"{path}: made by other settings than the current sweep's (its spec fingerprint differs): a store "
+            "must not mix runs of different settings at one coordinate; rerun snakemake, which redoes this run"
+        )
+    record: dict[str, Any] = {"path": str(path), "coords": dict(payload["coords"])}
+    for name in SCALARS:
+        record[name] = float(payload[name])
+    curve = payload["curve"]
+    if len(curve["tokens"]) != len(curve["val_loss"]):
+        raise MetricsError(
+            f"{path}: curve.tokens ({len(curve['tokens'])}) and curve.val_loss "
+            f"({len(curve['val_loss'])}) differ in length"
+        )
+    record["curve_tokens"] = np.asarray(curve["tokens"], dtype=np.int64)
+    record["curve_val_loss"] = np.asarray(curve["val_loss"], dtype=float)
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Building and writing the Dataset
+# --------------------------------------------------------------------------------------------
+
+
+def _coordinate_values(name: str, values: Iterable[Any]) -> np.ndarray:
+    unique = sorted(set(values))
+    if COORDS[name] is str:
+        # object arrays are stored as zarr variable-length strings (no unstable-dtype warning)
+        return np.array(unique, dtype=object)
+    return np.array(unique, dtype=np.int64)
+
+
+def build_dataset(records: list[Mapping[str, Any]], config_text: str, code_version: str) -> xr.Dataset:
+    """The results Dataset from records of :func:`read_metrics` (pure: no I/O).
+
+    ValueError naming both files when two records share a coordinate tuple.
+    """
+    seen: dict[tuple, str] = {}
+    for record in records:
+        key = tuple(record["coords"][name] for name in COORDS)
+        if key in seen:
+            described = ", ".join(f"{n}={v}" for n, v in zip(COORDS, key))
+            raise MetricsError(
+                f"duplicate run coordinates ({described}) in {seen[key]} and {record['path']}: remove the stale one"
+            )
+        seen[key] = record["path"]
+
+    coords = {name: _coordinate_values(name, (r["coords"][name] for r in records)) for name in COORDS}
+    curve_tokens = np.array(sorted({int(t) for r in records for t in r["curve_tokens"]}), dtype=np.int64)
+    positions = {name: {value: i for i, value in enumerate(values)} for name, values in coords.items()}
+    curve_position = {token: i for i, token in enumerate(curve_tokens)}
+    shape = tuple(len(values) for values in coords.values())
+
+    scalars = {name: np.full(shape, np.nan) for name in SCALARS}
+    curves = np.full((*shape, len(curve_tokens)), np.nan)
+    for record in records:
+        index = tuple(positions[name][record["coords"][name]] for name in COORDS)
+        for name in SCALARS:
+            scalars[name][index] = record[name]
+        columns = [curve_position[int(t)] for t in record["curve_tokens"]]
+        curves[index + (columns,)] = record["curve_val_loss"]
+
+    dims = tuple(COORDS)
+    data_vars = {name: (dims, values) for name, values in scalars.items()}
+    data_vars["curve_val_loss"] = ((*dims, "curve_tokens"), curves)
+    return xr.Dataset(
+        data_vars,
+        coords={**coords, "curve_tokens": curve_tokens},
+        attrs={
+            "config": config_text,
+            "code_version": code_version,
+            "format_version": FORMAT_VERSION,
+            "n_runs": len(records),
+        },
+    )
+
+
+def write_store(ds: xr.Dataset, out_zarr: str | Path) -> Path:
+    """Write ``ds`` to a staged store next to ``out_zarr`` and publish it there atomically: a
+    crash never leaves a half-written store under the final name."""
+    with staging_dir(out_zarr) as staged, warnings.catch_warnings():
+        # Consolidated metadata is an extension of zarr v3 (hence zarr's warning); readers that do
+        # not know it read the per-array metadata, and a plain `xarray.open_zarr(path)` opens the
+        # store at once and without a warning.
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        ds.to_zarr(staged, mode="w", consolidated=True)
+    return Path(out_zarr)
+
+
+def aggregate(
+    metrics_paths: Iterable[str | Path] | Mapping[str, str], out_zarr: str | Path, config_text: str, code_version: str
+) -> xr.Dataset:
+    """Read every metrics JSON, build the results Dataset and write it to ``out_zarr``.
+
+    ``metrics_paths``: the files, or a mapping file -> the spec fingerprint the sweep expects of
+    it (what the aggregate rule passes). MetricsError naming the file(s) for a file that breaks
+    the contract, was made by other settings, or shares its coordinates with another file.
+    """
+    expected = dict(metrics_paths) if isinstance(metrics_paths, Mapping) else dict.fromkeys(metrics_paths)
+    records = [read_metrics(path, fingerprint) for path, fingerprint in expected.items()]
+    if not records:
+        raise MetricsError("aggregate: no metrics files given: the sweep has no runs")
+    ds = build_dataset(records, config_text, code_version)
+    write_store(ds, out_zarr)
+    return ds
+
+
+def load_losses(path: str | Path) -> xr.Dataset:
+    """The results store at ``path`` (lazily loaded with xarray.open_zarr)."""
+    with warnings.catch_warnings():
+        # Snakemake marks a directory() output with a .snakemake_timestamp file inside it.
+        warnings.filterwarnings("ignore", message=".*snakemake_timestamp.*")
+        return xr.open_zarr(path)

@@ -1,0 +1,1 @@
+"""Running the inventory on a cluster: resources, plan, preflight, launch, calibrate."""

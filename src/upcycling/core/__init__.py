@@ -1,0 +1,1 @@
+"""Below every stage: errors, atomic publication, the metrics contract, fingerprints, output layout."""

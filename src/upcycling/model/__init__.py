@@ -1,0 +1,1 @@
+"""The model stage: ModelConfig and FLOP counts, the transformer with its DeepSpeed-MoE layers, the Hugging Face export."""

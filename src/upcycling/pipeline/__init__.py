@@ -1,0 +1,1 @@
+"""The job inventory the Snakefile reads: lineages, jobs, their arguments, and cleaning."""

@@ -1,0 +1,1 @@
+"""The training stage: the loop, DeepSpeed checkpoints, the LR schedule, process groups."""

@@ -1,5 +1,5 @@
 # The upcycling scaling-law pipeline. Stages and contracts: README.md and docs/.
-# Every job comes from one inventory (src/upcycling/jobs.py); the rules only name its patterns and
+# Every job comes from one inventory (src/upcycling/pipeline/jobs.py); the rules only name its patterns and
 # call the package's CLI with the job's spec.
 from snakemake.utils import min_version
 
@@ -16,13 +16,12 @@ if not workflow.overwrite_configfiles:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/tokenize.smk"
-include: "workflow/rules/dense.smk"
 include: "workflow/rules/transform.smk"
-include: "workflow/rules/moe.smk"
+include: "workflow/rules/training.smk"
 include: "workflow/rules/results.smk"
 
 
 rule all:
+    default_target: True
     input:
         INVENTORY.targets(),
-    default_target: True

@@ -1,87 +1,83 @@
-"""Shared fixtures: a tiny real sweep (config + tokens) in a temporary directory, and a runner for
-the `upcycling` CLI in a subprocess (each training job is its own process, as under Snakemake)."""
+"""The lanes and the fixtures they share. A test's lane is its directory, and its markers come from
+there (pyproject.toml registers them; README.md lists the lanes and their commands):
+
+- unit/: functions in process, no subprocess and no DeepSpeed engine (analysis tests run without torch);
+- integration/: the CLI in subprocesses and the real DeepSpeed engine;
+- workflow/: Snakemake end to end (``slow``);
+- slurm/: against a local Slurm cluster; gpu/: on a CUDA GPU (each skips, saying why, where it cannot).
+
+Nothing here imports torch or a stage's extra at the top, so that `pytest tests/unit` runs without them.
+Each lane is a package (its __init__.py), so lanes may hold files of the same name and
+`from slurm.test_slurm import ...` names one file; tests/ is on sys.path (this conftest's directory)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
+from tiny_sweep import REPO, TINY_CONFIG, cli_env, read_json, run_cli, write_config  # noqa: F401 (tests import them from here too)
 
-
-CUDA = torch.cuda.is_available()
-
-
-def cli_env(**extra: str) -> dict:
-    env = dict(os.environ)
-    if not CUDA:
-        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator where there is no GPU
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    # The tests' own modules (faults.py: hooks the trainer installs) are importable in subprocesses.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), env.get("PYTHONPATH")]))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.update(extra)
-    return env
+TESTS = Path(__file__).resolve().parent
+LANE_MARKERS = {
+    "unit": ("unit",),
+    "integration": ("integration",),
+    "workflow": ("workflow", "slow"),
+    "slurm": ("slurm",),
+    "gpu": ("gpu",),
+}
 
 
-def run_cli(args: list[str], cwd: Path, check: bool = True, timeout: int = 300, **env: str):
-    result = subprocess.run(
-        [sys.executable, "-m", "upcycling.cli", *args],
-        cwd=cwd,
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"upcycling {' '.join(args)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
-    return result
-
-
-def write_config(workdir: Path, overrides: dict | None = None, base: Path = TINY_CONFIG) -> Path:
-    """The tiny config with absolute corpus paths, results under workdir, and overrides merged in."""
-    cfg = yaml.safe_load(base.read_text())
-    cfg["corpus"]["paths"] = [str(REPO / p) for p in cfg["corpus"]["paths"]]
-    cfg["results_dir"] = str(workdir / "results")
-    for section, values in (overrides or {}).items():
-        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
-            cfg[section].update(values)
-        else:
-            cfg[section] = values
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        relative = Path(item.path).resolve().relative_to(TESTS)
+        lane = relative.parts[0] if len(relative.parts) > 1 else None
+        if lane not in LANE_MARKERS:
+            raise pytest.UsageError(
+                f"tests/{relative} is in no lane: put it in one of tests/{{{','.join(LANE_MARKERS)}}}/ (see tests/conftest.py)"
+            )
+        for marker in LANE_MARKERS[lane]:
+            item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokens(tmp_path_factory) -> Path:
-    """Tokens of the tiny corpus, made once per session."""
+    """Tokens of the tiny corpus, made once per session by `upcycling tokenize`."""
     workdir = tmp_path_factory.mktemp("tokens")
     config = write_config(workdir)
     run_cli(["tokenize", "--config", str(config)], cwd=workdir)
     return workdir / "results" / "tokens"
 
 
+@pytest.fixture(scope="session")
+def make_workdir(tiny_tokens) -> Callable[..., Path]:
+    """make_workdir(path, overrides=None, base=TINY_CONFIG): path with config.yaml (the tiny config with
+    overrides merged in) and the session's tokens linked in, ready for `upcycling train`."""
+
+    def make(path: Path, overrides: dict | None = None, base: Path = TINY_CONFIG) -> Path:
+        (path / "results").mkdir(parents=True)
+        write_config(path, overrides, base)
+        (path / "results" / "tokens").symlink_to(tiny_tokens)
+        return path
+
+    return make
+
+
 @pytest.fixture
-def tiny_workdir(tmp_path, tiny_tokens) -> Path:
-    """A fresh workdir with config.yaml and the session's tokens linked in."""
-    write_config(tmp_path)
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "tokens").symlink_to(tiny_tokens)
-    return tmp_path
+def tiny_workdir(tmp_path, make_workdir) -> Path:
+    """A fresh workdir with the tiny config.yaml and the session's tokens linked in."""
+    return make_workdir(tmp_path)
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory):
+    """The synthetic study (tests/synthetic_study.py, three second-stage methods) fitted once per
+    session: (its directory, the store, the fits); read-only for the tests that share it."""
+    import synthetic_study as study  # the analysis extra: imported by the tests that fit only
+    from upcycling.analysis import fitstage
+
+    root = tmp_path_factory.mktemp("study")
+    ds = study.store(root / "losses.zarr", methods=study.METHODS)
+    fits = fitstage.fit_all(ds, study.QUICK_FIT, out_dir=root / "fits", workers=2)
+    return root, ds, fits

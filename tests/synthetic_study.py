@@ -5,6 +5,12 @@ vocabulary 2048); losses follow the truths below with multiplicative noise. Shap
 3 sizes x 3 D1 x 4 D2 upcycled runs, 3 sizes x 3 D1 dense runs, 3 sizes x 5 D from-scratch runs,
 and (``sparsity=True``, moe_upcycle only) 2 extra expert counts at one (D1, D2) pair per size,
 9 (P, N2) configurations with the main one.
+
+``reinit_alpha3`` (a mapping r -> alpha3): Drop-Upcycling's re-initialisation ratio as a
+coordinate; moe_upcycle's upcycled grid is run at every r with that r's interaction, the other
+runs (dense, from scratch, the sparsity axis) at r = 0 only, as the sweep runs them. Each
+moe_upcycle run at r also records its experts' weight similarity (``REINIT_SIMILARITY``) and
+largest load share.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ D2 = [32768, 65536, 131072, 262144]
 SCRATCH_D = [32768, 65536, 131072, 262144, 393216]
 SPARSITY_PAIR = (131072, 131072)
 SPARSITY_EXPERTS = (2, 8)
+# The methods of the study the fit-stage tests share (conftest.fitted), and fit settings that keep it quick.
+METHODS = ("moe_upcycle", "continue", "grow_depth")
+QUICK_FIT = {"bootstrap": 8, "huber_delta": 1e-3, "seed": 0, "n_starts": 4}
 
 
 def dataset_truth(alpha3: float, slope1: float = 0.1, slope2: float = 0.3, term: float = 1.5):
@@ -40,6 +49,8 @@ TRUE_SCRATCH = dict(E=2.5, A=1.0 * 1.7e5**0.3, alpha=0.3, B=2.0 * 1.3e5**0.6, be
 TRUE_DENSE = dict(E=2.5, A=1.0 * 1e5**0.3, alpha=0.3, B=2.0 * 1.3e5**0.4, beta=0.4)
 METHOD_ALPHA3 = {"moe_upcycle": 0.02, "continue": 0.035, "grow_depth": 0.01, "grow_width": 0.01}
 SPARSITY_GAIN = dict(A=0.3, beta1=0.8)  # loss - A P^-beta1 + A P0^-beta1 across expert counts
+REINIT_ALPHA3 = {0.0: 0.02, 0.5: 0.05}  # a Drop-Upcycling study whose r differ in the interaction
+REINIT_SIMILARITY = {0.0: 0.9, 0.5: 0.5}  # experts' mean pairwise cosine similarity at r (others: 1 - r)
 
 
 def counts(size: str, experts: int = 1, top_k: int = 1, layers_factor: int = 1):
@@ -49,7 +60,7 @@ def counts(size: str, experts: int = 1, top_k: int = 1, layers_factor: int = 1):
     )
 
 
-def _record(size, init, method, d1, d2, experts, top_k, loss, model, dense):
+def _record(size, init, method, d1, d2, experts, top_k, loss, model, dense, reinit_ratio=None):
     coords = dict(
         size=size,
         init=init,
@@ -61,8 +72,15 @@ def _record(size, init, method, d1, d2, experts, top_k, loss, model, dense):
         top_k=top_k,
         granularity=1,
     )
+    experts_record = {}
+    if reinit_ratio is not None:
+        coords["reinit_ratio"] = reinit_ratio
+        if init == "upcycled" and experts > 1:
+            similarity = REINIT_SIMILARITY.get(reinit_ratio, 1.0 - reinit_ratio)
+            experts_record = {"expert_similarity": similarity, "expert_load_max": 1.5 / experts}
     tokens = d1 if init == "dense" else d2
     return {
+        **experts_record,
         "path": "/".join(str(v) for v in coords.values()),
         "coords": coords,
         "final_val_loss": loss,
@@ -90,9 +108,21 @@ def _architecture(size, method):
 
 
 def records(
-    methods=("moe_upcycle",), noise: float = 0.002, seed: int = 0, sparsity: bool = True, sizes=tuple(SIZES)
+    methods=("moe_upcycle",),
+    noise: float = 0.002,
+    seed: int = 0,
+    sparsity: bool = True,
+    sizes=tuple(SIZES),
+    reinit_alpha3=None,
 ) -> list[dict]:
     rng = np.random.default_rng(seed)
+    # the ratios each method's upcycled grid is run at (None: no such coordinate) and their alpha3
+    plain = None if reinit_alpha3 is None else 0.0
+
+    def ratios(method):
+        if reinit_alpha3 is None or method != "moe_upcycle":
+            return {plain: METHOD_ALPHA3[method]}
+        return dict(reinit_alpha3)
 
     def noisy(value):
         return float(value * math.exp(rng.normal(0.0, noise)))
@@ -102,31 +132,19 @@ def records(
         dense = counts(size)
         n1 = dense.non_embedding
         for d1 in D1:
-            out.append(
-                _record(size, "dense", "dense", d1, 0, 1, 1, noisy(laws.chinchilla(n1, d1, **TRUE_DENSE)), dense, dense)
-            )
+            loss = noisy(laws.chinchilla(n1, d1, **TRUE_DENSE))
+            out.append(_record(size, "dense", "dense", d1, 0, 1, 1, loss, dense, dense, plain))
         for method in methods:
             experts, top_k, model = _architecture(size, method)
-            truth = {**TRUE_JOINT, **dataset_truth(METHOD_ALPHA3[method])}
-            for d1 in D1:
-                for d2 in D2:
-                    out.append(
-                        _record(
-                            size,
-                            "upcycled",
-                            method,
-                            d1,
-                            d2,
-                            experts,
-                            top_k,
-                            noisy(laws.joint(d1, d2, n1, **truth)),
-                            model,
-                            dense,
-                        )
-                    )
+            for ratio, alpha3 in ratios(method).items():
+                truth = {**TRUE_JOINT, **dataset_truth(alpha3)}
+                for d1 in D1:
+                    for d2 in D2:
+                        loss = noisy(laws.joint(d1, d2, n1, **truth))
+                        out.append(_record(size, "upcycled", method, d1, d2, experts, top_k, loss, model, dense, ratio))
             for d in SCRATCH_D:
-                loss = laws.chinchilla(model.active_non_embedding, d, **TRUE_SCRATCH)
-                out.append(_record(size, "scratch", method, 0, d, experts, top_k, noisy(loss), model, dense))
+                loss = noisy(laws.chinchilla(model.active_non_embedding, d, **TRUE_SCRATCH))
+                out.append(_record(size, "scratch", method, 0, d, experts, top_k, loss, model, dense, plain))
         if sparsity and "moe_upcycle" in methods:
             d1, d2 = SPARSITY_PAIR
             main = counts(size, 4, 2)
@@ -134,8 +152,8 @@ def records(
                 model = counts(size, experts, 2)
                 p, p0 = (m.non_embedding / m.active_non_embedding for m in (model, main))
                 gain = SPARSITY_GAIN["A"] * (p ** -SPARSITY_GAIN["beta1"] - p0 ** -SPARSITY_GAIN["beta1"])
-                loss = laws.joint(d1, d2, n1, **TRUE_JOINT) + gain
-                out.append(_record(size, "upcycled", "moe_upcycle", d1, d2, experts, 2, noisy(loss), model, dense))
+                loss = noisy(laws.joint(d1, d2, n1, **TRUE_JOINT) + gain)
+                out.append(_record(size, "upcycled", "moe_upcycle", d1, d2, experts, 2, loss, model, dense, plain))
     return out
 
 

@@ -1,11 +1,11 @@
 # Shared by every rule: the checked sweep, its job inventory, and how a rule reads its jobs.
 import re
 
-from upcycling.sweep.load import ConfigError, checked_corpora, sweep_from_mapping
-from upcycling.core.layout import REPORT_FIGURES, TOKEN_SETS
-from upcycling.pipeline.jobs import LOGS, PATTERNS, Inventory
-from upcycling.pipeline.lineages import VARIANT_PATTERN
 from upcycling.cluster.resources import cpus_per_process, job_resources
+from upcycling.core.layout import REPORT_FIGURES, TOKEN_SETS
+from upcycling.pipeline.jobs import LOGS, PATTERNS, TRAINING_RULES, Inventory
+from upcycling.pipeline.lineages import VARIANT_PATTERN
+from upcycling.sweep.load import ConfigError, checked_corpora, sweep_from_mapping
 
 # The schema's defaults and the semantic checks; a bad config stops here, before any job runs.
 # The corpus files are found once: by the corpus checks, which hand them to the inventory.
@@ -28,8 +28,10 @@ BASEDIR = workflow.basedir  # where relative corpus and tokenizer paths start
 
 # A training job: its spec (params) is everything its result depends on; launcher and run_options
 # (resources) are how it runs, which Snakemake's rerun triggers ignore. The log keeps every attempt.
-TRAIN = ("OMP_NUM_THREADS={threads} {resources.launcher} upcycling train --spec {params.spec:q} "
-         "{resources.run_options} >> {log} 2>&1")
+TRAIN = (
+    "OMP_NUM_THREADS={threads} {resources.launcher} upcycling train --spec {params.spec:q} "
+    "{resources.run_options} >> {log} 2>&1"
+)
 
 
 wildcard_constraints:
@@ -53,8 +55,9 @@ onstart:
         cluster = read_cluster()
         found = problems(INVENTORY, cluster) if cluster is not None else []
         if found:
-            raise WorkflowError("this Slurm cluster cannot run the sweep (nothing was submitted):\n- "
-                                + "\n- ".join(found))
+            raise WorkflowError(
+                "this Slurm cluster cannot run the sweep (nothing was submitted):\n- " + "\n- ".join(found)
+            )
 
 
 def outputs(rule_name):

@@ -4,14 +4,14 @@ rule aggregate:
         unpack(inputs_of("aggregate")),
     output:
         directory(outputs("aggregate")["store"]),
-    params:
-        spec=spec_of("aggregate"),
     log:
         log_of("aggregate"),
-    resources:
-        **resources_of("aggregate"),
     conda:
         "../../envs/cpu.yml"
+    resources:
+        **resources_of("aggregate"),
+    params:
+        spec=spec_of("aggregate"),
     shell:
         "upcycling aggregate --spec {params.spec:q} >> {log} 2>&1"
 
@@ -22,15 +22,15 @@ rule fit:
         **inputs_of("fit")({}),
     output:
         directory(outputs("fit")["fits"]),
-    params:
-        spec=spec_of("fit"),
     log:
         log_of("fit"),
+    conda:
+        "../../envs/cpu.yml"
     threads: 2
     resources:
         **resources_of("fit"),
-    conda:
-        "../../envs/cpu.yml"
+    params:
+        spec=spec_of("fit"),
     shell:
         "OMP_NUM_THREADS=1 upcycling fit --spec {params.spec:q} --store {input.store} --out-dir {output}"
         " --workers {threads} >> {log} 2>&1"
@@ -48,10 +48,10 @@ rule report:
         ],
     log:
         log_of("report"),
-    resources:
-        **resources_of("report"),
     conda:
         "../../envs/cpu.yml"
+    resources:
+        **resources_of("report"),
     shell:
         "upcycling report --store {input.store} --fits {input.fits} --out-dir $(dirname {output.summary})"
         " >> {log} 2>&1"

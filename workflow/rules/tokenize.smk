@@ -8,15 +8,15 @@ rule train_tokenizer:
         unpack(inputs_of("train_tokenizer")),
     output:
         **outputs("train_tokenizer"),
-    params:
-        spec=spec_of("train_tokenizer"),
     log:
         log_of("train_tokenizer"),
+    conda:
+        "../../envs/cpu.yml"
     threads: SWEEP.tokenizer.threads
     resources:
         **resources_of("train_tokenizer"),
-    conda:
-        "../../envs/cpu.yml"
+    params:
+        spec=spec_of("train_tokenizer"),
     shell:
         "RAYON_NUM_THREADS={threads} upcycling train-tokenizer --spec {params.spec:q} --workdir {BASEDIR:q}"
         " >> {log} 2>&1"
@@ -28,15 +28,15 @@ rule tokenize_shard:
         unpack(inputs_of("tokenize_shard")),
     output:
         **outputs("tokenize_shard"),
-    params:
-        spec=spec_of("tokenize_shard"),
     log:
         log_of("tokenize_shard"),
+    conda:
+        "../../envs/cpu.yml"
     threads: SWEEP.tokenizer.threads
     resources:
         **resources_of("tokenize_shard"),
-    conda:
-        "../../envs/cpu.yml"
+    params:
+        spec=spec_of("tokenize_shard"),
     shell:
         "RAYON_NUM_THREADS={threads} upcycling tokenize-shard --spec {params.spec:q} --workdir {BASEDIR:q}"
         " >> {log} 2>&1"
@@ -48,14 +48,14 @@ rule tokenize:
         unpack(inputs_of("tokenize")),
     output:
         **outputs("tokenize"),
-    params:
-        spec=spec_of("tokenize"),
     log:
         log_of("tokenize"),
+    conda:
+        "../../envs/cpu.yml"
     threads: 1
     resources:
         **resources_of("tokenize"),
-    conda:
-        "../../envs/cpu.yml"
+    params:
+        spec=spec_of("tokenize"),
     shell:
         "upcycling tokenize-gather --spec {params.spec:q} >> {log} 2>&1"

@@ -5,14 +5,14 @@ rule transform:
         unpack(inputs_of("transform")),
     output:
         **outputs("transform"),
-    params:
-        spec=spec_of("transform"),
     log:
         log_of("transform"),
+    conda:
+        "../../envs/gpu.yml"
     threads: 1
     resources:
         **resources_of("transform"),
-    conda:
-        "../../envs/gpu.yml"
+    params:
+        spec=spec_of("transform"),
     shell:
         "upcycling transform --spec {params.spec:q} >> {log} 2>&1"

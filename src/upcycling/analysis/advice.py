@@ -1,17 +1,13 @@
 """Guidance from the fitted laws: when to stop upcycling, with uncertainty, and ``predict`` for
 planning one configuration. The break-even mathematics is :mod:`upcycling.analysis.guidance`.
 
-Public functions:
+Public functions (which from-scratch fit belongs to which upcycled one is the fit set's
+answer, :meth:`upcycling.analysis.fitset.FitSet.upcycled_pairs`):
 
-- ``scratch_fit_for(fits, fit, size) -> FitResult | None``: the from-scratch law an upcycled
-  fit is compared with (same method and MoE configuration; for a dataset law its size's
-  ``scratch_power``, else ``chinchilla_scratch``)
-- ``upcycled_pairs(fits)``: (upcycled fit, size, scratch fit) for every fitted dataset and
-  joint law that has a from-scratch counterpart
-- ``compute_guidance(fits) -> list[dict]``: per pair, D1 and compute accounting: D2* with a
-  bootstrap interval, whether it is conclusive, and every crossing
+- ``compute_guidance(fits: FitSet) -> list[dict]``: per pair, D1 and compute accounting: D2*
+  with a bootstrap interval, whether it is conclusive, and every crossing
 - ``predict(fits, n1, d1, d2, experts, top_k, granularity=1, *, method="moe_upcycle", n2=None,
-  count_sunk_cost=False, level=0.95) -> dict``: predicted loss with a bootstrap interval and
+  count_sunk_cost=False, level=0.95, reinit_ratio=0.0) -> dict``: predicted loss with a bootstrap interval and
   the recommendation (upcycle or train from scratch)
 
 Compute: C = 6 N D with N the active parameters under the fits' counting convention
@@ -31,10 +27,10 @@ import numpy as np
 
 from upcycling.analysis import guidance as guide
 from upcycling.analysis.fitresult import FitResult, to_jsonable
-from upcycling.analysis.fitstage import moe_label
+from upcycling.analysis.fitset import FitKey, FitSet, MoeVariant
 from upcycling.analysis.laws import get_law
 
-__all__ = ["compute_guidance", "predict", "scratch_fit_for", "upcycled_pairs"]
+__all__ = ["compute_guidance", "predict"]
 
 
 def _interval(samples, level: float = 0.95) -> list[float]:
@@ -48,29 +44,6 @@ def _interval(samples, level: float = 0.95) -> list[float]:
         float(np.quantile(samples, tail, method="inverted_cdf")),
         float(np.quantile(samples, 1 - tail, method="inverted_cdf")),
     ]
-
-
-def scratch_fit_for(fits: Mapping[str, FitResult], fit: FitResult, size: str) -> FitResult | None:
-    """The from-scratch law to compare ``fit`` (at ``size``) with, or None."""
-    method, moe = fit.context.get("method"), fit.context.get("moe")
-    per_size, across = f"scratch_power.{method}.{size}.{moe}", f"chinchilla_scratch.{method}.{moe}"
-    order = (per_size, across) if fit.law.startswith("dataset") else (across, per_size)
-    for key in order:
-        if key in fits and fits[key].ok:
-            return fits[key]
-    return None
-
-
-def upcycled_pairs(fits: Mapping[str, FitResult]):
-    """(upcycled fit, size, scratch fit) for every fitted dataset / joint law and size."""
-    for fit in fits.values():
-        if not fit.ok or fit.law not in ("dataset", "joint"):
-            continue
-        sizes = fit.context.get("sizes", {})
-        for size in [fit.context.get("size")] if fit.law == "dataset" else sorted(sizes):
-            scratch = scratch_fit_for(fits, fit, size) if size in sizes else None
-            if scratch is not None:
-                yield fit, size, scratch
 
 
 def _verdict(d2_star: float, interval: list[float], d2_range, data_range) -> tuple[bool, str]:
@@ -88,13 +61,14 @@ def _verdict(d2_star: float, interval: list[float], d2_range, data_range) -> tup
     return True, "within the runs' D2"
 
 
-def compute_guidance(fits: Mapping[str, FitResult], level: float = 0.95) -> list[dict]:
+def compute_guidance(fits: FitSet, level: float = 0.95) -> list[dict]:
     """For every (upcycled fit, size) with a from-scratch counterpart, every D1 that was run
     and both compute accountings: D2* and its status, the bootstrap interval of D2*, whether it
     is conclusive, every crossing, the closed form where one exists, and the effective D2
     exponent alpha2 - alpha3 ln D1."""
     rows = []
-    for fit, size, scratch in upcycled_pairs(fits):
+    for pair in fits.upcycled_pairs():
+        fit, size, scratch = pair.upcycled, pair.size, pair.scratch
         n1, n2 = fit.context["sizes"][size]["n1"], fit.context["sizes"][size]["n2"]
         d2_values = fit.context.get("d2_values") or fit.data_range["d2"]
         d2_range = guide.search_range(d2_values)
@@ -117,11 +91,11 @@ def compute_guidance(fits: Mapping[str, FitResult], level: float = 0.95) -> list
                 )
             rows.append(
                 {
-                    "upcycled_fit": fit.key,
-                    "scratch_fit": scratch.key,
-                    "method": fit.context.get("method"),
+                    "upcycled_fit": str(pair.upcycled_key),
+                    "scratch_fit": str(pair.scratch_key),
+                    "method": pair.upcycled_key.method,
                     "size": size,
-                    "moe": fit.context.get("moe"),
+                    "moe": str(pair.upcycled_key.moe),
                     **table_row,
                     "d2_star_interval": interval,
                     "level": level,
@@ -162,15 +136,17 @@ def _active_params(sizes: Mapping[str, Mapping[str, float]], n1: float) -> tuple
     return float(np.exp(intercept + slope * math.log(n1))), "log-log interpolation across sizes"
 
 
-def _upcycled_fit(fits, n1, moe, method):
-    joint_fit = fits.get(f"joint.{method}.{moe}")
-    if joint_fit is not None and joint_fit.ok:
-        return joint_fit, _matching_size(joint_fit.context.get("sizes", {}), n1)
-    for fit in fits.values():
-        if fit.ok and fit.law == "dataset" and fit.context.get("moe") == moe and fit.context.get("method") == method:
-            size = fit.context["size"]
-            if _matching_size({size: fit.context["sizes"][size]}, n1) is not None:
-                return fit, size
+def _upcycled_fit(fits: FitSet, n1: float, moe: MoeVariant, method: str) -> tuple[FitKey, FitResult, str | None]:
+    """The joint law of this method and variant when fitted, else the dataset law of the size
+    whose N1 is n1; with that size (None: the joint law at an N1 that was not run)."""
+    joint_key = FitKey("joint", method, moe=moe)
+    joint_fit = fits.fitted(joint_key)
+    if joint_fit is not None:
+        return joint_key, joint_fit, _matching_size(joint_fit.context.get("sizes", {}), n1)
+    for key, fit in fits.select(["dataset"], method=method, moe=moe, fitted=True):
+        size = fit.context["size"]
+        if _matching_size({size: fit.context["sizes"][size]}, n1) is not None:
+            return key, fit, size
     raise ValueError(
         f"no fitted law predicts a {method} {moe} model from a dense model of "
         f"{n1:g} parameters (need joint.{method}.{moe}, or "
@@ -191,17 +167,20 @@ def predict(
     n2: float | None = None,
     count_sunk_cost: bool = False,
     level: float = 0.95,
+    reinit_ratio: float = 0.0,
 ) -> dict[str, Any]:
     """Predicted loss of upcycling a dense model of n1 parameters (counted as the fits count
     them) trained on d1 tokens into an MoE (experts, top_k, granularity) trained on d2 tokens,
     with a bootstrap interval, and the recommendation against training it from scratch with
-    the same compute. Uses the joint law when fitted, else the dataset law of the run size
+    the same compute; ``reinit_ratio``: Drop-Upcycling's r of the fits to use. Uses the joint law when fitted, else the dataset law of the run size
     whose N1 matches n1. ``count_sunk_cost``: whether the dense model's compute counts against
-    upcycling; both accountings are reported, ``recommendation`` follows this one.
+    upcycling; both accountings are reported, ``recommendation`` follows this one. ``fits``: by
+    key string, as ``load_fits`` reads them.
     """
-    moe = moe_label(experts, top_k, granularity)
+    fit_set = FitSet.of(fits)
+    moe = MoeVariant(int(experts), int(top_k), int(granularity), float(reinit_ratio))
     notes: list[str] = []
-    upcycled, size = _upcycled_fit(fits, n1, moe, method)
+    upcycled_key, upcycled, size = _upcycled_fit(fit_set, n1, moe, method)
     sizes = upcycled.context.get("sizes", {})
     if n2 is None:
         n2, how = _active_params(sizes, n1)
@@ -213,7 +192,7 @@ def predict(
         if not low <= value <= high:
             notes.append(f"{variable} = {value:.3g} is outside the runs ({low:.3g} to {high:.3g}): extrapolated")
     if upcycled.status != "converged":
-        notes.append(f"{upcycled.key}: status {upcycled.status} ({upcycled.status_detail})")
+        notes.append(f"{upcycled_key}: status {upcycled.status} ({upcycled.status_detail})")
 
     variables = {"d1": d1, "d2": d2, **({"n1": n1} if upcycled.law == "joint" else {})}
     loss = float(upcycled.predict(**variables))
@@ -229,20 +208,19 @@ def predict(
             "n2": n2,
             "method": method,
         },
-        "law": upcycled.key,
+        "law": str(upcycled_key),
         "loss": loss,
         "interval": _interval(loss_samples, level),
         "level": level,
         "flops_upcycled": 6.0 * n2 * d2,
         "flops_dense": 6.0 * n1 * d1,
     }
-    scratch = (
-        scratch_fit_for(fits, upcycled, size) if size is not None else fits.get(f"chinchilla_scratch.{method}.{moe}")
-    )
-    if scratch is None or not scratch.ok:
+    scratch_match = fit_set.scratch_for(upcycled_key, size)
+    if scratch_match is None:
         notes.append("no from-scratch law fitted for this configuration: no recommendation")
         out.update(recommendation=None, by_accounting={}, notes=notes)
         return to_jsonable(out)
+    scratch_key, scratch = scratch_match
 
     scratch_loss = guide.scratch_loss_fn(scratch, n2)
     upcycled_fn = guide.upcycled_loss_fn(upcycled, n1)
@@ -259,7 +237,7 @@ def predict(
             upcycled_fn, scratch_loss, d1, n1=n1, n2=n2, count_sunk_cost=counted, d2_range=d2_range
         )
         by_accounting["sunk_cost_counted" if counted else "sunk_cost_not_counted"] = {
-            "scratch_law": scratch.key,
+            "scratch_law": str(scratch_key),
             "scratch_tokens": d_s,
             "scratch_loss": scratch_value,
             "scratch_interval": _interval(scratch_samples, level),

@@ -30,6 +30,7 @@ import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from upcycling.analysis.laws import Law, ParamSpec
 
 __all__ = [
     "DECADE",
+    "InformationCriteria",
     "StandardErrors",
     "bounds_hit",
     "identification",
@@ -69,7 +71,15 @@ def log_jacobian(design: np.ndarray, theta: np.ndarray) -> np.ndarray:
     return np.einsum("nm,nmp->np", _term_shares(design, theta), design)
 
 
-def information_criteria(log_residuals: np.ndarray, n_params: int) -> dict[str, float]:
+class InformationCriteria(TypedDict):
+    """The FitResult fields of the same names."""
+
+    aic: float
+    aicc: float
+    bic: float
+
+
+def information_criteria(log_residuals: np.ndarray, n_params: int) -> InformationCriteria:
     """AIC, AICc and BIC of a Gaussian likelihood of the log residuals (variance fitted: k =
     params + 1). At a Huber optimum this is an approximation (the fit is not the Gaussian
     maximum-likelihood one); AICc adds 2k(k+1)/(n-k-1), infinite when n <= k + 1."""
@@ -225,12 +235,12 @@ def _candidates(law: Law, arrays: Mapping[str, np.ndarray]):
             axes = [np.append(np.unique(arrays[v]), np.unique(arrays[v]).max() * factor) for v in law.variables]
             rows = [row for row in itertools.product(*axes) if row not in existing]
             if rows:
-                rows = np.array(rows)
+                grid = np.array(rows)
                 add(
                     "add "
                     + ", ".join(f"{LABELS.get(v, v)} = {axis[-1]:.3g}" for v, axis in zip(law.variables, axes))
                     + " (the new rows of the grid)",
-                    {v: rows[:, i] for i, v in enumerate(law.variables)},
+                    {v: grid[:, i] for i, v in enumerate(law.variables)},
                 )
     return sorted(out, key=lambda entry: (entry[2], entry[3]))
 

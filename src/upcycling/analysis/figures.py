@@ -1,7 +1,7 @@
 """The report's figures. ``FIGURES`` (name -> file name, ``upcycling.core.layout.REPORT_FIGURES``) is the
 one list of them: the report writes exactly these, and the Snakemake ``report`` rule declares them.
 
-``write_figures(table, fits, out_dir, vocab_size=None) -> dict[str, Path]``.
+``write_figures(table, fits: FitSet, out_dir, vocab_size=None) -> dict[str, Path]``.
 
 Every figure stays within the runs plus one decade of extrapolation, drawn dashed over a grey
 band; fitted curves carry their 95% bootstrap band; the from-scratch runs are plotted beside
@@ -11,7 +11,6 @@ the upcycled ones; losses above ln(vocabulary) (worse than a uniform guess) are 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter
 
 from upcycling.analysis import guidance as guide
-from upcycling.analysis.advice import upcycled_pairs
-from upcycling.analysis.fitresult import FitResult
-from upcycling.analysis.fitstage import DATASET_FAMILY, select_runs
+from upcycling.analysis.fitset import DATASET_FAMILY, UPCYCLED_LAWS, FitKey, FitSet
+from upcycling.analysis.fitstage import select_runs
+from upcycling.analysis.reinit import ratio_groups, single_ratio_note
 from upcycling.core.layout import REPORT_FIGURES
 
 __all__ = ["FIGURES", "write_figures"]
@@ -85,34 +84,33 @@ def _cap(axis, vocab_size: int | None) -> None:
         axis.set_ylim(low, min(high, ceiling * 1.02))
 
 
-def _dataset_fits(fits: Mapping[str, FitResult]) -> list[FitResult]:
-    return [fit for fit in fits.values() if fit.ok and fit.law == "dataset"]
-
-
-def _runs_of(table: pd.DataFrame, fit: FitResult, init: str = "upcycled") -> pd.DataFrame:
-    c = fit.context
+def _runs_of(table: pd.DataFrame, key: FitKey, init: str = "upcycled", size: str | None = None) -> pd.DataFrame:
+    """The runs of ``init`` with the fit's method, size (or ``size``) and MoE variant (from-scratch
+    runs: whatever the fit's re-initialisation ratio, they have none)."""
+    moe = key.moe
     return select_runs(
         table,
         init,
-        method=c.get("method"),
-        size=c.get("size"),
-        experts=c.get("experts"),
-        top_k=c.get("top_k"),
-        granularity=c.get("granularity"),
+        method=key.method,
+        size=key.size if size is None else size,
+        experts=None if moe is None else moe.experts,
+        top_k=None if moe is None else moe.top_k,
+        granularity=None if moe is None else moe.granularity,
+        reinit_ratio=None if moe is None or init != "upcycled" else moe.reinit_ratio,
     )
 
 
-def _loss_vs_d2(path, table, fits, vocab_size):
-    chosen = _dataset_fits(fits)
+def _loss_vs_d2(path, table, fits: FitSet, vocab_size):
+    chosen = fits.select(["dataset"], fitted=True)
     if not chosen:
         return _empty(path, "no fitted dataset law")
     figure, axes = _panels(
         len(chosen),
         "Loss vs D2: runs (dots), fits with 95% bands; from scratch (black x, grey line); grey: extrapolated",
     )
-    for axis, fit in zip(axes, chosen):
-        rows = _runs_of(table, fit)
-        scratch_rows = _runs_of(table, fit, "scratch")
+    for axis, (key, fit) in zip(axes, chosen):
+        rows = _runs_of(table, key)
+        scratch_rows = _runs_of(table, key, "scratch")
         d2_max = rows["d2_tokens"].max()
         low = min(rows["d2_tokens"].min(), scratch_rows["d2_tokens"].min() if not scratch_rows.empty else np.inf)
         grid = np.geomspace(low, d2_max * EXTRAPOLATION, 160)
@@ -132,8 +130,8 @@ def _loss_vs_d2(path, table, fits, vocab_size):
                 zorder=3,
                 label="from scratch (D tokens)",
             )
-            scratch = fits.get(f"scratch_power.{fit.context['method']}.{fit.context['size']}.{fit.context['moe']}")
-            if scratch is not None and scratch.ok:
+            scratch = fits.fitted(key.scratch_key("scratch_power"))
+            if scratch is not None:
                 _curve(axis, grid, scratch.predict(d=grid), scratch_rows["d2_tokens"].max(), "grey", linewidth=1)
         _extrapolated(axis, d2_max, grid[-1])
         _log_axis(axis, "x")
@@ -145,17 +143,16 @@ def _loss_vs_d2(path, table, fits, vocab_size):
     figure.savefig(path, dpi=110)
 
 
-def _residuals(path, table, fits):
-    chosen = _dataset_fits(fits)
+def _residuals(path, table, fits: FitSet):
+    chosen = fits.select(["dataset"], fitted=True)
     if not chosen:
         return _empty(path, "no fitted dataset law")
     figure, axes = _panels(len(chosen), "Residuals (observed - fitted loss) of the dataset law and its baselines")
-    for axis, fit in zip(axes, chosen):
-        rows = _runs_of(table, fit)
-        suffix = fit.key[len("dataset") :]
+    for axis, (key, fit) in zip(axes, chosen):
+        rows = _runs_of(table, key)
         for index, law in enumerate(DATASET_FAMILY):
-            member = fits.get(law + suffix)
-            if member is None or not member.ok:
+            member = fits.fitted(key.with_law(law))
+            if member is None:
                 continue
             predicted = member.predict(d1=rows["d1_tokens"].to_numpy(float), d2=rows["d2_tokens"].to_numpy(float))
             axis.scatter(
@@ -174,8 +171,8 @@ def _residuals(path, table, fits):
     figure.savefig(path, dpi=110)
 
 
-def _effective_exponent(path, fits):
-    chosen = [fit for fit in fits.values() if fit.ok and fit.law in ("dataset", "joint")]
+def _effective_exponent(path, fits: FitSet):
+    chosen = [fit for _, fit in fits.select(UPCYCLED_LAWS, fitted=True)]
     if not chosen:
         return _empty(path, "no fitted dataset or joint law")
     figure = Figure(figsize=(6.5, 4.2), layout="constrained")
@@ -219,21 +216,21 @@ def _effective_exponent(path, fits):
     figure.savefig(path, dpi=110)
 
 
-def _break_even(path, fits):
-    pairs = list(upcycled_pairs(fits))
+def _break_even(path, fits: FitSet):
+    pairs = fits.upcycled_pairs()
     if not pairs:
         return _empty(path, "no pair of fitted upcycled and from-scratch laws")
-    n1_of = {size: fit.context["sizes"][size]["n1"] for fit, size, _ in pairs}
-    sizes = sorted(n1_of, key=n1_of.get)
+    n1_of = {pair.size: pair.upcycled.context["sizes"][pair.size]["n1"] for pair in pairs}
+    sizes = sorted(n1_of, key=lambda size: n1_of[size])
     figure, axes = _panels(
         len(sizes),
         "Break-even D2*: beyond it the same architecture from scratch with the same compute is better (band: 95%)",
     )
     for axis, size in zip(axes, sizes):
-        for index, (fit, _, scratch) in enumerate(p for p in pairs if p[1] == size):
+        for index, (fit, scratch) in enumerate((p.upcycled, p.scratch) for p in pairs if p.size == size):
             n1, n2 = fit.context["sizes"][size]["n1"], fit.context["sizes"][size]["n2"]
-            d1_values = fit.context.get("d1_values")
-            d2_range = guide.search_range(fit.context.get("d2_values"))
+            d1_values = fit.context["d1_values"]
+            d2_range = guide.search_range(fit.context["d2_values"])
             grid = np.geomspace(min(d1_values), max(d1_values) * EXTRAPOLATION, 14)
             for counted, style in ((False, "-"), (True, "--")):
                 points, low, high = [], [], []
@@ -255,8 +252,8 @@ def _break_even(path, fits):
                     finite = samples[np.isfinite(samples) & (samples > 0)]
                     low.append(np.percentile(finite, 2.5) if finite.size > 1 else np.nan)
                     high.append(np.percentile(finite, 97.5) if finite.size > 1 else np.nan)
-                points = np.array(points)
-                shown = np.where(np.isfinite(points) & (points > 0), points, np.nan)
+                estimates = np.array(points)
+                shown = np.where(np.isfinite(estimates) & (estimates > 0), estimates, np.nan)
                 colour = f"C{index % 10}"
                 axis.plot(
                     grid, shown, style, color=colour, label=f"{fit.key} ({'dense cost counted' if counted else 'sunk'})"
@@ -273,18 +270,19 @@ def _break_even(path, fits):
     figure.savefig(path, dpi=110)
 
 
-def _equal_compute(path, table, fits, vocab_size):
-    pairs = [p for p in upcycled_pairs(fits) if p[0].law == "dataset"] or list(upcycled_pairs(fits))
+def _equal_compute(path, table, fits: FitSet, vocab_size):
+    pairs = [p for p in fits.upcycled_pairs() if p.upcycled_key.law == "dataset"] or fits.upcycled_pairs()
     if not pairs:
         return _empty(path, "no pair of fitted upcycled and from-scratch laws")
     figure, axes = _panels(
         len(pairs), "Upcycled (colours, per D1) vs from scratch (black) at equal compute 6·N·D; dense cost not counted"
     )
-    for axis, (fit, size, scratch) in zip(axes, pairs):
+    for axis, pair in zip(axes, pairs):
+        fit, size, scratch = pair.upcycled, pair.size, pair.scratch
         n1, n2 = fit.context["sizes"][size]["n1"], fit.context["sizes"][size]["n2"]
-        d2_values = fit.context.get("d2_values")
+        d2_values = fit.context["d2_values"]
         grid = np.geomspace(min(d2_values), max(d2_values) * EXTRAPOLATION, 160)
-        for index, d1 in enumerate(fit.context.get("d1_values")):
+        for index, d1 in enumerate(fit.context["d1_values"]):
             curves = guide.equal_compute_curves(fit, scratch, d1, grid, n1=n1, n2=n2, count_sunk_cost=False)
             _curve(
                 axis,
@@ -294,15 +292,7 @@ def _equal_compute(path, table, fits, vocab_size):
                 f"C{index % 10}",
                 label=f"upcycled, D1={d1:.3g}",
             )
-        rows = select_runs(
-            table,
-            "scratch",
-            method=fit.context.get("method"),
-            size=size,
-            experts=fit.context.get("experts"),
-            top_k=fit.context.get("top_k"),
-            granularity=fit.context.get("granularity"),
-        )
+        rows = _runs_of(table, pair.upcycled_key, "scratch", size)
         d_max = rows["d2_tokens"].max() if not rows.empty else max(d2_values)
         d_grid = np.geomspace(min(d2_values), d_max * EXTRAPOLATION, 160)
         scratch_loss = guide.scratch_loss_fn(scratch, n2)(d_grid)
@@ -334,8 +324,8 @@ def _equal_compute(path, table, fits, vocab_size):
     figure.savefig(path, dpi=110)
 
 
-def _model_config(path, table, fits):
-    chosen = [fit for fit in fits.values() if fit.law == "model_config"]
+def _model_config(path, table, fits: FitSet):
+    chosen = [fit for _, fit in fits.select(["model_config"])]
     if not chosen:
         return _empty(path, "no model-configuration law planned (no upcycled runs)")
     figure, axes = _panels(len(chosen), "Model-configuration law: loss vs N2 per sparsity P at one (D1, D2)")
@@ -370,8 +360,40 @@ def _model_config(path, table, fits):
     figure.savefig(path, dpi=110)
 
 
+def _reinit_ratio(path, table, fits: FitSet, vocab_size):
+    groups = ratio_groups(fits)
+    if not groups:
+        return _empty(path, single_ratio_note(fits))
+    figure, axes = _panels(
+        len(groups),
+        "Loss vs D2 at the largest D1, one colour per re-initialisation ratio r: runs (dots), "
+        "dataset law with 95% band; grey: extrapolated",
+    )
+    for axis, group in zip(axes, groups):
+        runs = [(key, _runs_of(table, key)) for key in group.keys]
+        d2_values = pd.concat([rows["d2_tokens"] for _, rows in runs])
+        d1 = pd.concat([rows["d1_tokens"] for _, rows in runs]).max()
+        grid = np.geomspace(d2_values.min(), d2_values.max() * EXTRAPOLATION, 160)
+        for index, ((key, rows), ratio) in enumerate(zip(runs, group.ratios)):
+            colour = f"C{index % 10}"
+            chosen = rows[rows["d1_tokens"] == d1]
+            axis.scatter(chosen["d2_tokens"], chosen["final_val_loss"], color=colour, s=18, zorder=3)
+            fit = fits.fitted(key)
+            if fit is not None:
+                _curve(axis, grid, fit.predict(d1=d1, d2=grid), d2_values.max(), colour, label=f"r = {ratio:g}")
+                _band(axis, grid, fit.predict_samples(d1=d1, d2=grid), colour)
+        _extrapolated(axis, d2_values.max(), grid[-1])
+        _log_axis(axis, "x")
+        axis.set_xlabel("D2 (second-stage tokens)")
+        axis.set_ylabel("validation loss (nats)")
+        axis.set_title(f"{group.title}, D1 = {d1:.3g}", fontsize=8)
+        axis.legend(fontsize=6)
+        _cap(axis, vocab_size)
+    figure.savefig(path, dpi=110)
+
+
 def write_figures(
-    table: pd.DataFrame, fits: Mapping[str, FitResult], out_dir: str | Path, vocab_size: int | None = None
+    table: pd.DataFrame, fits: FitSet, out_dir: str | Path, vocab_size: int | None = None
 ) -> dict[str, Path]:
     """Write every figure of ``FIGURES`` into ``out_dir``; ``vocab_size`` caps loss axes at
     ln(vocabulary)."""
@@ -385,4 +407,5 @@ def write_figures(
         _break_even(paths["break_even"], fits)
         _equal_compute(paths["equal_compute"], table, fits, vocab_size)
         _model_config(paths["model_config"], table, fits)
+        _reinit_ratio(paths["reinit_ratio"], table, fits, vocab_size)
     return paths

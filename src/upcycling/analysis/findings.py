@@ -1,6 +1,6 @@
 """The report's answers to the paper's questions, one sentence each with its numbers (pure).
 
-``findings(fits, guidance) -> list[dict]``: each ``{"topic", "subject", "sentence", "data"}``,
+``findings(fits: FitSet, guidance) -> list[dict]``: each ``{"topic", "subject", "sentence", "data"}``,
 in the order the report prints them (``TOPICS``):
 
 - the interaction alpha3 of every dataset and joint fit, its interval, and whether it excludes 0;
@@ -12,6 +12,8 @@ in the order the report prints them (``TOPICS``):
 - the model-configuration law's exponents;
 - the methods compared: alpha3 of each second-stage method against the data exponent of the
   same architecture trained from scratch;
+- Drop-Upcycling's re-initialisation ratios r compared (:mod:`upcycling.analysis.reinit`; the
+  report adds those findings, in this order);
 - fit health: statuses, and parameters not identified by these runs with the extension of the
   sweep that would identify them.
 """
@@ -19,13 +21,12 @@ in the order the report prints them (``TOPICS``):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from upcycling.analysis.advice import scratch_fit_for
 from upcycling.analysis.fitresult import FitResult
+from upcycling.analysis.fitset import UPCYCLED_LAWS, FitKey, FitSet
 
 __all__ = ["TOPICS", "findings", "fmt"]
 
@@ -36,6 +37,7 @@ TOPICS = {
     "break_even": "When to stop upcycling (D2*)",
     "model_config": "The model-configuration law",
     "methods": "Methods compared with training from scratch",
+    "reinit_ratio": "Drop-Upcycling: the re-initialisation ratio r",
     "health": "Fit health",
 }
 
@@ -64,15 +66,10 @@ def _subject(fit: FitResult) -> str:
     return f"`{fit.key}`"
 
 
-def _upcycled_fits(fits: Mapping[str, FitResult]) -> list[FitResult]:
-    chosen = [fit for fit in fits.values() if fit.ok and fit.law in ("joint", "dataset")]
-    return sorted(chosen, key=lambda f: (f.context.get("method", ""), f.law != "joint", f.key))
-
-
-def _baseline(fits: Mapping[str, FitResult], fit: FitResult) -> FitResult | None:
-    key = f"{fit.law}_no_interaction" + fit.key[len(fit.law) :]
-    base = fits.get(key)
-    return base if base is not None and base.ok else None
+def _upcycled_fits(fits: FitSet) -> list[tuple[FitKey, FitResult]]:
+    """The fitted dataset and joint laws by method, the joint law first within each."""
+    chosen = fits.select(UPCYCLED_LAWS, fitted=True)
+    return sorted(chosen, key=lambda item: (item[0].method or "", item[0].law != "joint", str(item[0])))
 
 
 def _interaction(fit: FitResult) -> dict:
@@ -129,8 +126,8 @@ def _ordering(fit: FitResult) -> dict:
     }
 
 
-def _comparison(fits, fit: FitResult) -> dict | None:
-    base = _baseline(fits, fit)
+def _comparison(fits: FitSet, key: FitKey, fit: FitResult) -> dict | None:
+    base = fits.fitted(key.with_law(f"{key.law}_no_interaction"))
     if base is None:
         return None
     delta = base.aicc - fit.aicc
@@ -203,11 +200,9 @@ def _break_even(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _model_config(fits) -> list[dict]:
+def _model_config(fits: FitSet) -> list[dict]:
     out = []
-    for fit in fits.values():
-        if fit.law != "model_config":
-            continue
+    for _, fit in fits.select(["model_config"]):
         if not fit.ok:
             sentence = f"{_subject(fit)} was not fitted: {fit.reason}"
         else:
@@ -223,11 +218,11 @@ def _model_config(fits) -> list[dict]:
     return out
 
 
-def _across_methods(fits) -> list[dict]:
+def _across_methods(fits: FitSet) -> list[dict]:
     """One sentence ranking the methods by alpha3 (joint law, else the per-size laws)."""
-    by_method: dict[str, FitResult] = {}
-    for fit in _upcycled_fits(fits):  # joint first within each method
-        by_method.setdefault(fit.context.get("method"), fit)
+    by_method: dict[str | None, FitResult] = {}
+    for key, fit in _upcycled_fits(fits):  # joint first within each method
+        by_method.setdefault(key.method, fit)
     if len(by_method) < 2:
         return []
     ranked = sorted(by_method.items(), key=lambda item: -item[1].params["alpha3"])
@@ -250,11 +245,12 @@ def _across_methods(fits) -> list[dict]:
     ]
 
 
-def _methods(fits) -> list[dict]:
+def _methods(fits: FitSet) -> list[dict]:
     out = _across_methods(fits)
-    for fit in _upcycled_fits(fits):
-        method = fit.context.get("method")
-        scratch = scratch_fit_for(fits, fit, fit.context.get("size"))
+    for key, fit in _upcycled_fits(fits):
+        method = key.method
+        scratch_match = fits.scratch_for(key)
+        scratch = scratch_match[1] if scratch_match is not None else None
         d1_max = max(fit.context.get("d1_values") or [math.nan])
         gamma = fit.params["alpha2"] - fit.params["alpha3"] * math.log(d1_max)
         text = (
@@ -287,7 +283,7 @@ def _methods(fits) -> list[dict]:
     return out
 
 
-def _health(fits) -> list[dict]:
+def _health(fits: FitSet) -> list[dict]:
     fitted = [fit for fit in fits.values() if fit.ok]
     counts = {
         status: sum(fit.status == status for fit in fitted)
@@ -354,12 +350,12 @@ def _health(fits) -> list[dict]:
     return out
 
 
-def findings(fits: Mapping[str, FitResult], guidance: list[dict]) -> list[dict]:
+def findings(fits: FitSet, guidance: list[dict]) -> list[dict]:
     """Every finding of the report, in ``TOPICS`` order (see the module docstring)."""
     upcycled = _upcycled_fits(fits)
-    out = [_interaction(fit) for fit in upcycled]
-    out += [_ordering(fit) for fit in upcycled]
-    out += [entry for fit in upcycled if (entry := _comparison(fits, fit)) is not None]
+    out = [_interaction(fit) for _, fit in upcycled]
+    out += [_ordering(fit) for _, fit in upcycled]
+    out += [entry for key, fit in upcycled if (entry := _comparison(fits, key, fit)) is not None]
     out += _break_even(guidance)
     out += _model_config(fits)
     out += _methods(fits)

@@ -68,7 +68,7 @@ class FitResult:
     status: str = "converged"  # one of STATUSES (see the module docstring)
     status_detail: str = ""  # the status in words: which bound, which condition number
     reason: str | None = None  # why skipped
-    params: dict[str, float] = field(default_factory=dict)
+    params: Mapping[str, float] = field(default_factory=dict)  # read, never edited
     stderr: dict[str, float] = field(default_factory=dict)
     stderr_note: str = ""
     interval: dict[str, list[float]] = field(default_factory=dict)  # bootstrap percentile

@@ -8,21 +8,21 @@ Public names:
   total parameters from
 - ``runs_table(ds, counts="non_embedding") -> pandas.DataFrame``: one row per run that exists,
   with ``n1_params`` (N1), ``n2_params`` (N2), ``total_params`` and ``sparsity`` (P = total /
-  N2) under that convention
+  N2) under that convention, and ``reinit_ratio`` (0 where the store has no such coordinate:
+  a store aggregated before Drop-Upcycling existed)
 - ``select_runs(table, init, method=None, size=None, experts=None, top_k=None,
-  granularity=None)``
+  granularity=None, reinit_ratio=None)``
 - ``law_data(table, law) -> dict[str, np.ndarray]``: a law's variables and ``loss``
-- ``moe_label(experts, top_k, granularity) -> str``: ``"e4k2g1"``
 - ``plan_fits(table) -> list[FitTask]``: which law to fit to which runs (pure)
 - ``fit_all(ds, fit_cfg, out_dir=None, workers=1, counts="non_embedding", monotone=False)
   -> dict[str, FitResult]``
 - ``load_fits(fits_dir) -> dict[str, FitResult]``
 
-Fit keys carry the second-stage method: ``<law>.<method>.<size>.<moe>`` for the laws of one
-dense size (``dataset``, its baselines, ``scratch_power``), ``<law>.<method>.<moe>`` for laws
-across sizes (``joint``, ``joint_no_interaction``, ``chinchilla_scratch``),
-``model_config.<method>``, and ``chinchilla_dense``. The from-scratch baseline of a method is
-the scratch runs of that method (for ``moe_upcycle`` the same MoE; for ``continue`` and
+Each task is named by a :class:`~upcycling.analysis.fitset.FitKey` (law, method, size, MoE
+variant with its re-initialisation ratio r; its string names the fit's file). The dataset and
+joint laws are fitted per r; the model-configuration law to the r = 0 runs (its extra
+configurations are run at r = 0 only). The from-scratch baseline of a method is the scratch
+runs of that method (for ``moe_upcycle`` the same MoE, whatever r; for ``continue`` and
 ``grow_*`` the target dense architecture).
 """
 
@@ -41,9 +41,10 @@ import pandas as pd
 import xarray as xr
 
 from upcycling.analysis.fitresult import DEFAULT_HUBER_DELTA, FitResult
+from upcycling.analysis.fitset import DATASET_FAMILY, JOINT_FAMILY, FitKey, MoeVariant
 from upcycling.analysis.fitting import fit_law
 from upcycling.analysis.laws import Law, get_law
-from upcycling.analysis.store import COORDS, SCALARS
+from upcycling.analysis.store import COORD_DEFAULTS, COORDS, EXPERT_SUMMARIES, SCALARS
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ __all__ = [
     "fit_all",
     "law_data",
     "load_fits",
-    "moe_label",
     "plan_fits",
     "runs_table",
     "select_runs",
@@ -69,13 +69,9 @@ PARAMETER_COUNTS = {
     },
     "total": {"n1_params": "dense_params", "n2_params": "active_params", "total_params": "n_params"},
 }
-DATASET_FAMILY = ("dataset", "dataset_no_interaction", "dataset_additive")
-JOINT_FAMILY = ("joint", "joint_no_interaction")
 
 
-def moe_label(experts: int, top_k: int, granularity: int) -> str:
-    """Short label of an MoE configuration, e.g. ``e4k2g1`` (``e1k1g1``: a dense architecture)."""
-    return f"e{int(experts)}k{int(top_k)}g{int(granularity)}"
+_COLUMN_TYPES = {str: str, int: np.int64, float: float}  # a store coordinate's type -> its column's
 
 
 def runs_table(ds: xr.Dataset, counts: str = "non_embedding") -> pd.DataFrame:
@@ -83,11 +79,14 @@ def runs_table(ds: xr.Dataset, counts: str = "non_embedding") -> pd.DataFrame:
     total parameters and P under the ``counts`` convention (``PARAMETER_COUNTS``)."""
     if counts not in PARAMETER_COUNTS:
         raise ValueError(f"parameter counts {counts!r}: use one of {', '.join(PARAMETER_COUNTS)}")
-    present = [name for name in SCALARS if name in ds]
+    present = [name for name in (*SCALARS, *EXPERT_SUMMARIES) if name in ds]
     table = ds[present].load().to_dataframe().reset_index()
     table = table[np.isfinite(table["final_val_loss"])].copy()
+    for name, default in COORD_DEFAULTS.items():  # a store aggregated before the coordinate existed
+        if name not in table:
+            table[name] = default
     for name, kind in COORDS.items():
-        table[name] = table[name].astype(str if kind is str else np.int64)
+        table[name] = table[name].astype(_COLUMN_TYPES[kind])
     for column, source in PARAMETER_COUNTS[counts].items():
         if source not in table or not np.isfinite(table[source]).any():
             raise ValueError(
@@ -108,6 +107,7 @@ def select_runs(
     experts: int | None = None,
     top_k: int | None = None,
     granularity: int | None = None,
+    reinit_ratio: float | None = None,
 ) -> pd.DataFrame:
     """Rows of one initialisation, optionally one method, size and MoE configuration."""
     mask = table["init"] == init
@@ -117,6 +117,7 @@ def select_runs(
         ("experts", experts),
         ("top_k", top_k),
         ("granularity", granularity),
+        ("reinit_ratio", reinit_ratio),
     ):
         if value is not None:
             mask &= table[name] == value
@@ -138,11 +139,14 @@ def law_data(table: pd.DataFrame, law: str | Law) -> dict[str, np.ndarray]:
 
 @dataclass
 class FitTask:
-    key: str
-    law: str
+    key: FitKey
     rows: pd.DataFrame = field(repr=False)
     context: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None  # set when there is nothing to fit at all
+
+    @property
+    def law(self) -> str:
+        return self.key.law
 
 
 def _size_table(rows: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -167,16 +171,36 @@ def _context(rows: pd.DataFrame, **extra) -> dict[str, Any]:
     }
 
 
-def _configs(rows: pd.DataFrame) -> list[dict[str, Any]]:
-    configs = sorted(
-        {(int(e), int(k), int(g)) for e, k, g in rows[["experts", "top_k", "granularity"]].itertuples(index=False)}
+def _variants(rows: pd.DataFrame) -> list[MoeVariant]:
+    return sorted(
+        {
+            MoeVariant(int(e), int(k), int(g), float(r))
+            for e, k, g, r in rows[["experts", "top_k", "granularity", "reinit_ratio"]].itertuples(index=False)
+        }
     )
-    return [dict(experts=e, top_k=k, granularity=g, moe=moe_label(e, k, g)) for e, k, g in configs]
 
 
-def _select(table, init, method, config):
+def _variant_context(init: str, method: str, moe: MoeVariant) -> dict[str, Any]:
+    return dict(
+        init=init,
+        method=method,
+        experts=moe.experts,
+        top_k=moe.top_k,
+        granularity=moe.granularity,
+        reinit_ratio=moe.reinit_ratio,
+        moe=str(moe),
+    )
+
+
+def _select(table: pd.DataFrame, init: str, method: str, moe: MoeVariant) -> pd.DataFrame:
     return select_runs(
-        table, init, method=method, experts=config["experts"], top_k=config["top_k"], granularity=config["granularity"]
+        table,
+        init,
+        method=method,
+        experts=moe.experts,
+        top_k=moe.top_k,
+        granularity=moe.granularity,
+        reinit_ratio=moe.reinit_ratio,
     )
 
 
@@ -191,8 +215,7 @@ def _model_config_task(runs: pd.DataFrame, method: str) -> FitTask:
     d1, d2 = (int(v) for v in counts.iloc[-1][["d1_tokens", "d2_tokens"]])
     rows = runs[(runs["d1_tokens"] == d1) & (runs["d2_tokens"] == d2)]
     return FitTask(
-        f"model_config.{method}",
-        "model_config",
+        FitKey("model_config", method),
         rows,
         _context(
             rows,
@@ -200,7 +223,7 @@ def _model_config_task(runs: pd.DataFrame, method: str) -> FitTask:
             method=method,
             d1_tokens=d1,
             d2_tokens=d2,
-            moe=", ".join(c["moe"] for c in _configs(rows)),
+            moe=", ".join(str(moe) for moe in _variants(rows)),
         ),
     )
 
@@ -208,42 +231,38 @@ def _model_config_task(runs: pd.DataFrame, method: str) -> FitTask:
 def plan_fits(table: pd.DataFrame) -> list[FitTask]:
     """Every (law, runs) pair the study defines, from the tidy runs table.
 
-    Per method and MoE configuration run over a grid of D1 and D2: the dataset law and its
-    baselines per dense size, the joint law and its baseline across sizes. Configurations run
-    at a single (D1, D2) pair (the sparsity axis) feed only the model-configuration law.
+    Per method and MoE configuration (re-initialisation ratio included) run over a grid of D1
+    and D2: the dataset law and its baselines per dense size, the joint law and its baseline
+    across sizes. Configurations run at a single (D1, D2) pair (the sparsity axis) feed only
+    the model-configuration law, which is fitted to the r = 0 runs.
     """
     tasks: list[FitTask] = []
     upcycled = table[table["init"] == "upcycled"]
     if upcycled.empty:
         for law in ("dataset", "joint", "model_config"):
-            tasks.append(FitTask(law, law, upcycled, reason="no upcycled runs in the store"))
+            tasks.append(FitTask(FitKey(law), upcycled, reason="no upcycled runs in the store"))
     for method in sorted(upcycled["method"].unique()):
         runs = upcycled[upcycled["method"] == method]
-        for config in _configs(runs):
-            group = _select(table, "upcycled", method, config)
+        for moe in _variants(runs):
+            group = _select(table, "upcycled", method, moe)
             if len(group[["d1_tokens", "d2_tokens"]].drop_duplicates()) == 1:
                 continue  # a point of the sparsity axis: the model-configuration law's
-            context = dict(init="upcycled", method=method, **config)
+            context = _variant_context("upcycled", method, moe)
             for size, rows in group.groupby("size"):
                 for law in DATASET_FAMILY:
                     tasks.append(
-                        FitTask(
-                            f"{law}.{method}.{size}.{config['moe']}",
-                            law,
-                            rows,
-                            _context(rows, size=str(size), **context),
-                        )
+                        FitTask(FitKey(law, method, str(size), moe), rows, _context(rows, size=str(size), **context))
                     )
             for law in JOINT_FAMILY:
-                tasks.append(FitTask(f"{law}.{method}.{config['moe']}", law, group, _context(group, **context)))
-        if method == "moe_upcycle" or runs["sparsity"].nunique() > 1:
-            tasks.append(_model_config_task(runs, method))
+                tasks.append(FitTask(FitKey(law, method, moe=moe), group, _context(group, **context)))
+        plain = runs[runs["reinit_ratio"] == 0.0]  # the sparsity axis is run at r = 0 only
+        if not plain.empty and (method == "moe_upcycle" or plain["sparsity"].nunique() > 1):
+            tasks.append(_model_config_task(plain, method))
 
     dense = table[table["init"] == "dense"]
     tasks.append(
         FitTask(
-            "chinchilla_dense",
-            "chinchilla_dense",
+            FitKey("chinchilla_dense"),
             dense,
             _context(dense, init="dense", method="dense") if not dense.empty else {},
             reason=None if not dense.empty else "no dense runs in the store",
@@ -252,28 +271,16 @@ def plan_fits(table: pd.DataFrame) -> list[FitTask]:
 
     scratch = table[table["init"] == "scratch"]
     if scratch.empty:
-        tasks.append(
-            FitTask("chinchilla_scratch", "chinchilla_scratch", scratch, reason="no from-scratch runs in the store")
-        )
+        tasks.append(FitTask(FitKey("chinchilla_scratch"), scratch, reason="no from-scratch runs in the store"))
     for method in sorted(scratch["method"].unique()):
-        for config in _configs(scratch[scratch["method"] == method]):
-            group = _select(table, "scratch", method, config)
-            context = dict(init="scratch", method=method, **config)
-            tasks.append(
-                FitTask(
-                    f"chinchilla_scratch.{method}.{config['moe']}",
-                    "chinchilla_scratch",
-                    group,
-                    _context(group, **context),
-                )
-            )
+        for moe in _variants(scratch[scratch["method"] == method]):
+            group = _select(table, "scratch", method, moe)
+            context = _variant_context("scratch", method, moe)
+            tasks.append(FitTask(FitKey("chinchilla_scratch", method, moe=moe), group, _context(group, **context)))
             for size, rows in group.groupby("size"):
                 tasks.append(
                     FitTask(
-                        f"scratch_power.{method}.{size}.{config['moe']}",
-                        "scratch_power",
-                        rows,
-                        _context(rows, size=str(size), **context),
+                        FitKey("scratch_power", method, str(size), moe), rows, _context(rows, size=str(size), **context)
                     )
                 )
     return tasks
@@ -332,11 +339,12 @@ def fit_all(
     fits: dict[str, FitResult] = {}
     pending = {}
     for task in plan_fits(runs_table(ds, counts)):
-        context = {**task.context, "key": task.key, "parameter_counts": counts}
+        key = str(task.key)
+        context = {**task.context, "key": key, "parameter_counts": counts}
         if task.reason is not None:
-            fits[task.key] = FitResult.skipped(task.law, task.reason, context)
+            fits[key] = FitResult.skipped(task.law, task.reason, context)
         else:
-            pending[task.key] = (task.law, law_data(task.rows, task.law), context, options)
+            pending[key] = (task.law, law_data(task.rows, task.law), context, options)
     started, total = time.monotonic(), len(fits) + len(pending)
 
     def done(key: str, result: FitResult) -> None:

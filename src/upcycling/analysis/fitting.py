@@ -31,45 +31,21 @@ and predict them.
 
 from __future__ import annotations
 
-import itertools
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import lmfit
 import numpy as np
-from scipy.optimize import least_squares
 
 from upcycling.analysis import diagnostics
 from upcycling.analysis.fitresult import DEFAULT_HUBER_DELTA, INTERVAL_LEVEL, FitResult
 from upcycling.analysis.laws import Law, get_law
+from upcycling.analysis.optimize import REFIT_TOLERANCES, LogProblem, grid_of_starts, huber, optimize
 
 __all__ = ["DEFAULT_HUBER_DELTA", "PRIOR_NAME", "check_data", "fit_law", "huber"]
 
 PRIOR_NAME = "more data never hurts"
-# L-BFGS-B stops when the objective changes by less than ftol * max(|f|, 1): the objective is
-# a sum of Huber losses of order 1e-6..1e-2, so ftol must be far below the default to converge.
-_LBFGSB_OPTIONS = dict(maxiter=20000, maxfun=40000, ftol=1e-16, gtol=1e-13, maxcor=20)
-_LSQ_TOLERANCES = dict(ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=20000)
-# Screening the starts, and bootstrap refits: coefficients far more precise than their spread
-# across resamples, not at machine precision. (With a tiny Huber delta the objective is nearly
-# L1, and in a degenerate valley the trust region crawls: the evaluation cap bounds that.)
-_SCREEN_TOLERANCES = dict(ftol=1e-10, xtol=1e-10, gtol=1e-10, max_nfev=1000)
-# Bootstrap refits start at the fit: a well-identified law converges in tens of evaluations; in
-# a flat valley (a baseline that does not describe the data) the cap stops the crawl where the
-# objective no longer changes, which is the valley's spread the bootstrap measures.
-_REFIT_TOLERANCES = dict(_SCREEN_TOLERANCES, max_nfev=200)
-_AGREEMENT = 1e-6  # relative objective difference at which two solvers "agree"
-_GRID_CHUNK = 2048  # grid points evaluated per vectorised block (bounds memory)
 _BOOTSTRAP_GRID_POOL = 16  # grid points of the full fit kept for bootstrap refits
 _MAX_REDRAWS = 100  # attempts at an identifiable bootstrap resample
-
-
-def huber(residuals: np.ndarray, delta: float) -> np.ndarray:
-    """Huber loss: r^2 / 2 for |r| <= delta, delta * (|r| - delta / 2) beyond."""
-    r = np.abs(np.asarray(residuals, dtype=float))
-    return np.where(r <= delta, 0.5 * r * r, delta * (r - 0.5 * delta))
 
 
 def check_data(law: str | Law, data: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -115,186 +91,6 @@ def check_data(law: str | Law, data: Mapping[str, Any]) -> dict[str, np.ndarray]
 
 
 # --------------------------------------------------------------------------------------------
-# The objective and the optimisers
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _LogProblem:
-    """Huber regression of log loss on a law's logsumexp prediction (scaled variables)."""
-
-    design: np.ndarray  # (points, terms, params)
-    log_loss: np.ndarray  # (points,)
-    delta: float
-
-    def _log_prediction(self, theta):
-        terms = self.design @ theta
-        peak = terms.max(axis=1)
-        return peak + np.log(np.exp(terms - peak[:, None]).sum(axis=1))
-
-    @property
-    def objective_floor(self) -> float:
-        """Objective differences below this are noise: residuals of ~1e-6 * delta each."""
-        return 0.5 * self.log_loss.size * (1e-6 * self.delta) ** 2
-
-    def residuals(self, theta):
-        return self._log_prediction(theta) - self.log_loss
-
-    def jacobian(self, theta):
-        return diagnostics.log_jacobian(self.design, theta)
-
-    def objective(self, theta):
-        return float(huber(self.residuals(theta), self.delta).sum())
-
-    def gradient(self, theta):
-        return self.jacobian(theta).T @ np.clip(self.residuals(theta), -self.delta, self.delta)
-
-    def objectives(self, thetas):
-        """Objective at many parameter vectors at once (grid search)."""
-        out = np.empty(len(thetas))
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            for start in range(0, len(thetas), _GRID_CHUNK):
-                block = thetas[start : start + _GRID_CHUNK]
-                terms = np.einsum("nmp,gp->gnm", self.design, block)
-                peak = terms.max(axis=2)
-                log_pred = peak + np.log(np.exp(terms - peak[..., None]).sum(axis=2))
-                out[start : start + _GRID_CHUNK] = huber(log_pred - self.log_loss, self.delta).sum(axis=1)
-        return np.where(np.isfinite(out), out, np.inf)
-
-    def subset(self, index):
-        return _LogProblem(self.design[index], self.log_loss[index], self.delta)
-
-
-@dataclass
-class _Optimum:
-    theta: np.ndarray
-    objective: float
-    details: dict
-
-
-def _inside(theta: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """``theta`` clipped inside the bounds by 1e-9 of their width: the start of both solvers
-    (lmfit maps bounded parameters through a sine; exactly at a bound the gradient vanishes)."""
-    margin = 1e-9 * (bounds[:, 1] - bounds[:, 0])
-    return np.clip(np.asarray(theta, dtype=float), bounds[:, 0] + margin, bounds[:, 1] - margin)
-
-
-def _parameters(law: Law, theta: np.ndarray, bounds: np.ndarray) -> lmfit.Parameters:
-    params = lmfit.Parameters()
-    for spec, value, (low, high) in zip(law.params, _inside(theta, bounds), bounds):
-        params.add(spec.name, value=float(value), min=low, max=high)
-    return params
-
-
-def _vector(law: Law, params: lmfit.Parameters) -> np.ndarray:
-    return np.array([params[name].value for name in law.param_names])
-
-
-def _lbfgsb(law, problem, theta0, bounds):
-    minimizer = lmfit.Minimizer(
-        lambda p: problem.objective(_vector(law, p)), _parameters(law, theta0, bounds), calc_covar=False
-    )
-    result = minimizer.minimize(
-        method="lbfgsb", jac=lambda p: problem.gradient(_vector(law, p)), options=dict(_LBFGSB_OPTIONS)
-    )
-    theta = _vector(law, result.params)
-    return theta, problem.objective(theta), str(result.message)
-
-
-def _least_squares(law, problem, theta0, bounds, tolerances=None):
-    """Trust-region reflective least squares with scipy's Huber loss, from theta0.
-
-    scipy's cost with loss='huber' and f_scale=delta is sum(huber(r, delta)) exactly, the
-    objective that L-BFGS-B minimises. Called on scipy directly (lmfit's ``least_squares``
-    wraps the same function): the refits run thousands of times, and the wrapper's parameter
-    bookkeeping cost more than the model.
-    """
-    result = least_squares(
-        problem.residuals,
-        _inside(theta0, bounds),
-        jac=problem.jacobian,
-        bounds=(bounds[:, 0], bounds[:, 1]),
-        method="trf",
-        loss="huber",
-        f_scale=problem.delta,
-        **(tolerances or _LSQ_TOLERANCES),
-    )
-    return result.x, problem.objective(result.x), str(result.message)
-
-
-def _grid(law: Law, bounds: np.ndarray) -> np.ndarray:
-    grid = np.array(list(itertools.product(*(spec.grid for spec in law.params))), dtype=float)
-    inside = np.all((grid > bounds[:, 0]) & (grid < bounds[:, 1]), axis=1)
-    return grid[inside]
-
-
-def _optimize(
-    law: Law,
-    problem: _LogProblem,
-    candidates: np.ndarray,
-    n_starts: int,
-    bounds: np.ndarray,
-    extra_starts=(),
-    verify: bool = True,
-    tolerances=_SCREEN_TOLERANCES,
-) -> _Optimum:
-    """Best local optimum from the n_starts best candidates (and the extra starts).
-
-    Each start is refined by trust-region least squares with the Huber loss. With ``verify``
-    the best is polished to tight tolerances, then L-BFGS-B (a different algorithm on the same
-    objective) restarts from it, the two alternating until neither improves on the other by
-    more than 1e-6 relative.
-    """
-    objectives = problem.objectives(candidates)
-    if len(extra_starts):
-        # refits start from a previous optimum; grid points join only if they start lower
-        threshold = problem.objectives(np.asarray(extra_starts, dtype=float)).min()
-        lower = objectives < threshold
-        candidates, objectives = candidates[lower], objectives[lower]
-    ranked = candidates[np.argsort(objectives, kind="stable")]
-    starts = [*extra_starts, *ranked[:n_starts]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        runs = sorted(
-            (_least_squares(law, problem, np.asarray(theta0, dtype=float), bounds, tolerances) for theta0 in starts),
-            key=lambda run: run[1],
-        )
-        theta, objective, lsq_message = runs[0]
-        details = {
-            "starts": len(starts),
-            # starts reaching the best objective to 1e-6 relative: few of them flag a rugged
-            # landscape (informative, not a requirement)
-            "agreeing_starts": int(
-                sum(abs(run[1] - objective) <= _AGREEMENT * (abs(objective) + problem.objective_floor) for run in runs)
-            ),
-        }
-        if not verify:
-            return _Optimum(theta, objective, {**details, "least_squares_message": lsq_message})
-        polished = _least_squares(law, problem, theta, bounds, _LSQ_TOLERANCES)
-        if polished[1] <= objective:
-            theta, objective, lsq_message = polished
-        for rounds in range(1, 4):  # noqa: B007 (reported after the loop)
-            check = _lbfgsb(law, problem, theta, bounds)
-            gain = (objective - check[1]) / (abs(objective) + problem.objective_floor)
-            if gain <= _AGREEMENT:
-                break
-            # L-BFGS-B found lower ground: continue from there with the other solver
-            polished = _least_squares(law, problem, check[0], bounds, _LSQ_TOLERANCES)
-            theta, objective, lsq_message = min(polished, check, key=lambda run: run[1])
-    details.update(
-        {
-            "lbfgsb_message": check[2],
-            "least_squares_message": lsq_message,
-            "verify_rounds": rounds,
-            # relative gain of L-BFGS-B over the least-squares optimum: ~0 at a true minimum
-            "lbfgsb_relative_gain": gain,
-            "solvers_agree": bool(gain <= _AGREEMENT),
-        }
-    )
-    return _Optimum(theta, objective, details)
-
-
-# --------------------------------------------------------------------------------------------
 # Fitting
 # --------------------------------------------------------------------------------------------
 
@@ -337,7 +133,7 @@ def _bootstrap(law, arrays, refit, to_natural, n_bootstrap, seed):
     """Case bootstrap: resample runs with replacement, refit; redraw unidentifiable resamples."""
     rng = np.random.default_rng(seed)
     size = arrays["loss"].size
-    samples = {name: [] for name in law.natural_names}
+    samples: dict[str, list[float]] = {name: [] for name in law.natural_names}
     thetas, redrawn = [], 0
     for _ in range(int(n_bootstrap)):
         for _attempt in range(_MAX_REDRAWS):
@@ -394,15 +190,15 @@ def fit_law(
     log_vars = {v: np.log(arrays[v]) for v in law.variables}
     log_ref = {v: float(np.mean(log_vars[v])) for v in law.variables}
     design = law.design({v: log_vars[v] - log_ref[v] for v in law.variables})
-    problem = _LogProblem(design, np.log(loss), float(huber_delta))
+    problem = LogProblem(design, np.log(loss), float(huber_delta))
     unscale = law.unscale_matrix(log_ref)
     bounds = law.bounds(monotone)
 
     def to_natural(theta_scaled):
         return law.to_natural(unscale @ theta_scaled)
 
-    grid = _grid(law, bounds)
-    best = _optimize(law, problem, grid, n_starts, bounds)
+    grid = grid_of_starts(law, bounds)
+    best = optimize(law, problem, grid, n_starts, bounds)
     theta = best.theta
     params = to_natural(theta)
     log_residuals = problem.residuals(theta)
@@ -414,8 +210,8 @@ def fit_law(
 
     def refit(index: np.ndarray) -> np.ndarray:
         sub = problem.subset(index)
-        return _optimize(
-            law, sub, pool, 1, bounds, extra_starts=[theta], verify=False, tolerances=_REFIT_TOLERANCES
+        return optimize(
+            law, sub, pool, 1, bounds, extra_starts=[theta], verify=False, tolerances=REFIT_TOLERANCES
         ).theta
 
     bootstrap, scaled_samples = _bootstrap(law, arrays, refit, to_natural, n_bootstrap, seed)
@@ -441,7 +237,7 @@ def fit_law(
             entry["skipped"] = f"too few points left: {error}"
         else:
             # from the grid, never from the optimum that saw the held-out runs
-            fitted = to_natural(_optimize(law, problem.subset(np.flatnonzero(~held)), grid, n_starts, bounds).theta)
+            fitted = to_natural(optimize(law, problem.subset(np.flatnonzero(~held)), grid, n_starts, bounds).theta)
             predicted = law.predict(fitted, **{v: arrays[v][held] for v in law.variables})
             entry.update(_loss_errors(predicted, loss[held]), params=fitted)
         held_out[variable] = entry

@@ -45,6 +45,7 @@ every larger D2 in range; ``inf`` when upcycling is still better at the top of t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -217,14 +218,14 @@ def break_even_d2(
 
     difference, log_grid, diff = _scan(upcycled, scratch, d1, n1, n2, count_sunk_cost, low, high, grid_points)
     upcycle_better = diff < 0
-    result = dict(d1=float(d1), count_sunk_cost=bool(count_sunk_cost), d2_range=(low, high))
+    result = functools.partial(BreakEven, d1=float(d1), count_sunk_cost=bool(count_sunk_cost), d2_range=(low, high))
     if upcycle_better[-1]:
-        return BreakEven(d2_star=math.inf, status="upcycle_better_in_range", **result)
+        return result(d2_star=math.inf, status="upcycle_better_in_range")
     if not upcycle_better.any():
-        return BreakEven(d2_star=0.0, status="scratch_better_in_range", **result)
+        return result(d2_star=0.0, status="scratch_better_in_range")
     # the last grid point where upcycling is better; scratch is at least as good after it
     last = int(np.flatnonzero(upcycle_better)[-1])
-    return BreakEven(d2_star=_root(difference, log_grid, last), status="crossing", **result)
+    return result(d2_star=_root(difference, log_grid, last), status="crossing")
 
 
 def crossings(
@@ -245,7 +246,7 @@ def crossings(
     difference, log_grid, diff = _scan(upcycled, scratch, d1, n1, n2, count_sunk_cost, low, high, grid_points)
     sign = np.sign(diff)
     return [
-        {"d2": _root(difference, log_grid, i), "better_after": "scratch" if sign[i + 1] > 0 else "upcycle"}
+        {"d2": _root(difference, log_grid, int(i)), "better_after": "scratch" if sign[i + 1] > 0 else "upcycle"}
         for i in np.flatnonzero(sign[:-1] * sign[1:] < 0)
     ]
 

@@ -13,15 +13,11 @@ Every law is a pure numpy function of named variables, in natural units:
 - ``chinchilla(n, d, E, A, alpha, B, beta)``: E + A / N^alpha + B / D^beta
 - ``data_power(d, B, beta, E)``: E + B / D^beta (one model size, only the data varies)
 
-``LAWS`` is the registry: name -> :class:`Law` (variables, the tidy-table field each variable is
-read from, parameters with bounds and initial-value grids, baselines,
-which variables a held-out check removes the largest value of). Registered: ``dataset``,
-``dataset_no_interaction``, ``dataset_additive``, ``model_config``, ``joint``,
-``joint_no_interaction``, ``chinchilla_dense`` (N = dense params, D = D1),
-``chinchilla_scratch`` (N = active params, D = tokens), ``scratch_power`` (one scratch size).
-``get_law(name) -> Law``. ``Law`` methods: ``predict(params, **variables)`` (natural units),
-``design``, ``log_predict``, ``to_natural``/``from_natural``,
-``unscale``/``scale``/``unscale_matrix``.
+``LAWS`` is the registry: name -> :class:`Law` (variables, the tidy-table field of each, parameters
+with bounds and initial-value grids, baselines, the variables a held-out check removes the largest
+value of): the laws above, with ``chinchilla_dense`` (N = dense params, D = D1),
+``chinchilla_scratch`` (N = active params, D = tokens) and ``scratch_power`` (one scratch size).
+``get_law(name) -> Law``; ``Law.predict(params, **variables)`` works in natural units.
 
 Every law is a sum of positive terms, each a power law (an amplitude times powers of the
 variables), so log L = logsumexp over terms t_j, and every t_j is *linear* in the fit-space
@@ -254,8 +250,9 @@ class Law:
 
     # ---- evaluation ------------------------------------------------------------------------
 
-    def predict(self, params: Mapping[str, float], **variables) -> np.ndarray:
-        """Loss from natural-units parameters (``A``, ``alpha1`` ...) and variables."""
+    def predict(self, params: Mapping[str, float | np.ndarray], **variables) -> np.ndarray:
+        """Loss from natural-units parameters (``A``, ``alpha1`` ...) and variables; parameter
+        arrays (one value per bootstrap sample) broadcast against the variables."""
         kwargs = {name: params[name] for name in self.natural_names}
         return np.asarray(self.function(**{v: variables[v] for v in self.variables}, **kwargs))
 

@@ -1,9 +1,11 @@
 """The report (``upcycling report``): ``summary.md`` that opens with the findings, then the
 tables; ``findings.json``, ``guidance.json`` and the figures (:mod:`upcycling.analysis.figures`).
 
-``write_report(ds, fits, guidance, out_dir) -> dict[str, Path]`` (``guidance=None``: computed
-here with :func:`upcycling.analysis.advice.compute_guidance`). Every file is written under a temporary
-name and renamed into place.
+``write_report(ds, fits, guidance, out_dir) -> dict[str, Path]`` (``fits`` by key string, as
+``load_fits`` reads them; ``guidance=None``: computed here with
+:func:`upcycling.analysis.advice.compute_guidance`). The fits become one
+:class:`~upcycling.analysis.fitset.FitSet`, which the guidance, the findings, the figures and the
+tables all read. Every file is written under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from upcycling.analysis.advice import compute_guidance
 from upcycling.analysis.figures import FIGURES, write_figures
 from upcycling.analysis.findings import TOPICS, findings, fmt
 from upcycling.analysis.fitresult import FitResult, to_jsonable
+from upcycling.analysis.fitset import FitSet
 from upcycling.analysis.fitstage import PARAMETER_COUNTS, runs_table
 from upcycling.analysis.laws import LAWS
+from upcycling.analysis.reinit import RatioComparison, comparisons, ratio_findings, single_ratio_note
 from upcycling.core.publish import publish_json, publish_text
 
 __all__ = ["FIGURES", "write_report"]
@@ -59,10 +63,10 @@ def _held_out_text(fit: FitResult, variable: str) -> str:
     return f"{fmt(entry['rmse'])} (n={entry['n_points']})"
 
 
-def _intro(ds: xr.Dataset, table, fits: Mapping[str, FitResult], convention: str) -> list[str]:
+def _intro(ds: xr.Dataset, table, fits: FitSet, convention: str) -> list[str]:
     counts = table.groupby(["init", "method"]).size().to_dict()
     columns = PARAMETER_COUNTS.get(convention, {})
-    priors = sorted({fit.prior.get("name") for fit in fits.values() if fit.prior})
+    priors = sorted({str(fit.prior["name"]) for fit in fits.values() if fit.prior})
     return [
         "# Upcycling scaling-law report",
         "",
@@ -94,7 +98,25 @@ def _findings_lines(items: list[dict]) -> list[str]:
     return lines
 
 
-def _overview(fits: Mapping[str, FitResult]) -> list[str]:
+def _reinit_lines(compared: list[RatioComparison], fits: FitSet) -> list[str]:
+    """The re-initialisation ratios side by side, one table per size; one line for a sweep of one r."""
+    if not compared:
+        return [single_ratio_note(fits), ""]
+    lines = [
+        "## Drop-Upcycling: re-initialisation ratio",
+        "",
+        "Each r's dataset law against the same from-scratch law; intervals: 95% bootstrap; D2*: "
+        "'inconclusive' where its interval reaches an end of the searched range (see 'When to stop upcycling').",
+        "",
+    ]
+    for comparison in compared:
+        header = ["quantity", *(f"r = {ratio:g}" for ratio in comparison.group.ratios)]
+        lines += [f"### {comparison.group.title}", ""]
+        lines += _table(header, [[label, *cells] for label, cells in comparison.rows])
+    return lines
+
+
+def _overview(fits: FitSet) -> list[str]:
     rows = [
         [f"`{key}`", fit.status, fit.n_points, fit.rmse, fit.aicc, ", ".join(fit.not_identified()) or "—"]
         for key, fit in fits.items()
@@ -105,7 +127,7 @@ def _overview(fits: Mapping[str, FitResult]) -> list[str]:
     )
 
 
-def _parameter_lines(fits: Mapping[str, FitResult]) -> list[str]:
+def _parameter_lines(fits: FitSet) -> list[str]:
     lines = ["## Fitted laws", ""]
     for key, fit in fits.items():
         if not fit.ok:
@@ -123,7 +145,7 @@ def _parameter_lines(fits: Mapping[str, FitResult]) -> list[str]:
             + ".",
             "",
         ]
-        rows = []
+        rows: list[list[Any]] = []
         for name, value in fit.params.items():
             entry = fit.identification.get(name, {})
             judged = (
@@ -147,7 +169,7 @@ def _parameter_lines(fits: Mapping[str, FitResult]) -> list[str]:
     return lines
 
 
-def _baseline_lines(fits: Mapping[str, FitResult]) -> list[str]:
+def _baseline_lines(fits: FitSet) -> list[str]:
     lines = [
         "## Laws against their baselines",
         "",
@@ -160,9 +182,9 @@ def _baseline_lines(fits: Mapping[str, FitResult]) -> list[str]:
     for key, fit in fits.items():
         if not fit.ok or not LAWS[fit.law].baselines:
             continue
-        suffix = key[len(fit.law) :]
-        group = [(key, fit)] + [(b + suffix, fits[b + suffix]) for b in LAWS[fit.law].baselines if b + suffix in fits]
-        rows = []
+        baselines = [key.with_law(law) for law in LAWS[fit.law].baselines]
+        group = [(key, fit)] + [(baseline, fits[baseline]) for baseline in baselines if baseline in fits]
+        rows: list[list[Any]] = []
         for member_key, member in group:
             if not member.ok:
                 rows.append([f"`{member_key}`", "skipped", "", "", "", "", ""])
@@ -243,20 +265,24 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``summary.md`` (findings first, then the tables), ``findings.json``,
     ``guidance.json`` and the figures (``FIGURES``) into ``out_dir``."""
+    fit_set = FitSet.of(fits)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     convention = next(
-        (fit.context.get("parameter_counts") for fit in fits.values() if fit.context.get("parameter_counts")),
+        (str(fit.context["parameter_counts"]) for fit in fit_set.values() if fit.context.get("parameter_counts")),
         "non_embedding",
     )
     table = runs_table(ds, convention)
     if guidance is None:
-        guidance = compute_guidance(fits)
-    items = findings(fits, guidance)
-    written = write_figures(table, fits, out_dir, vocab_size=_vocab_size(ds))
-    lines = _intro(ds, table, fits, convention) + _findings_lines(items) + _overview(fits)
-    lines += _guidance_lines(guidance) + _baseline_lines(fits) + _parameter_lines(fits)
-    skipped = [[f"`{key}`", fit.reason or ""] for key, fit in fits.items() if not fit.ok]
+        guidance = compute_guidance(fit_set)
+    compared = comparisons(fit_set, guidance, table)
+    order = list(TOPICS)
+    items = sorted(findings(fit_set, guidance) + ratio_findings(compared), key=lambda item: order.index(item["topic"]))
+    written = write_figures(table, fit_set, out_dir, vocab_size=_vocab_size(ds))
+    lines = _intro(ds, table, fit_set, convention) + _findings_lines(items) + _reinit_lines(compared, fit_set)
+    lines += _overview(fit_set)
+    lines += _guidance_lines(guidance) + _baseline_lines(fit_set) + _parameter_lines(fit_set)
+    skipped = [[f"`{key}`", fit.reason or ""] for key, fit in fit_set.items() if not fit.ok]
     if skipped:
         lines += ["## Laws not fitted", ""] + _table(["law", "reason"], skipped)
     lines += ["## Figures", ""] + [f"![{name}]({path.name})\n" for name, path in written.items()]

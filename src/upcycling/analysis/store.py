@@ -13,9 +13,10 @@ Public functions:
 The store as a tidy table of runs, for the fits: :mod:`upcycling.analysis.fitstage`.
 
 Layout (docs/contracts.md): dimensions ``size, init, method, seed, d1_tokens, d2_tokens,
-experts, top_k, granularity`` (NaN where a combination was not run); scalar variables
+experts, top_k, granularity, reinit_ratio`` (NaN where a combination was not run); scalar variables
 ``final_val_loss, flops, n_params, active_params, dense_params, non_embedding_params,
-active_non_embedding_params, dense_non_embedding_params, tokens_seen, wall_time_s``;
+active_non_embedding_params, dense_non_embedding_params, tokens_seen, wall_time_s`` and, of what
+the experts do, ``expert_similarity, expert_load_max`` (NaN for dense runs and older metrics);
 ``curve_val_loss`` over the extra ``curve_tokens`` dimension (the union of every run's curve
 positions, NaN elsewhere); attributes ``config`` (YAML text) and ``code_version``.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from upcycling.core.publish import staging_dir
 
 __all__ = [
     "COORDS",
+    "COORD_DEFAULTS",
+    "EXPERT_SUMMARIES",
     "SCALARS",
     "aggregate",
     "build_dataset",
@@ -45,7 +48,7 @@ __all__ = [
     "write_store",
 ]
 
-# coordinate -> Python type of its values (strings are labels, the rest integers)
+# coordinate -> Python type of its values (strings are labels, reinit_ratio a number, the rest integers)
 COORDS: dict[str, type] = {
     "size": str,
     "init": str,
@@ -56,7 +59,10 @@ COORDS: dict[str, type] = {
     "experts": int,
     "top_k": int,
     "granularity": int,
+    "reinit_ratio": float,
 }
+# The value of a coordinate that a run's metrics leave out: runs from before it, and runs it does not apply to.
+COORD_DEFAULTS: dict[str, Any] = {"reinit_ratio": 0.0}
 SCALARS = (
     "final_val_loss",
     "flops",
@@ -69,6 +75,10 @@ SCALARS = (
     "tokens_seen",
     "wall_time_s",
 )
+# Per-run summaries of the experts, from the metrics' per-layer lists (NaN for dense runs and for
+# metrics written before expert_similarity existed): the mean over layers of the pairwise cosine
+# similarity of the experts' weights, and of the largest share of tokens any expert got.
+EXPERT_SUMMARIES = ("expert_similarity", "expert_load_max")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,9 +104,10 @@ def read_metrics(path: str | Path, expected_fingerprint: str | None = None) -> d
             f"{path}: made by other settings than the current sweep's (its spec fingerprint differs): a store "
             "must not mix runs of different settings at one coordinate; rerun snakemake, which redoes this run"
         )
-    record: dict[str, Any] = {"path": str(path), "coords": dict(payload["coords"])}
+    record: dict[str, Any] = {"path": str(path), "coords": {**COORD_DEFAULTS, **payload["coords"]}}
     for name in SCALARS:
         record[name] = float(payload[name])
+    record.update(expert_summaries(payload.get("expert_similarity"), payload.get("expert_load")))
     curve = payload["curve"]
     if len(curve["tokens"]) != len(curve["val_loss"]):
         raise MetricsError(
@@ -108,9 +119,23 @@ def read_metrics(path: str | Path, expected_fingerprint: str | None = None) -> d
     return record
 
 
+def expert_summaries(similarity: Sequence[float] | None, load: Sequence[Sequence[float]] | None) -> dict[str, float]:
+    """The run's EXPERT_SUMMARIES from its per-layer ``expert_similarity`` and ``expert_load``
+    (either None: NaN)."""
+    return {
+        "expert_similarity": float(np.mean(similarity)) if similarity else math.nan,
+        "expert_load_max": float(np.mean([max(layer) for layer in load])) if load else math.nan,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Building and writing the Dataset
 # --------------------------------------------------------------------------------------------
+
+
+def _coordinate(record: Mapping[str, Any], name: str) -> Any:
+    """A record's value of a coordinate (its default where the record has none), as COORDS types it."""
+    return COORDS[name](record["coords"].get(name, COORD_DEFAULTS.get(name)))
 
 
 def _coordinate_values(name: str, values: Iterable[Any]) -> np.ndarray:
@@ -118,17 +143,17 @@ def _coordinate_values(name: str, values: Iterable[Any]) -> np.ndarray:
     if COORDS[name] is str:
         # object arrays are stored as zarr variable-length strings (no unstable-dtype warning)
         return np.array(unique, dtype=object)
-    return np.array(unique, dtype=np.int64)
+    return np.array(unique, dtype=np.float64 if COORDS[name] is float else np.int64)
 
 
-def build_dataset(records: list[Mapping[str, Any]], config_text: str, code_version: str) -> xr.Dataset:
+def build_dataset(records: Sequence[Mapping[str, Any]], config_text: str, code_version: str) -> xr.Dataset:
     """The results Dataset from records of :func:`read_metrics` (pure: no I/O).
 
     ValueError naming both files when two records share a coordinate tuple.
     """
     seen: dict[tuple, str] = {}
     for record in records:
-        key = tuple(record["coords"][name] for name in COORDS)
+        key = tuple(_coordinate(record, name) for name in COORDS)
         if key in seen:
             described = ", ".join(f"{n}={v}" for n, v in zip(COORDS, key))
             raise MetricsError(
@@ -136,18 +161,20 @@ def build_dataset(records: list[Mapping[str, Any]], config_text: str, code_versi
             )
         seen[key] = record["path"]
 
-    coords = {name: _coordinate_values(name, (r["coords"][name] for r in records)) for name in COORDS}
+    coords = {name: _coordinate_values(name, (_coordinate(r, name) for r in records)) for name in COORDS}
     curve_tokens = np.array(sorted({int(t) for r in records for t in r["curve_tokens"]}), dtype=np.int64)
     positions = {name: {value: i for i, value in enumerate(values)} for name, values in coords.items()}
     curve_position = {token: i for i, token in enumerate(curve_tokens)}
     shape = tuple(len(values) for values in coords.values())
 
-    scalars = {name: np.full(shape, np.nan) for name in SCALARS}
+    scalars = {name: np.full(shape, np.nan) for name in (*SCALARS, *EXPERT_SUMMARIES)}
     curves = np.full((*shape, len(curve_tokens)), np.nan)
     for record in records:
-        index = tuple(positions[name][record["coords"][name]] for name in COORDS)
+        index = tuple(positions[name][_coordinate(record, name)] for name in COORDS)
         for name in SCALARS:
             scalars[name][index] = record[name]
+        for name in EXPERT_SUMMARIES:
+            scalars[name][index] = record.get(name, np.nan)
         columns = [curve_position[int(t)] for t in record["curve_tokens"]]
         curves[index + (columns,)] = record["curve_val_loss"]
 

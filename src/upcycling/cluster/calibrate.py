@@ -4,9 +4,10 @@ it into the config's slurm section, so that job runtimes come from measured figu
 Run it on a node of the kind the sweep trains on: a GPU node measures one training process on one
 GPU (bf16, as the trainer runs); a CPU node (slurm.gpus_per_job: 0) one process with
 ``slurm.cpu_threads`` threads. For each dense size the real engine (upcycling.train.loop.build_engine)
-trains the dense model and the sweep's first MoE shape on random tokens at the config's micro
-batch and sequence length; ``throughput_tokens_per_s`` gets the dense figures and
-``moe_throughput_factor`` the median MoE/dense ratio.
+trains the dense model and the sweep's first MoE shape (with the sweep's ``moe`` settings, so its
+``moe.dispatch``) on random tokens at the config's micro batch and sequence length;
+``throughput_tokens_per_s`` gets the dense figures and ``moe_throughput_factor`` the median MoE/dense
+ratio, which ``plan`` and the Slurm runtimes then use for every MoE job.
 """
 
 from __future__ import annotations

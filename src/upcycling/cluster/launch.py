@@ -182,7 +182,7 @@ class TrainingTask(Checkpointable):
             "job_id": os.environ.get("SLURM_JOB_ID"),
             "rank": int(os.environ.get("SLURM_PROCID", 0) or 0),
         }
-        metrics = self._job().spec.get("metrics")
+        metrics = self._job().train_spec.metrics
         if metrics and Path(self.workdir, metrics).is_file():
             payload = json.loads(Path(self.workdir, metrics).read_text())
             result.update(metrics_path=metrics, final_val_loss=payload["final_val_loss"], run_id=payload["run_id"])

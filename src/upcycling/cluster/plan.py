@@ -29,6 +29,7 @@ from upcycling.cluster.resources import (
     compute_seconds,
     job_resources,
     output_bytes,
+    training_seconds,
 )
 from upcycling.pipeline.jobs import RULES, Inventory, Job
 from upcycling.sweep.load import ConfigError, load_sweep
@@ -50,7 +51,7 @@ def _job_entry(sweep: Sweep, job: Job) -> dict:
     }
     gpus = sweep.slurm.gpus_per_job
     if job.phase is not None:
-        hours = compute_seconds(sweep, job.lineage.family, job.lineage.size, job.tokens) / 3600
+        hours = training_seconds(sweep, job) / 3600
         entry.update(
             expected_hours=hours, expected_gpu_hours=gpus * hours, requested_gpu_hours=gpus * resources["runtime"] / 60
         )

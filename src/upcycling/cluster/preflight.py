@@ -60,6 +60,7 @@ def _minutes(limit: str) -> float:
         return float("inf")
     days, _, clock = limit.rpartition("-")
     parts = [int(value) for value in clock.split(":")]
+    minutes: float
     if len(parts) == 1:
         minutes = parts[0]
     else:
@@ -141,9 +142,9 @@ def problems(inventory: Inventory, cluster: Cluster) -> list[str]:
         name = resources.get("slurm_partition") or (default.name if default else None)
         partition = cluster.partitions.get(name) if name else None
         if partition is None:
-            key = ("partition", name)
-            if key not in seen:
-                seen.add(key)
+            missing = ("partition", name)
+            if missing not in seen:
+                seen.add(missing)
                 found.append(
                     f"slurm.partition: partition '{name}' does not exist (the cluster has "
                     f"{', '.join(sorted(cluster.partitions))}): name one of those"

@@ -82,7 +82,7 @@ def launch_resources(sweep: Sweep) -> dict:
     for one node; ``--gres=gpu:n`` per node for several (``--gpus`` may spread unevenly)."""
     gpus = sweep.slurm.gpus_per_job
     per_node, nodes = processes(sweep)
-    resources = {"nodes": nodes, "gpu": gpus if nodes == 1 else 0}
+    resources: dict[str, int | str] = {"nodes": nodes, "gpu": gpus if nodes == 1 else 0}
     if nodes > 1 and gpus:
         resources["gres"] = f"gpu:{per_node}"
     if per_node > 1:
@@ -117,6 +117,13 @@ def compute_seconds(sweep: Sweep, family: str, size: str, tokens: int) -> float:
     if family != "dense":
         throughput *= slurm.moe_throughput_factor
     return tokens / throughput
+
+
+def training_seconds(sweep: Sweep, job: Job) -> float:
+    """compute_seconds of a training job (one with a lineage: the model it trains)."""
+    if job.lineage is None:
+        raise ValueError(f"{job.label} is not a training job: it has no lineage to time")
+    return compute_seconds(sweep, job.lineage.family, job.lineage.size, job.tokens)
 
 
 def precision(sweep: Sweep) -> str:
@@ -154,7 +161,7 @@ def training_resources(sweep: Sweep, job: Job) -> dict:
     slurm = sweep.slurm
     per_node, _ = processes(sweep)
     warn = slurm.signal_seconds_before_limit
-    seconds = compute_seconds(sweep, job.lineage.family, job.lineage.size, job.tokens) * slurm.runtime_margin
+    seconds = training_seconds(sweep, job) * slurm.runtime_margin
     # The warning comes `warn` seconds before the limit: the work must fit before it.
     runtime = math.ceil((seconds + warn) / 60 + slurm.startup_minutes)
     params = job_params(sweep, job)

@@ -21,4 +21,5 @@ REPORT_FIGURES = {
     "break_even": "break_even.png",
     "equal_compute": "equal_compute.png",
     "model_config": "model_config.png",
+    "reinit_ratio": "reinit_ratio.png",
 }

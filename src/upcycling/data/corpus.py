@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -208,7 +208,7 @@ def is_held_out(text_sha256: bytes, split_seed: int, val_fraction: float) -> boo
 
 def documents(
     sources: list[Source], text_field: str, val_fraction: float, split_seed: int, select: dict | None = None
-) -> Iterator[Document]:
+) -> Generator[Document, None, None]:
     """Every document of the sources in order, with its text's sha256 and its split."""
     for index, source in enumerate(sources):
         for text in read_documents(source, text_field, select):
@@ -242,7 +242,7 @@ class CorpusOptions:
             raise CorpusError(f"corpus.val_fraction={options.val_fraction}: it must lie strictly between 0 and 1")
         return options
 
-    def documents(self, sources: list[Source]) -> Iterator[Document]:
+    def documents(self, sources: list[Source]) -> Generator[Document, None, None]:
         return documents(sources, self.text_field, self.val_fraction, self.split_seed, self.select)
 
     def as_dict(self) -> dict:

@@ -9,8 +9,7 @@ Every problem raises CorpusError naming the file, the line or row, and the fix.
 from __future__ import annotations
 
 import codecs
-import gzip
-import io
+import functools
 import json
 import re
 import zlib
@@ -21,9 +20,9 @@ from pathlib import Path
 import zstandard
 
 from upcycling.core.errors import InputError
+from upcycling.data.streams import open_binary
 
 READ_BLOCK_BYTES = 1 << 20  # bytes read from disk at a time
-ZSTD_INPUT_BYTES = 1 << 16  # compressed bytes decompressed at a time (bounds each output burst)
 RECORD_BATCH_ROWS = 1024  # parquet rows decoded at a time
 DOCUMENT_SPLIT_CHARS = 1 << 20  # a longer plain-text file becomes several documents
 MAX_DOCUMENT_CHARS = 1 << 23  # a plain-text document without a blank line ends at a line break before this
@@ -46,53 +45,6 @@ class Source:
     kind: str  # text | jsonl | parquet | arrow
     compression: str | None  # gzip | zstd | None
     size: int  # bytes on disk
-
-
-# ---------------------------------------------------------------------------- bytes: plain, gzip, zstd
-
-
-class _ZstdReader(io.RawIOBase):
-    """Decompressed bytes of a zstd file, frame after frame; EOFError if the file ends inside a
-    frame (zstandard's stream_reader would silently return the truncated data)."""
-
-    def __init__(self, path: Path):
-        self._file = open(path, "rb")  # noqa: SIM115 (the reader owns it; close() closes it)
-        self._decompressor = zstandard.ZstdDecompressor()
-        self._frame = None  # the decompression object of the frame being read
-        self._output = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self._output:
-            data = b""
-            if self._frame is not None and self._frame.eof:
-                data, self._frame = self._frame.unused_data, None
-            data = data or self._file.read(ZSTD_INPUT_BYTES)
-            if not data:
-                if self._frame is not None:
-                    raise EOFError("the file ends inside a zstd frame: it is truncated")
-                return 0
-            if self._frame is None:
-                self._frame = self._decompressor.decompressobj()
-            self._output = memoryview(self._frame.decompress(data))
-        count = min(len(buffer), len(self._output))
-        buffer[:count] = self._output[:count]
-        self._output = self._output[count:]
-        return count
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-def _open_binary(source: Source):
-    if source.compression == "gzip":
-        return gzip.open(source.path, "rb")
-    if source.compression == "zstd":
-        return io.BufferedReader(_ZstdReader(source.path), buffer_size=1 << 16)
-    return open(source.path, "rb")
 
 
 _READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
@@ -128,7 +80,7 @@ def _read_text_blocks(source: Source) -> Iterator[str]:
     offset = 0  # bytes read before the current block
     newlines = 0  # newlines in them
     try:
-        with _open_binary(source) as fh:
+        with open_binary(source.path, source.compression) as fh:
             while True:
                 block = fh.read(READ_BLOCK_BYTES)
                 held = decoder.getstate()[0]  # an unfinished character from the previous block
@@ -228,7 +180,7 @@ def _record_selected(record: dict, select: dict, where: str) -> bool:
 def _jsonl_documents(source: Source, text_field: str, select: dict | None) -> Iterator[str]:
     offset = 0  # bytes before the current line
     try:
-        with _open_binary(source) as fh:
+        with open_binary(source.path, source.compression) as fh:
             for line_number, raw in enumerate(fh, 1):
                 try:
                     line = raw.decode("utf-8")
@@ -303,7 +255,7 @@ def _selected_rows(source: Source, batch, select: dict | None) -> list[bool] | N
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    keep = None
+    masks = []  # one per corpus.select entry: the rows whose value it allows
     for path, allowed in select.items():
         head, *rest = path.split(".")
         column = batch.column(head) if head in batch.schema.names else None
@@ -324,8 +276,8 @@ def _selected_rows(source: Source, batch, select: dict | None) -> list[bool] | N
                 f"{source.path}: corpus.select's values for '{path}' do not fit its type {column.type} "
                 f"({exc}): give values of that type"
             ) from None
-        keep = hits if keep is None else pc.and_(keep, hits)
-    return keep.to_pylist()
+        masks.append(hits)
+    return functools.reduce(pc.and_, masks).to_pylist()
 
 
 def _column_texts(source: Source, column, name: str, first_row: int, keep=None) -> Iterator[str]:

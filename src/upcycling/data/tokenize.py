@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -36,7 +37,15 @@ from tokenizers import Tokenizer
 from upcycling.core.publish import publish_json, sha256_file, staging_dir
 from upcycling.data import tokens as layout
 from upcycling.data.corpus import CorpusError, CorpusOptions, Document, Source, resolve_sources
-from upcycling.data.tokenizer import EOT_TOKEN, exact_cuts, load_tokenizer, make_tokenizer, piece_ends, train_tokenizer
+from upcycling.data.tokenizer import (
+    EOT_TOKEN,
+    end_of_text_id,
+    exact_cuts,
+    load_tokenizer,
+    make_tokenizer,
+    piece_ends,
+    train_tokenizer,
+)
 from upcycling.data.tokens import FORMAT_VERSION, TokenFilesError, load_tokens, token_dtype
 
 __all__ = [
@@ -177,35 +186,27 @@ def scan_files(sources: list[Source], options: CorpusOptions) -> list[dict]:
     """Read every file once (decode, parse, hash, count): a bad file raises CorpusError here, cheaply.
 
     Per file: its label, the sha256 of its documents' texts, its documents per split, chars, bytes."""
-    files = [
-        {
-            "source": s.label,
-            "sha256": hashlib.sha256(),
-            "train_documents": 0,
-            "val_documents": 0,
-            "chars": 0,
-            "bytes": 0,
-        }
-        for s in sources
-    ]
+    hashers = [hashlib.sha256() for _ in sources]  # of each file's documents' texts
+    tallies = [dict.fromkeys(("train_documents", "val_documents", "chars", "bytes"), 0) for _ in sources]
     last_log = time.perf_counter()
     for document in options.documents(sources):
-        file = files[document.source]
+        tally = tallies[document.source]
         if time.perf_counter() - last_log > LOG_EVERY_S:  # a shard's scan takes a minute or more
             last_log = time.perf_counter()
             logger.info(
                 "scan: file %d/%d, %.0f MB of text so far",
                 document.source + 1,
-                len(files),
-                sum(f["bytes"] for f in files) / 1e6,
+                len(tallies),
+                sum(t["bytes"] for t in tallies) / 1e6,
             )
-        file["sha256"].update(document.sha256)
-        file["val_documents" if document.held_out else "train_documents"] += 1
-        file["chars"] += len(document.text)
-        file["bytes"] += document.size
-    for file in files:
-        file["sha256"] = file["sha256"].hexdigest()
-    return files
+        hashers[document.source].update(document.sha256)
+        tally["val_documents" if document.held_out else "train_documents"] += 1
+        tally["chars"] += len(document.text)
+        tally["bytes"] += document.size
+    return [
+        {"source": source.label, "sha256": hasher.hexdigest(), **tally}
+        for source, hasher, tally in zip(sources, hashers, tallies, strict=True)
+    ]
 
 
 def tokenize_shard(
@@ -236,7 +237,7 @@ def tokenize_shard(
     if count == 1:  # the shard is the corpus: an empty split is known before encoding
         _refuse_empty_split(train_documents, val_documents, len(files), options)
 
-    vocab_size, eot_id = tokenizer.get_vocab_size(), tokenizer.token_to_id(eot_token)
+    vocab_size, eot_id = tokenizer.get_vocab_size(), end_of_text_id(tokenizer, eot_token, tokenizer_file)
     piece_chars = None if exact_cuts(tokenizer) else 0  # 0: whole documents, so the ids stay exact
     dtype = token_dtype(vocab_size)
     # A literal "<|endoftext|>" in the corpus is text, not a document boundary.
@@ -248,11 +249,11 @@ def tokenize_shard(
         with open(tmp_dir / "train.bin", "wb") as train_file, open(tmp_dir / "val.bin", "wb") as val_file:
             outputs = {"train": train_file, "val": val_file}
             batches = iter_batches(options.documents(sources), piece_chars)
-            for split, ids, document_count, piece_chars in _encode_pipelined(tokenizer, batches, eot_id, dtype):
+            for split, ids, document_count, batch_chars in _encode_pipelined(tokenizer, batches, eot_id, dtype):
                 ids.tofile(outputs[split])
                 counts[split][0] += len(ids)
                 counts[split][1] += document_count
-                progress.update(document_count, len(ids), piece_chars)
+                progress.update(document_count, len(ids), batch_chars)
         progress.update(0, 0, 0, force=True)
         sidecar = {
             "format_version": FORMAT_VERSION,
@@ -302,7 +303,7 @@ def gather_shards(
         "count": count,
         **options.as_dict(),
     }
-    sidecars = []
+    sidecars: list[dict[str, Any]] = []  # each shard.json, as read
     for index, labels in enumerate(plan):
         directory = layout.shard_dir(tokens_dir, index, count)
         path = directory / "shard.json"

@@ -1,7 +1,7 @@
 """The tokenizer of the tokens stage: byte-level BPE trained once on a sample, or a given one.
 
 Public: ``make_tokenizer`` (the train_tokenizer job: write tokenizer.json), ``train_tokenizer``,
-``load_tokenizer``, ``tokenizer_sample``, ``pieces`` and ``exact_cuts``.
+``load_tokenizer``, ``end_of_text_id``, ``tokenizer_sample``, ``pieces`` and ``exact_cuts``.
 
 The sample. Each corpus file contributes its first training documents, up to an equal share of
 ``tokenizer.sample_bytes`` (all of a smaller file); the validation split is kept out. It depends
@@ -112,13 +112,20 @@ def load_tokenizer(path: str | os.PathLike, eot_token: str = EOT_TOKEN) -> Token
             f"tokenizer.path: {path} is not a loadable tokenizer.json ({exc}): give a file saved by "
             f"Hugging Face tokenizers or set tokenizer.path to null to train one"
         ) from exc
-    if tokenizer.token_to_id(eot_token) is None:
+    end_of_text_id(tokenizer, eot_token, path)
+    return tokenizer
+
+
+def end_of_text_id(tokenizer: Tokenizer, eot_token: str, path: str | os.PathLike) -> int:
+    """The id of the token that ends each document, or CorpusError if the tokenizer at path lacks it."""
+    token_id = tokenizer.token_to_id(eot_token)
+    if token_id is None:
         raise CorpusError(
             f"tokenizer.path: {path} has no '{eot_token}' token to end documents with: set "
             f"tokenizer.eot_token to its end-of-text token (e.g. '</s>' for Llama 2, '<|end_of_text|>' "
             f"for Llama 3), or set tokenizer.path to null to train one"
         )
-    return tokenizer
+    return token_id
 
 
 def tokenizer_sample(sources: list[Source], options: CorpusOptions, sample_bytes: int) -> Iterator[str]:

@@ -1,6 +1,6 @@
 """Parameter and FLOP counts of the dense and MoE models, as pure functions of their config.
 
-Conventions (tested against the modules in tests/test_model.py):
+Conventions (tested against the modules in tests/unit/test_model.py):
 - Embeddings are untied: an input embedding and an LM head, each vocab x d_model.
 - ``non_embedding`` excludes both (Kaplan et al.'s N); ``total`` includes both.
 - ``active`` counts what one token uses: every non-expert weight, the router, and k experts.

@@ -2,6 +2,8 @@
 
 The MoE replaces every layer's FFN with ``deepspeed.moe.layer.MoE`` (top-k routing, load-balancing
 loss); each expert is the same ``SwiGLU`` module as the dense FFN, so upcycling is a weight copy.
+``moe.dispatch`` picks the layer's forward: DeepSpeed's GShard one, or the dropless grouped-GEMM one
+of ``moe_dispatch.py`` over the same modules (docs/moe.md).
 Weight names follow the module tree; ``export.py`` maps them to the Hugging Face layouts.
 """
 
@@ -15,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from upcycling.core.errors import InputError
 from upcycling.model.flops import ModelConfig
+from upcycling.model.loss import chunked_linear_cross_entropy, plain_cross_entropy
+from upcycling.model.moe_dispatch import grouped_forward, swiglu
 
 # Where DeepSpeed-MoE (deepspeed.moe.layer.MoE) keeps a block's router and experts, spelled once:
 # export, upcycling and the expert-parallel gather and scatter name weights through these.
@@ -56,6 +61,23 @@ class MoEOptions:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
     router_init_std: float = 0.02
+    # gshard: DeepSpeed's capacity-padded dispatch; grouped: dropless grouped GEMMs (moe_dispatch.py).
+    # None: grouped without token dropping, gshard with it.
+    dispatch: str | None = None
+
+    def __post_init__(self):
+        if self.dispatch not in (None, "gshard", "grouped"):
+            raise InputError(f"moe.dispatch is {self.dispatch!r}: use gshard or grouped (or leave it unset)")
+        if self.dispatch == "grouped" and self.drop_tokens:
+            raise InputError(
+                "moe.dispatch grouped never drops tokens but moe.drop_tokens is true: set moe.drop_tokens: false, "
+                "or moe.dispatch: gshard for GShard's capacity limit"
+            )
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the layers run the grouped dispatch."""
+        return self.dispatch == "grouped" or (self.dispatch is None and not self.drop_tokens)
 
     @classmethod
     def from_settings(cls, settings: dict | None) -> MoEOptions:
@@ -119,8 +141,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.hidden, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(swiglu(self.gate_up(x), self.hidden))
 
 
 class MoEFeedForward(nn.Module):
@@ -145,6 +166,7 @@ class MoEFeedForward(nn.Module):
             top2_2nd_expert_sampling=False,
         )
         self.z_loss_coef = options.z_loss_coef
+        self.grouped = options.grouped
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
         self.expert_counts = torch.zeros(cfg.experts)
@@ -158,17 +180,23 @@ class MoEFeedForward(nn.Module):
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, aux_loss, counts = self.moe(x)
+        if self.grouped:
+            out, routes = grouped_forward(self.moe.deepspeed_moe, x)
+            aux_loss, counts, router_logits = routes.aux_loss, routes.expert_counts, routes.logits
+        else:
+            out, aux_loss, counts = self.moe(x)
+            router_logits = None  # DeepSpeed's gate does not expose them
         self.aux_loss, self.expert_counts = aux_loss, counts.detach()
         if self.z_loss_coef > 0:
-            # ST-MoE router z-loss: keeps router logits small; the gate does not expose them.
-            router_logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.router.weight.float())
+            if router_logits is None:
+                router_logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.router.weight.float())
+            # ST-MoE router z-loss: keeps router logits small.
             self.z_loss = torch.logsumexp(router_logits, dim=-1).square().mean()
         return out
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_options: MoEOptions | None):
+    def __init__(self, cfg: ModelConfig, moe_options: MoEOptions):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
@@ -181,10 +209,16 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_options: MoEOptions | None = None):
+    rope_cos: torch.Tensor  # buffers, typed for mypy
+    rope_sin: torch.Tensor
+
+    def __init__(self, cfg: ModelConfig, moe_options: MoEOptions | None = None, loss_chunk_rows: int | None = None):
+        """loss_chunk_rows: take the LM head and loss in chunks of that many rows (model/loss.py; the
+        forward then returns no logits when given targets); None: the plain loss."""
         super().__init__()
         self.cfg = cfg
         self.moe_options = moe_options or MoEOptions()
+        self.loss_chunk_rows = loss_chunk_rows
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, self.moe_options) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -216,23 +250,31 @@ class Transformer(nn.Module):
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoEFeedForward)]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
-        """Returns (logits, lm_loss, moe_loss). Targets equal to -100 are ignored (budget padding)."""
+        """Returns (logits, lm_loss, moe_loss). Targets equal to -100 are ignored (budget padding).
+        With loss_chunk_rows and targets, logits is None (they are never held whole)."""
         seq = input_ids.shape[1]
         cos, sin = self.rope_cos[:seq].to(self.embed.weight.dtype), self.rope_sin[:seq].to(self.embed.weight.dtype)
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
+        hidden = self.norm(x)
         if targets is None:
-            return logits, None, None
+            return self.lm_head(hidden), None, None
+        flat_targets = targets.reshape(-1)
+        logits: torch.Tensor | None
+        if self.loss_chunk_rows:
+            logits = None
+            flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+            token_losses = chunked_linear_cross_entropy(
+                flat_hidden, self.lm_head.weight, flat_targets, self.loss_chunk_rows
+            )
+        else:
+            logits = self.lm_head(hidden)
+            token_losses = plain_cross_entropy(logits.view(-1, logits.shape[-1]), flat_targets)
         # Mean over the targets that count; a micro-batch whose targets are all past the token
         # budget (-100) contributes 0 rather than NaN.
-        flat_targets = targets.reshape(-1)
-        token_losses = F.cross_entropy(
-            logits.float().view(-1, logits.shape[-1]), flat_targets, ignore_index=-100, reduction="sum"
-        )
         lm_loss = token_losses / (flat_targets != -100).sum().clamp(min=1)
-        moe_loss = torch.zeros((), device=logits.device)
+        moe_loss = torch.zeros((), device=hidden.device)
         for layer in self.moe_layers():
             moe_loss = moe_loss + self.moe_options.aux_loss_coef * layer.aux_loss
             if layer.z_loss_coef > 0:

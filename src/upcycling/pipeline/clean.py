@@ -13,6 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from upcycling.core.spec import FromCheckpoint
 from upcycling.pipeline.jobs import Inventory
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,13 @@ def removable(inventory: Inventory) -> list[tuple[Path, str]]:
     if not root.is_dir():
         return []
     training = [job for job in inventory.jobs if job.phase is not None]
-    partials = {Path(job.spec["partial"]): job for job in training}
+    partials = {Path(job.train_spec.partial): job for job in training}
     stables = {Path(job.outputs["checkpoint"]): job for job in training if job.phase == "stable"}
     readers: dict[Path, list] = {path: [] for path in stables}
     for job in training:
-        start = job.spec["start"].get("checkpoint")
-        if start is not None:
-            readers[Path(start)].append(job)
+        start = job.train_spec.start
+        if isinstance(start, FromCheckpoint):
+            readers[Path(start.path)].append(job)
     found = []
     for directory in sorted(
         path for path in root.rglob("*") if path.is_dir() and path.name.startswith(("stable_", "d_", "d1_", "d2_"))

@@ -2,7 +2,7 @@
 ``upcycling submit`` share it), and its translation to the job inventory's rule and wildcards.
 
     --family dense --size xs [--seed 0] (--stable POINT | --budget D)
-    --family upcycled --size xs --d1 D1 --experts 4 --top-k 2 [--granularity 1] (--stable | --budget)
+    --family upcycled --size xs --d1 D1 --experts 4 --top-k 2 [--granularity 1] [--reinit-ratio 0.5] (--stable | --budget)
     --family scratch --size xs --experts 4 --top-k 2 (--stable | --budget)
 """
 
@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool = True) -> Non
     parser.add_argument("--experts", type=int, default=1)
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--granularity", type=int, default=1)
+    parser.add_argument(
+        "--reinit-ratio", type=float, default=0.0, help="upcycled moe_upcycle: Drop-Upcycling's r (sweep.reinit_ratio)"
+    )
     parser.add_argument(
         "--method",
         default="moe_upcycle",
@@ -50,6 +53,7 @@ def job_key(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
         top_k=args.top_k,
         granularity=args.granularity,
         method=args.method,
+        reinit_ratio=args.reinit_ratio,
     ).wildcards
     if args.stable is not None:
         return f"{args.family}_stable", {**wildcards, "point": str(args.stable)}

@@ -25,91 +25,30 @@ from typing import Any
 
 from upcycling.core.errors import InputError
 from upcycling.core.fingerprint import canonical_json, fingerprint
-from upcycling.core.layout import DENSE, SCRATCH, UPCYCLED
-from upcycling.model.flops import ModelConfig
-from upcycling.pipeline.lineages import Lineage, lineage_model, lineages, stable_points
-from upcycling.sweep.models import model_config, options_for, token_sets
+from upcycling.core.spec import Fresh, FromExport, TrainSpec
+from upcycling.pipeline.lineages import Lineage, lineages, stable_points
+from upcycling.pipeline.rules import BUDGET_KEY, LOGS, PATTERNS, RULES, TRAINING_RULES
+from upcycling.pipeline.trainspecs import RESULT_TRAINING_KEYS, Chain, Origin, train_spec
+from upcycling.sweep.models import options_for, token_sets
 from upcycling.sweep.settings import Sweep
 
-# Output paths of every rule, relative to the results directory; {wildcards} as the rules name them.
-PATTERNS: dict[str, dict[str, str]] = {
-    "train_tokenizer": {"tokenizer": "tokens/tokenizer.json"},
-    # {tokens}: "tokens", or "tokens_stage2" for stage2.corpus (tokenized with the first's tokenizer)
-    "tokenize_shard": {
-        "train": "{tokens}/shards/{shard}/train.bin",
-        "val": "{tokens}/shards/{shard}/val.bin",
-        "sidecar": "{tokens}/shards/{shard}/shard.json",
-    },
-    "tokenize": {"meta": "{tokens}/meta.json"},
-    "dense_stable": {"checkpoint": f"checkpoints/{DENSE}/stable_{{point}}"},
-    "dense_final": {
-        "metrics": f"{DENSE}/d1_{{d1}}/metrics.json",
-        "weights": f"{DENSE}/d1_{{d1}}/hf/model.safetensors",
-        "hf_config": f"{DENSE}/d1_{{d1}}/hf/config.json",
-    },
-    "transform": {"weights": f"{UPCYCLED}/init/model.safetensors", "hf_config": f"{UPCYCLED}/init/config.json"},
-    "upcycled_stable": {"checkpoint": f"checkpoints/{UPCYCLED}/stable_{{point}}"},
-    "upcycled_final": {"metrics": f"{UPCYCLED}/d2_{{d2}}/metrics.json"},
-    "scratch_stable": {"checkpoint": f"checkpoints/{SCRATCH}/stable_{{point}}"},
-    "scratch_final": {"metrics": f"{SCRATCH}/d_{{d}}/metrics.json"},
-    "aggregate": {"store": "losses.zarr"},
-    "fit": {"fits": "fits"},
-    "report": {"summary": "report/summary.md", "findings": "report/findings.json", "guidance": "report/guidance.json"},
-}
-# The report's figures (name -> file in report/): the one list that upcycling.analysis.figures draws and the
-# report rule declares.
-LOGS: dict[str, str] = {
-    "train_tokenizer": "logs/tokens/train_tokenizer.log",
-    "tokenize_shard": "logs/{tokens}/shard_{shard}.log",
-    "tokenize": "logs/{tokens}/gather.log",
-    "dense_stable": f"logs/{DENSE}/stable_{{point}}.log",
-    "dense_final": f"logs/{DENSE}/d1_{{d1}}.log",
-    "transform": f"logs/{UPCYCLED}/transform.log",
-    "upcycled_stable": f"logs/{UPCYCLED}/stable_{{point}}.log",
-    "upcycled_final": f"logs/{UPCYCLED}/d2_{{d2}}.log",
-    "scratch_stable": f"logs/{SCRATCH}/stable_{{point}}.log",
-    "scratch_final": f"logs/{SCRATCH}/d_{{d}}.log",
-    "aggregate": "logs/aggregate.log",
-    "fit": "logs/fit.log",
-    "report": "logs/report.log",
-}
-BUDGET_KEY = {"dense": "d1", "upcycled": "d2", "scratch": "d"}  # the wildcard of a run's budget D
-TRAINING_RULES = tuple(f"{family}_{phase}" for family in BUDGET_KEY for phase in ("stable", "final"))
-RULES = (
-    "train_tokenizer",
-    "tokenize_shard",
-    "tokenize",
-    "dense_stable",
-    "dense_final",
-    "transform",
-    "upcycled_stable",
-    "upcycled_final",
-    "scratch_stable",
-    "scratch_final",
-    "aggregate",
-    "fit",
-    "report",
-)
+# The rules' names and patterns, and the spec's training keys, are read from here too.
+__all__ = [
+    "BUDGET_KEY",
+    "LOGS",
+    "PATTERNS",
+    "RESULT_TRAINING_KEYS",
+    "RULES",
+    "TRAINING_RULES",
+    "Inventory",
+    "Job",
+    "UnknownJob",
+    "jobs",
+    "result_config",
+]
+
 # Tokenizer settings that only estimate runtimes (the rest decide the tokens).
 TOKENIZER_ESTIMATES = ("threads", "tokens_per_s_per_core", "bytes_per_token")
-# Training settings that change a result (the rest of the section is operational).
-RESULT_TRAINING_KEYS = (
-    "micro_batch_size",
-    "grad_accum_steps",
-    "lr",
-    "min_lr_ratio",
-    "warmup_tokens",
-    "schedule",
-    "decay_fraction",
-    "weight_decay",
-    "adam_betas",
-    "grad_clip",
-    "eval_every_tokens",
-    "eval_windows",
-    "zero_stage",
-    "precision",
-    "compile",
-)
 
 
 @dataclass(frozen=True)
@@ -119,7 +58,8 @@ class Job:
     outputs: Mapping[str, str]
     inputs: Mapping[str, str]
     log: str
-    spec: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # A training job's is a TrainSpec (the trainer's typed contract); every other rule's a mapping.
+    spec: Mapping[str, Any] | TrainSpec = field(default_factory=dict, repr=False)
     lineage: Lineage | None = None
     phase: str | None = None  # training jobs: stable | final
     tokens: int = 0  # tokens this job trains
@@ -130,88 +70,40 @@ class Job:
         return _label(self.rule, self.wildcards)
 
     @property
+    def train_spec(self) -> TrainSpec:
+        """A training job's spec; TypeError for a job of another rule."""
+        if not isinstance(self.spec, TrainSpec):
+            raise TypeError(f"{self.label} is not a training job: it has no TrainSpec")
+        return self.spec
+
+    @property
     def fingerprint(self) -> str:
-        return fingerprint(self.spec)
+        return fingerprint(_plain(self.spec))
 
     @property
     def params(self) -> str:
         """The Snakemake ``params`` value: the spec as canonical JSON."""
-        return canonical_json(self.spec)
+        return canonical_json(_plain(self.spec))
+
+
+def _plain(spec: Mapping[str, Any] | TrainSpec) -> Mapping[str, Any]:
+    return spec.to_dict() if isinstance(spec, TrainSpec) else spec
+
+
+def _mapping(job: Job) -> Mapping[str, Any]:
+    """The spec of a job that is not a training job (the tokens, the transform)."""
+    if isinstance(job.spec, TrainSpec):
+        raise TypeError(f"{job.label} is a training job: read its train_spec")
+    return job.spec
 
 
 def _label(rule: str, wildcards: Mapping[str, str]) -> str:
     return f"{rule}[{','.join(f'{k}={v}' for k, v in wildcards.items())}]"
 
 
-# ----------------------------------------------------------------------------- specs
-
-
-def _model_fields(config: ModelConfig) -> dict:
-    fields = dataclasses.asdict(config)
-    fields.pop("vocab_size")  # known once the tokens exist; the trainer reads it from meta.json
-    return fields
-
-
-def _train_spec(
-    sweep: Sweep,
-    label: str,
-    lineage: Lineage,
-    phase: str,
-    end_tokens: int,
-    start: dict,
-    upstream: str,
-    tokens_fingerprint: str,
-    outputs: Mapping[str, str],
-    partial: Path,
-    tokens_dir: Path,
-) -> dict:
-    training = sweep.training
-    model = lineage_model(sweep, lineage)
-    final = phase == "final"
-    decay = None
-    if final:
-        decay = [training.decay_start(end_tokens) if training.wsd else None, end_tokens]
-    coords = None
-    if final:
-        coords = {
-            "size": lineage.size,
-            "init": lineage.family,
-            "method": lineage.method,
-            "seed": lineage.seed,
-            "d1_tokens": end_tokens if lineage.family == "dense" else lineage.d1,
-            "d2_tokens": 0 if lineage.family == "dense" else end_tokens,
-            "experts": lineage.experts,
-            "top_k": lineage.top_k,
-            "granularity": lineage.granularity,
-        }
-    export = None
-    if final and lineage.family == "dense":
-        export = str(Path(outputs["weights"]).parent)
-    return {
-        "job": label,
-        "run_id": f"{lineage.name}/{Path(partial.name).stem}",
-        "family": lineage.family,
-        "phase": phase,
-        "seed": lineage.seed,
-        "model": _model_fields(model),
-        "dense_model": _model_fields(model_config(sweep, lineage.size, sweep.tokenizer.vocab_size)),
-        "moe": dataclasses.asdict(sweep.moe) if model.is_moe else None,
-        "training": {key: getattr(training, key) for key in RESULT_TRAINING_KEYS},
-        # One process per GPU: the global batch is micro_batch_size x grad_accum_steps x processes.
-        "processes": max(sweep.slurm.gpus_per_job, 1),
-        "end_tokens": end_tokens,
-        "decay": decay,
-        "tokens_dir": str(tokens_dir),
-        "tokens": tokens_fingerprint,
-        "start": start,
-        "upstream": upstream,
-        "checkpoint": outputs.get("checkpoint"),
-        "partial": str(partial),
-        "metrics": outputs.get("metrics"),
-        "export": export,
-        "export_adam_moments": export is not None and sweep.moe.copy_optimizer_state,
-        "coords": coords,
-    }
+def _continuing(origin: Origin, job: Job | None) -> Origin:
+    """The origin of a job that continues ``job``'s checkpoint (None: the lineage's ``origin``)."""
+    return origin if job is None else origin.continued(job.outputs["checkpoint"], job.fingerprint)
 
 
 def _outputs(sweep: Sweep, rule: str, wildcards: Mapping[str, str]) -> dict[str, str]:
@@ -352,15 +244,15 @@ def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
     for lineage in ordered:
         # Continued pretraining on a second corpus (the domain shift) reads its tokens.
         gather = gathers["tokens_stage2" if lineage.method == "continue" and "tokens_stage2" in gathers else "tokens"]
-        meta, tokens = gather.outputs["meta"], gather.spec["tokens"]
-        inputs = {"meta": meta}
-        start: dict = {}
-        upstream = tokens
+        meta = gather.outputs["meta"]
+        tokens = _mapping(gather)["tokens"]
+        origin = Origin({"meta": meta}, Fresh(), tokens)
         if lineage.family == "upcycled":
             dense = dense_exports[(lineage.size, lineage.seed, lineage.d1)]
             wildcards = lineage.wildcards
             outputs = _outputs(sweep, "transform", wildcards)
-            options = options_for(sweep, lineage.experts, lineage.top_k, lineage.granularity)
+            options = options_for(sweep, lineage.experts, lineage.top_k, lineage.granularity, lineage.reinit_ratio)
+            out = str(Path(outputs["weights"]).parent)
             init = Job(
                 "transform",
                 wildcards,
@@ -369,9 +261,9 @@ def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
                 _log(sweep, "transform", wildcards),
                 {
                     "method": lineage.method,
-                    "options": dataclasses.asdict(options),
+                    "options": options.to_dict(),
                     "dense": str(Path(dense.outputs["weights"]).parent),
-                    "out": str(Path(outputs["weights"]).parent),
+                    "out": out,
                     "seed": lineage.seed,
                     "copy_optimizer_state": sweep.moe.copy_optimizer_state and lineage.method == "moe_upcycle",
                     "upstream": dense.fingerprint,
@@ -379,8 +271,7 @@ def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
                 lineage,
             )
             yield init
-            inputs = {**inputs, "init": init.outputs["weights"]}
-            start, upstream = {"export": init.spec["out"]}, init.fingerprint
+            origin = Origin({"meta": meta, "init": init.outputs["weights"]}, FromExport(out), init.fingerprint)
 
         stable_by_point: dict[int, Job] = {}
         previous = None
@@ -388,32 +279,16 @@ def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
             rule = f"{lineage.family}_stable"
             wildcards = {**lineage.wildcards, "point": str(point)}
             outputs = _outputs(sweep, rule, wildcards)
-            if previous is None:
-                job_inputs, job_start, job_upstream = inputs, start, upstream
-            else:
-                job_inputs = {"meta": meta, "checkpoint": previous.outputs["checkpoint"]}
-                job_start = {"checkpoint": previous.outputs["checkpoint"]}
-                job_upstream = previous.fingerprint
+            begin = _continuing(origin, previous)
             partial = Path(outputs["checkpoint"] + ".partial")
-            spec = _train_spec(
-                sweep,
-                _label(rule, wildcards),
-                lineage,
-                "stable",
-                point,
-                job_start,
-                job_upstream,
-                tokens,
-                outputs,
-                partial,
-                Path(meta).parent,
-            )
+            chain = Chain(begin, outputs, partial, str(Path(meta).parent), tokens)
+            spec = train_spec(sweep, _label(rule, wildcards), lineage, "stable", point, chain)
             previous_point = int(previous.wildcards["point"]) if previous else 0
             job = Job(
                 rule,
                 wildcards,
                 outputs,
-                job_inputs,
+                dict(begin.inputs),
                 _log(sweep, rule, wildcards),
                 spec,
                 lineage,
@@ -428,30 +303,25 @@ def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
             wildcards = {**lineage.wildcards, BUDGET_KEY[lineage.family]: str(budget)}
             outputs = _outputs(sweep, rule, wildcards)
             if training.wsd:
-                stable = stable_by_point[training.decay_start(budget)]
-                job_inputs = {"meta": meta, "checkpoint": stable.outputs["checkpoint"]}
-                job_start, job_upstream = {"checkpoint": stable.outputs["checkpoint"]}, stable.fingerprint
+                begin = _continuing(origin, stable_by_point[training.decay_start(budget)])
                 trained = budget - training.decay_start(budget)
             else:
-                job_inputs, job_start, job_upstream, trained = inputs, start, upstream, budget
+                begin, trained = origin, budget
             partial = Path(
                 sweep.results_dir / "checkpoints" / lineage.name / f"{BUDGET_KEY[lineage.family]}_{budget}.partial"
             )
-            spec = _train_spec(
-                sweep,
-                _label(rule, wildcards),
+            chain = Chain(begin, outputs, partial, str(Path(meta).parent), tokens)
+            spec = train_spec(sweep, _label(rule, wildcards), lineage, "final", budget, chain)
+            job = Job(
+                rule,
+                wildcards,
+                outputs,
+                dict(begin.inputs),
+                _log(sweep, rule, wildcards),
+                spec,
                 lineage,
                 "final",
-                budget,
-                job_start,
-                job_upstream,
-                tokens,
-                outputs,
-                partial,
-                Path(meta).parent,
-            )
-            job = Job(
-                rule, wildcards, outputs, job_inputs, _log(sweep, rule, wildcards), spec, lineage, "final", trained
+                trained,
             )
             yield job
             metrics_jobs.append(job)
@@ -543,6 +413,9 @@ def _corpora(sweep: Sweep, base_dir: str | Path | None) -> dict[str, list | None
     corpora: dict[str, list | None] = {}
     for name in token_sets(sweep):
         corpus = sweep.corpus if name == "tokens" else sweep.stage2.corpus
+        if corpus is None:  # token_sets names the second only where stage2.corpus is set
+            corpora[name] = None
+            continue
         try:
             corpora[name] = resolve_sources(corpus.paths, base_dir) if base_dir is not None else None
         except CorpusError:

@@ -2,7 +2,8 @@
 
 A lineage is ``dense`` (size, seed), ``upcycled`` (size, seed, D1, variant) or ``scratch`` (size,
 seed, variant). The variant names the second-stage model: ``e4_k2_g1`` for an MoE of 4 experts,
-top-2, granularity 1, made by sparse upcycling (method ``moe_upcycle``), or the name of another
+top-2, granularity 1, made by sparse upcycling (method ``moe_upcycle``; ``e4_k2_g1_r0.5`` when
+Drop-Upcycling re-draws half of each expert's FFN units, sweep.reinit_ratio), or the name of another
 second-stage method (``continue``, ``grow_depth``, ``grow_width``: upcycling.transform.methods).
 Pure functions of the sweep; :mod:`upcycling.pipeline.jobs` turns each lineage into its jobs.
 """
@@ -15,14 +16,15 @@ from upcycling.core.layout import DENSE, SCRATCH, UPCYCLED
 from upcycling.model.flops import ModelConfig
 from upcycling.sweep.models import model_config, options_for
 from upcycling.sweep.settings import Sweep
-from upcycling.transform.methods import METHODS, target_config
+from upcycling.transform.methods import METHODS, reinit_suffix, target_config
 
 
 def moe_variant(experts: int, top_k: int, granularity: int) -> str:
     return f"e{experts}_k{top_k}_g{granularity}"
 
 
-VARIANT_PATTERN = r"e\d+_k\d+_g\d+|" + "|".join(method for method in METHODS if method != "moe_upcycle")
+_OTHER_METHODS = "|".join(method for method in METHODS if method != "moe_upcycle")
+VARIANT_PATTERN = r"e\d+_k\d+_g\d+(?:_r[0-9.e+-]+)?|" + _OTHER_METHODS
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,17 @@ class Lineage:
     top_k: int = 1
     granularity: int = 1
     method: str = "dense"  # second-stage method; "dense" for the dense runs
+    # upcycled moe_upcycle: Drop-Upcycling's re-drawn fraction (scratch and dense runs have none)
+    reinit_ratio: float = 0.0
 
     @property
     def variant(self) -> str:
-        """The second-stage model's name in paths: ``e4_k2_g1`` for an MoE, else the method."""
+        """The second-stage model's name in paths: ``e4_k2_g1`` (``e4_k2_g1_r0.5``) for an MoE, else the method."""
         if self.family == "dense":
             return ""
-        return moe_variant(self.experts, self.top_k, self.granularity) if self.method == "moe_upcycle" else self.method
+        if self.method != "moe_upcycle":
+            return self.method
+        return moe_variant(self.experts, self.top_k, self.granularity) + reinit_suffix(self.reinit_ratio)
 
     @property
     def wildcards(self) -> dict[str, str]:
@@ -74,8 +80,9 @@ def lineages(sweep: Sweep) -> list[Lineage]:
             for d1 in axes.d1_tokens:
                 if "moe_upcycle" in methods:
                     result.extend(
-                        Lineage("upcycled", size, seed, axes.d2_tokens, d1, e, k, g, "moe_upcycle")
+                        Lineage("upcycled", size, seed, axes.d2_tokens, d1, e, k, g, "moe_upcycle", ratio)
                         for e, k, g in shapes
+                        for ratio in axes.reinit_ratio
                     )
                 result.extend(
                     Lineage("upcycled", size, seed, axes.d2_tokens, d1, method=method) for method in dense_methods
@@ -86,7 +93,7 @@ def lineages(sweep: Sweep) -> list[Lineage]:
                     Lineage("upcycled", size, seed, (extra.d2_tokens,), extra.d1_tokens, e, k, 1, "moe_upcycle")
                     for e in extra.experts
                     for k in extra.top_k
-                    if (e, k, 1) not in shapes
+                    if (e, k, 1) not in shapes or 0 not in axes.reinit_ratio  # these are r = 0 runs
                 )
             if sweep.baselines.scratch_moe:
                 if "moe_upcycle" in methods:
@@ -105,7 +112,7 @@ def lineage_model(sweep: Sweep, lineage: Lineage, vocab_size: int | None = None)
     dense = model_config(sweep, lineage.size, vocab_size or sweep.tokenizer.vocab_size)
     if lineage.family == "dense":
         return dense
-    options = options_for(sweep, lineage.experts, lineage.top_k, lineage.granularity)
+    options = options_for(sweep, lineage.experts, lineage.top_k, lineage.granularity, lineage.reinit_ratio)
     return target_config(dense, lineage.method, options)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from importlib.resources import files
 from pathlib import Path
@@ -28,7 +29,7 @@ import yaml
 from upcycling.core.errors import InputError
 from upcycling.sweep.models import model_config, options_for, token_sets
 from upcycling.sweep.settings import Sweep
-from upcycling.transform.methods import target_config
+from upcycling.transform.methods import reinit_suffix, target_config
 
 SCHEMA_PATH = Path(str(files("upcycling") / "schemas" / "config.schema.yaml"))
 # Byte-level BPE on English prose gives ~4 bytes per token; 3 keeps the corpus-size check on the
@@ -58,11 +59,21 @@ def _with_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
+# What to write instead, for keys whose schema message alone does not say it.
+_KEY_HINTS = {
+    "sweep.reinit_ratio": (
+        " (sweep.reinit_ratio is a list of distinct numbers between 0 and 1, e.g. [0, 0.5]: "
+        "the fraction of each expert's FFN units re-drawn; 0 is plain sparse upcycling)"
+    ),
+}
+
+
 def _schema_error_message(error: jsonschema.ValidationError) -> str:
     key = ".".join(str(part) for part in error.absolute_path) or "<top level>"
     hint = ""
     if error.validator == "additionalProperties":
         hint = " (a misspelt key? see src/upcycling/schemas/config.schema.yaml for the allowed keys)"
+    hint += next((text for prefix, text in _KEY_HINTS.items() if key.startswith(prefix)), "")
     return f"config key '{key}': {error.message}{hint}"
 
 
@@ -91,6 +102,9 @@ def sweep_from_mapping(mapping: Any, base_dir: str | os.PathLike = ".", check_co
     errors = sorted(validator.iter_errors(mapping), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("; ".join(_schema_error_message(e) for e in errors[:5]))
+    moe = mapping["moe"]
+    if moe["dispatch"] is None:  # what null means, written out: every MoE job's spec names the dispatch it runs
+        moe["dispatch"] = "gshard" if moe["drop_tokens"] else "grouped"
     sweep = Sweep.from_mapping(mapping)
     _check_semantics(sweep)
     if check_corpus:
@@ -164,6 +178,11 @@ def _check_moe_shape(experts: int, top_k: int, granularity: int, ep_size: int, k
 
 def _check_semantics(sweep: Sweep) -> None:
     axes, training, moe, seq_len = sweep.sweep, sweep.training, sweep.moe, sweep.data.seq_len
+    if moe.dispatch == "grouped" and moe.drop_tokens:
+        raise ConfigError(
+            "config keys 'moe.dispatch' / 'moe.drop_tokens': the grouped dispatch never drops tokens: set "
+            "moe.drop_tokens: false, or moe.dispatch: gshard for GShard's capacity limit"
+        )
 
     budgets = _token_budgets(sweep)
     for key, values in budgets.items():
@@ -197,6 +216,20 @@ def _check_semantics(sweep: Sweep) -> None:
         for top_k in axes.top_k:
             for granularity in axes.granularity:
                 _check_moe_shape(experts, top_k, granularity, moe.ep_size, "sweep")
+    if any(math.isnan(ratio) for ratio in axes.reinit_ratio):  # NaN passes the schema's bounds
+        raise ConfigError(
+            f"config key 'sweep.reinit_ratio': {list(axes.reinit_ratio)} holds NaN: give numbers between 0 and 1"
+        )
+    if len({reinit_suffix(ratio) for ratio in axes.reinit_ratio}) != len(axes.reinit_ratio):
+        raise ConfigError(
+            f"config key 'sweep.reinit_ratio': {list(axes.reinit_ratio)} has values that agree to 6 significant "
+            "digits, and the variant labels in the output paths would collide: keep one of them"
+        )
+    if any(ratio > 0 for ratio in axes.reinit_ratio) and "moe_upcycle" not in sweep.stage2.methods:
+        raise ConfigError(
+            f"config key 'sweep.reinit_ratio': {list(axes.reinit_ratio)} re-initialises upcycled experts, but "
+            "stage2.methods has no moe_upcycle: add moe_upcycle to stage2.methods or set sweep.reinit_ratio: [0]"
+        )
     if axes.model_config is not None:
         extra = axes.model_config
         if extra.d1_tokens not in axes.d1_tokens:

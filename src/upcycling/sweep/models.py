@@ -32,13 +32,16 @@ def token_sets(sweep: Sweep) -> tuple[str, ...]:
     return TOKEN_SETS if second else TOKEN_SETS[:1]
 
 
-def options_for(sweep: Sweep, experts: int = 0, top_k: int = 0, granularity: int = 1) -> Stage2Options:
+def options_for(
+    sweep: Sweep, experts: int = 0, top_k: int = 0, granularity: int = 1, reinit_ratio: float = 0.0
+) -> Stage2Options:
     """The options of a typed sweep (its ``stage2`` and ``moe`` sections) for one job."""
     return Stage2Options(
         experts=experts,
         top_k=top_k,
         granularity=granularity,
         router_init_std=sweep.moe.router_init_std,
+        reinit_ratio=reinit_ratio,
         depth_factor=sweep.stage2.grow_depth.factor,
         depth_init=sweep.stage2.grow_depth.init,
         ffn_factor=sweep.stage2.grow_width.ffn_factor,

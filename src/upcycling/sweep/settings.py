@@ -109,6 +109,7 @@ class Axes:
     experts: tuple[int, ...]
     top_k: tuple[int, ...]
     granularity: tuple[int, ...]
+    reinit_ratio: tuple[float, ...]  # Drop-Upcycling's r per upcycled MoE lineage (0: plain sparse upcycling)
     model_config: ModelConfigAxis | None
 
 
@@ -121,6 +122,7 @@ class MoESettings:
     ep_size: int
     router_init_std: float
     copy_optimizer_state: bool
+    dispatch: str | None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 
 from upcycling.core.fingerprint import fingerprint
 from upcycling.core.publish import publish_dir, publish_json, sha256_file
+from upcycling.core.spec import FromCheckpoint, FromExport, Progress, SpecError, StartPoint
 from upcycling.model.export import CheckpointError
 from upcycling.model.transformer import Transformer, join_expert_name, split_expert_name
 from upcycling.train import distributed
@@ -83,12 +84,12 @@ def verified(directory: Path) -> str | None:
     return None
 
 
-def fingerprint_of_start(start: dict) -> str:
+def fingerprint_of_start(start: StartPoint) -> str:
     """What a job starts from, as a fingerprint: the checkpoint's or the export's, or 'fresh'."""
-    if "checkpoint" in start:
-        return (read_manifest(Path(start["checkpoint"])) or {}).get("fingerprint", "missing")
-    if "export" in start:
-        config = json.loads((Path(start["export"]) / "config.json").read_text())
+    if isinstance(start, FromCheckpoint):
+        return (read_manifest(Path(start.path)) or {}).get("fingerprint", "missing")
+    if isinstance(start, FromExport):
+        config = json.loads((Path(start.path) / "config.json").read_text())
         return config.get("upcycling", {}).get("weights_sha256", "unrecorded")
     return "fresh"
 
@@ -108,10 +109,16 @@ def checkpoint_fingerprint(spec_fingerprint: str, start_fingerprint: str, tokens
 # ----------------------------------------------------------------------------- save and restore
 
 
-def save(engine, directory: Path, client_state: dict, *, fingerprint: str, complete: bool, written_by: str) -> None:
-    """Save under a new tag, publish the manifest, then drop older tags."""
+def save(engine, directory: Path, progress: Progress, *, fingerprint: str, complete: bool, written_by: str) -> None:
+    """Save under a new tag, publish the manifest, then drop older tags. The client state is the
+    progress's JSON and the random number generators' states as they are now."""
     directory = Path(directory)
-    tag = f"tokens{client_state['tokens']}"
+    tag = f"tokens{progress.tokens}"
+    client_state = {
+        **progress.to_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.get_state(),  # noqa: NPY002 (libraries draw from the global state)
+    }
     # Under one key of ours: DeepSpeed returns its own metadata keys in the same dict on load.
     engine.save_checkpoint(str(directory), tag=tag, client_state={CLIENT_KEY: client_state})
     distributed.barrier()
@@ -121,7 +128,7 @@ def save(engine, directory: Path, client_state: dict, *, fingerprint: str, compl
             {
                 "fingerprint": fingerprint,
                 "tag": tag,
-                "tokens": client_state["tokens"],
+                "tokens": progress.tokens,
                 "complete": complete,
                 "written_by": written_by,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -134,9 +141,11 @@ def save(engine, directory: Path, client_state: dict, *, fingerprint: str, compl
     distributed.barrier()
 
 
-def restore(engine, directory: Path) -> dict:
-    """Load the checkpoint the manifest names; returns our training state (RNG states restored)."""
+def restore(engine, directory: Path) -> Progress:
+    """Load the checkpoint the manifest names; returns its progress (RNG states restored)."""
     manifest = read_manifest(directory)
+    if manifest is None:
+        raise CheckpointError(f"checkpoint {directory} has no readable {MANIFEST}: rerun the job that writes it")
     try:
         _, saved = engine.load_checkpoint(str(directory), tag=manifest["tag"], load_module_strict=True)
     except (OSError, RuntimeError, EOFError, KeyError, ValueError) as exc:
@@ -146,10 +155,19 @@ def restore(engine, directory: Path) -> dict:
             f"checkpoint {directory} holds no training state of ours: it was not written by "
             "upcycling train; delete it and rerun the job that writes it"
         )
-    client_state = saved[CLIENT_KEY]
-    torch.set_rng_state(client_state["torch_rng"])
-    np.random.set_state(client_state["numpy_rng"])  # noqa: NPY002 (libraries draw from the global state)
-    return client_state
+    state = dict(saved[CLIENT_KEY])
+    torch_rng, numpy_rng = state.pop("torch_rng", None), state.pop("numpy_rng", None)
+    try:
+        progress = Progress.from_dict(state, f"the training state in checkpoint {directory}")
+    except SpecError as exc:
+        raise CheckpointError(f"{exc}; delete it and rerun the job that writes it") from None
+    if torch_rng is None or numpy_rng is None:
+        raise CheckpointError(
+            f"checkpoint {directory} holds no random number generator states: delete it and rerun the job that writes it"
+        )
+    torch.set_rng_state(torch_rng)
+    np.random.set_state(numpy_rng)  # noqa: NPY002 (libraries draw from the global state)
+    return progress
 
 
 def move_aside(directory: Path, reason: str) -> Path:

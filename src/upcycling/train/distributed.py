@@ -79,6 +79,17 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def sum_over_expert_group(values: torch.Tensor, ep_size: int) -> torch.Tensor:
+    """The element-wise sum of a tensor over this rank's expert-parallel group (the ranks that
+    hold the other experts of its layers); the tensor itself when ep_size is 1."""
+    if ep_size == 1:
+        return values
+    group, _ = expert_parallel_group(ep_size)
+    values = values.clone()
+    dist.all_reduce(values, group=group)
+    return values
+
+
 def expert_parallel_group(ep_size: int):
     """DeepSpeed's expert-parallel group of this rank, and the rank in it. DeepSpeed exposes these
     only through private helpers: they are used here and nowhere else."""

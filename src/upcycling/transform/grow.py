@@ -35,6 +35,7 @@ def transform(
             options.granularity,
             router_init_std=options.router_init_std,
             seed=seed,
+            reinit_ratio=options.reinit_ratio,
         )
     if method == "continue":
         return {name: tensor.clone() for name, tensor in dense_state.items()}, cfg
@@ -44,9 +45,12 @@ def transform(
     return grow_width(dense_state, dense_cfg, cfg, options.split_noise, generator), cfg
 
 
-def _split_layers(state: dict[str, torch.Tensor], n_layers: int) -> tuple[dict, list[dict]]:
+def _split_layers(
+    state: dict[str, torch.Tensor], n_layers: int
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """(tensors outside the blocks, per layer {name within the block: tensor})."""
-    shared, layers = {}, [{} for _ in range(n_layers)]
+    shared: dict[str, torch.Tensor] = {}
+    layers: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
     for name, tensor in state.items():
         match = _LAYER_KEY.match(name)
         if match is None:

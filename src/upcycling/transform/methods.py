@@ -23,7 +23,7 @@ Symmetry: exact copies that split their outgoing weights equally get identical g
 never become different units. Each copy's outgoing weights are therefore old / n + noise, with
 random noise that sums to zero over the n copies of a unit (``split_noise`` x the RMS of that
 weight matrix): the sum, hence the function, is exact, and the copies' gradients point in
-different directions from the first step (tested in tests/test_stage2.py).
+different directions from the first step (tested in tests/unit/test_stage2.py).
 
 Here: the methods' architectures and options (pure, no torch: the job inventory sizes jobs with
 them). The tensor work is in grow.py; ``upcycling transform`` is the I/O edge (cli.py).
@@ -49,6 +49,8 @@ class Stage2Options:
     top_k: int = 0
     granularity: int = 1
     router_init_std: float = 0.02
+    # moe_upcycle: Drop-Upcycling's fraction of each expert's FFN units re-drawn (the job's sweep.reinit_ratio)
+    reinit_ratio: float = 0.0
     # grow_depth (stage2.grow_depth)
     depth_factor: int = 2
     depth_init: str = "identity"
@@ -56,6 +58,15 @@ class Stage2Options:
     ffn_factor: float = 2.0
     heads_factor: float = 2.0
     split_noise: float = 0.01
+
+    def to_dict(self) -> dict:
+        """The options as a transform job's spec spells them (``Stage2Options(**them)`` reads them
+        back): ``reinit_ratio`` only where it re-draws, so the r = 0 jobs keep the spec they had
+        before Drop-Upcycling existed."""
+        fields = dataclasses.asdict(self)
+        if self.reinit_ratio == 0:
+            del fields["reinit_ratio"]
+        return fields
 
 
 def describe(method: str, options: Stage2Options) -> dict:
@@ -66,7 +77,15 @@ def describe(method: str, options: Stage2Options) -> dict:
         "grow_depth": ("depth_factor", "depth_init"),
         "grow_width": ("ffn_factor", "heads_factor", "split_noise"),
     }[_checked_method(method)]
+    if method == "moe_upcycle" and options.reinit_ratio > 0:  # r = 0 exports say what they always said
+        relevant = (*relevant, "reinit_ratio")
     return {"stage2_method": method, **{name: getattr(options, name) for name in relevant}}
+
+
+def reinit_suffix(ratio: float) -> str:
+    """What an upcycled MoE's variant label adds for Drop-Upcycling's r: ``_r0.5``; nothing for
+    r = 0 (plain sparse upcycling keeps its paths)."""
+    return f"_r{ratio:g}" if ratio > 0 else ""
 
 
 def _checked_method(method: str) -> str:

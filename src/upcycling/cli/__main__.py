@@ -1,0 +1,5 @@
+import sys
+
+from upcycling.cli.main import main
+
+sys.exit(main())

@@ -113,7 +113,8 @@ def test_submitit_training_requeues_and_resumes(slurm_cluster, tiny_workdir, tmp
         config, train_args, tmp_path / "submitit", workdir=tiny_workdir, env=slurm_env(), cpus_per_task=1, mem_gb=3
     )
     # Wait until the trainer is past its first step, then announce the time limit (USR2).
-    wait_for(lambda: " step " in _read(job.paths.stdout), 180, "the trainer's first steps", interval=0.2)
+    # A busy node may start the job late (DeepSpeed also JIT-builds its comm op once): wait for the event.
+    wait_for(lambda: " step " in _read(job.paths.stdout), 420, "the trainer's first steps", interval=0.2)
     job._interrupt(timeout=True)
     result = job.result()
     log = _read(job.paths.stdout) + _read(job.paths.stderr)

@@ -366,8 +366,8 @@ def _reinit_ratio(path, table, fits: FitSet, vocab_size):
         return _empty(path, single_ratio_note(fits))
     figure, axes = _panels(
         len(groups),
-        "Loss vs D2 at the largest D1, one colour per re-initialisation ratio r: runs (dots), "
-        "dataset law with 95% band; grey: extrapolated",
+        "Loss vs D2 at the largest D1, a colour per re-initialisation ratio r\n"
+        "runs (dots), dataset law with 95% band; grey: extrapolated",
     )
     for axis, group in zip(axes, groups):
         runs = [(key, _runs_of(table, key)) for key in group.keys]

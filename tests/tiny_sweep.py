@@ -80,6 +80,18 @@ def snakemake(
     return subprocess.run(command, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def run_repo_config(workdir: Path, name: str) -> Path:
+    """One of the repository's configs (config/<name>.yaml) through the whole DAG in workdir, with its
+    results in workdir/results; returns that directory (the run must succeed)."""
+    cfg = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+    cfg["results_dir"] = "results"
+    config = workdir / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    result = snakemake(workdir, config)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return workdir / "results"
+
+
 def write_config(workdir: Path, overrides: dict | None = None, base: Path = TINY_CONFIG) -> Path:
     """The tiny config with absolute corpus paths, results under workdir, and overrides merged in."""
     cfg = yaml.safe_load(base.read_text())

@@ -9,23 +9,15 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-import yaml
 
-from tiny_sweep import REPO, read_json, snakemake
+from tiny_sweep import read_json, run_repo_config
 
 METHODS = ("moe_upcycle", "continue", "grow_depth", "grow_width")
 
 
 @pytest.fixture(scope="module")
 def bootstrapped(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("bootstrapped")
-    cfg = yaml.safe_load((REPO / "config" / "bootstrapped.yaml").read_text())
-    cfg["results_dir"] = "results"
-    config = workdir / "bootstrapped.yaml"
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    result = snakemake(workdir, config)
-    assert result.returncode == 0, result.stderr[-6000:]
-    return workdir / "results"
+    return run_repo_config(tmp_path_factory.mktemp("bootstrapped"), "bootstrapped")
 
 
 def _hf_loss(export_dir, tokens: torch.Tensor) -> float:

@@ -9,21 +9,13 @@ import json
 import numpy as np
 import pytest
 import xarray as xr
-import yaml
 
-from tiny_sweep import REPO, read_json, snakemake
+from tiny_sweep import read_json, run_repo_config
 
 
 @pytest.fixture(scope="module")
 def drop_upcycling(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("drop_upcycling")
-    cfg = yaml.safe_load((REPO / "config" / "drop_upcycling.yaml").read_text())
-    cfg["results_dir"] = "results"
-    config = workdir / "drop_upcycling.yaml"
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    result = snakemake(workdir, config)
-    assert result.returncode == 0, result.stderr[-6000:]
-    return workdir / "results"
+    return run_repo_config(tmp_path_factory.mktemp("drop_upcycling"), "drop_upcycling")
 
 
 def test_both_ratios_train_from_the_same_dense_checkpoints(drop_upcycling):

@@ -11,15 +11,18 @@ import signal
 import torch
 
 SIGNAL_AT_STEP = "UPCYCLING_TEST_SIGNAL_AT_STEP"  # SIGUSR1 to the trainer after this step
+SIGNAL_NAME = "UPCYCLING_TEST_SIGNAL"  # which signal signal_at_step sends (default SIGUSR1), e.g. SIGINT
 NAN_AT_STEP = "UPCYCLING_TEST_NAN_AT_STEP"  # this step's loss is NaN (a weight is poisoned before it)
+DISK_FULL_AT_STEP = "UPCYCLING_TEST_DISK_FULL_AT_STEP"  # checkpoint saves after this step meet a full disk
 
 
 def signal_at_step():
     step_to_signal = int(os.environ[SIGNAL_AT_STEP])
+    sent = signal.Signals[os.environ.get(SIGNAL_NAME, "SIGUSR1")]
 
     def hook(step, tokens, engine):
         if step == step_to_signal:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), sent)
 
     return hook
 
@@ -35,9 +38,26 @@ def nan_at_step():
     return hook
 
 
+def disk_full_at_step():
+    """From this step on, torch.save writes part of its file and fails as torch's zip writer does
+    when the disk fills up (the message never says "no space")."""
+    full_from = int(os.environ[DISK_FULL_AT_STEP])
+    save = torch.save
+
+    def save_onto_a_full_disk(obj, path, *args, **kwargs):
+        with open(path, "wb") as stream:
+            stream.write(b"PK\x03\x04" + b"\0" * 4096)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4480 vs 4376")
+
+    def hook(step, tokens, engine):
+        torch.save = save_onto_a_full_disk if step >= full_from else save
+
+    return hook
+
+
 def env(**hooks: int) -> dict[str, str]:
     """Environment of a CLI run with these hooks: env(signal_at_step=5, nan_at_step=3)."""
-    variables = {"signal_at_step": SIGNAL_AT_STEP, "nan_at_step": NAN_AT_STEP}
+    variables = {"signal_at_step": SIGNAL_AT_STEP, "nan_at_step": NAN_AT_STEP, "disk_full_at_step": DISK_FULL_AT_STEP}
     result = {"UPCYCLING_HOOKS": ",".join(f"faults:{name}" for name in hooks)}
     result.update({variables[name]: str(step) for name, step in hooks.items()})
     return result

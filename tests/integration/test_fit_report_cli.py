@@ -68,5 +68,7 @@ def test_fit_and_report_cli(fitted, tmp_path):
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert summary.splitlines()[0] == "# Upcycling scaling-law report"
     assert "**total**" in summary
-    assert np.isfinite(json.loads((tmp_path / "report" / "findings.json").read_text())[0]["data"]["alpha3"])
+    items = json.loads((tmp_path / "report" / "findings.json").read_text())
+    per_fit = next(item for item in items if item["topic"] == "interaction" and not item["summary"])
+    assert np.isfinite(per_fit["data"]["alpha3"]) and per_fit["token_unit"] == "billions"
     assert "model_config.moe_upcycle` was not fitted" in summary  # no sparsity axis here

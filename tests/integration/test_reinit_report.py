@@ -29,11 +29,9 @@ def reinit_report(tmp_path_factory):
 def test_the_summary_compares_both_ratios_side_by_side_per_size(reinit_report):
     _, written = reinit_report
     summary = written["summary"].read_text()
-    section = summary[
-        summary.index("## Drop-Upcycling: re-initialisation ratio") : summary.index("## Fits at a glance")
-    ]
+    section = summary[summary.index("### Drop-Upcycling: re-initialisation ratio") : summary.index("### Fitted laws")]
     for size in SIZES:
-        table = section[section.index(f"### moe_upcycle, size {size}, e4k2g1") :].split("\n\n")[1]
+        table = section[section.index(f"#### moe_upcycle, size {size}, e4k2g1") :].split("\n\n")[1]
         lines = table.splitlines()
         assert lines[0] == "| quantity | r = 0 | r = 0.5 |"
         labels = [line.split(" | ")[0].lstrip("| ") for line in lines[2:]]
@@ -47,7 +45,7 @@ def test_the_summary_compares_both_ratios_side_by_side_per_size(reinit_report):
         # what the experts do, from the store: the truths' similarity per r
         similarity = next(line for line in lines if line.startswith("| experts' mean pairwise weight similarity"))
         assert similarity.endswith("| 0.9 | 0.5 |")
-    assert summary.index("## Findings") < summary.index("## Drop-Upcycling") < summary.index("## Fits at a glance")
+    assert summary.index("## Findings") < summary.index("### Drop-Upcycling") < summary.index("### Fitted laws")
     assert "one re-initialisation ratio" not in summary
 
 

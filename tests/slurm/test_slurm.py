@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_sweep import cli_env, read_json, write_config
+from tiny_sweep import REPO, cli_env, read_json, write_config
 from unit.test_cluster import PAPER, _sweep
 from upcycling.cluster import launch
 from upcycling.cluster.plan import plan
@@ -32,7 +32,9 @@ def slurm_env(**extra: str) -> dict:
     """What the submitting process exports to its jobs (sbatch --export=ALL): the venv first on
     PATH, DeepSpeed on CPU, the shared JIT cache."""
     env = cli_env(**extra)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # As scripts/env.sh: the sbatch that waits out an unreachable controller, then the venv.
+    shim = REPO / "scripts" / "slurm" / "bin"
+    env["PATH"] = os.pathsep.join([str(shim), str(Path(sys.executable).parent), env.get("PATH", "")])
     for key in [key for key in env if key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SNAKEMAKE_"))]:
         env.pop(key)
     return env
@@ -114,7 +116,14 @@ def test_submitit_training_requeues_and_resumes(slurm_cluster, tiny_workdir, tmp
     )
     # Wait until the trainer is past its first step, then announce the time limit (USR2).
     # A busy node may start the job late (DeepSpeed also JIT-builds its comm op once): wait for the event.
-    wait_for(lambda: " step " in _read(job.paths.stdout), 420, "the trainer's first steps", interval=0.2)
+    try:
+        wait_for(lambda: " step " in _read(job.paths.stdout) or job.done(), 420, "the trainer's first steps", 0.2)
+        assert " step " in _read(job.paths.stdout), f"the job ended before its first step ({job.state})"
+    except AssertionError as exc:
+        queue = subprocess.run(["squeue", "-o", "%i %T %r %M"], capture_output=True, text=True).stdout
+        raise AssertionError(
+            f"{exc}\nsqueue:\n{queue}\nstdout:\n{_read(job.paths.stdout)[-2000:]}\nstderr:\n{_read(job.paths.stderr)[-2000:]}"
+        ) from None
     job._interrupt(timeout=True)
     result = job.result()
     log = _read(job.paths.stdout) + _read(job.paths.stderr)

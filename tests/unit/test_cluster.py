@@ -223,4 +223,4 @@ def test_preflight_names_the_key_for_every_job_the_cluster_cannot_run():
     found = "\n".join(problems(paper, cpu_only))
     assert "no node of partition 'cpu' has any (GRES gpu)" in found
     assert "slurm.cpus_per_gpu:" in found and "over partition 'cpu''s MaxTime of 60 min" in found
-    assert "MB per node (from their model size)" in found
+    assert "dense_models.1400m: dense_stable jobs ask" in found and "spread the job over more GPUs" in found

@@ -99,20 +99,20 @@ def test_guidance_has_intervals_verdicts_and_every_crossing(fitted):
     assert any(len(row["crossings"]) == 2 for row in rows if row["count_sunk_cost"])
 
 
-def test_report_opens_with_findings_and_covers_the_three_laws(fitted, tmp_path):
+def test_report_answers_first_then_covers_the_three_laws(fitted, tmp_path):
     _, ds, fits = fitted
     written = report.write_report(ds, fits, None, tmp_path / "report")
     summary = written["summary"].read_text()
     headings = [line for line in summary.splitlines() if line.startswith("## ")]
-    assert headings[0] == "## Findings"
-    assert summary.index("## Findings") < summary.index("## Fits at a glance")
-    findings_text = summary[summary.index("## Findings") : summary.index("## Fits at a glance")]
+    assert headings == ["## Upcycle or train from scratch?", "## Findings", "## Details"]
+    findings_text = summary[summary.index("## Findings") : summary.index("## Details")]
     for phrase in (
-        "alpha3 = ",
-        "excludes 0",
+        "alpha3 [95%] by law",
+        "> 0: saturation",
         "alpha2 > alpha1 > alpha3",
+        "D in billions",
         "ΔAICc",
-        "D2* = ",
+        "D2* is conclusive in",
         "`model_config.moe_upcycle`",
         "beta1 (sparsity P)",
         "(continue)",
@@ -130,6 +130,7 @@ def test_report_opens_with_findings_and_covers_the_three_laws(fitted, tmp_path):
         png = tmp_path / "report" / filename
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"({filename})" in summary
+    assert "<h2>Upcycle or train from scratch?</h2>" in written["summary_html"].read_text()
     assert json.loads(written["guidance"].read_text())
     assert not list((tmp_path / "report").glob(".*.tmp"))
 

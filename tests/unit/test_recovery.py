@@ -90,7 +90,9 @@ def test_noisy_data_intervals_cover_and_the_corner_is_predicted(grid, shape):
         )
         true_corner = laws.dataset(data["d1"][corner], data["d2"][corner], **params)
         within += abs(rest.predict(d1=data["d1"][corner], d2=data["d2"][corner])[0] / true_corner[0] - 1) < 0.01
-    assert all(count >= 18 for count in covered.values()), covered
+    # profile intervals are exact-size, not conservative like the bootstrap they replaced: a 95%
+    # interval misses 4+ of 20 with probability 1.6% (benchmarks/coverage_study.py measures more)
+    assert all(count >= 17 for count in covered.values()), covered
     assert within >= 18, f"corner within 1% in {within} of 20 seeds"
 
 

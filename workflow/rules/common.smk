@@ -1,5 +1,6 @@
 # Shared by every rule: the checked sweep, its job inventory, and how a rule reads its jobs.
 import re
+import sys
 
 from upcycling.cluster.resources import cpus_per_process, job_resources
 from upcycling.core.layout import REPORT_FIGURES, TOKEN_SETS
@@ -26,11 +27,17 @@ if workflow.remote_exec and "SLURM_JOB_ID" in os.environ:
 R = SWEEP.results_dir
 BASEDIR = workflow.basedir  # where relative corpus and tokenizer paths start
 
+# Paths: a job's spec (its params) names what it reads and writes relative to the results
+# directory, and every command gets that directory as `--results {R:q}`. Snakemake records a
+# shell rule's command as written (the placeholders, not their values) and the params as values,
+# so neither changes when the checkout moves, the results are copied, or the Snakefile is reached
+# through a link. Every path in a command is quoted ({...:q}), logs included.
+
 # A training job: its spec (params) is everything its result depends on; launcher and run_options
 # (resources) are how it runs, which Snakemake's rerun triggers ignore. The log keeps every attempt.
 TRAIN = (
-    "OMP_NUM_THREADS={threads} {resources.launcher} upcycling train --spec {params.spec:q} "
-    "{resources.run_options} >> {log} 2>&1"
+    "OMP_NUM_THREADS={threads} {resources.launcher} upcycling train --spec {params.spec:q} --results {R:q} "
+    "{resources.run_options} >> {log:q} 2>&1"
 )
 
 
@@ -46,7 +53,34 @@ wildcard_constraints:
     variant=VARIANT_PATTERN,
 
 
+# One run per results directory (upcycling.core.lock): taken when jobs are about to run (onstart
+# runs neither in a dry run nor in a cluster job's wrapper, which Snakemake starts with --no-hooks),
+# held until this process ends. The jobs it runs inherit it (HELD_ENV in their environment); a
+# second run on the same results stops here, before any job ran or any file was removed.
+RESULTS_LOCK = None
+
+
+def take_results_lock():
+    global RESULTS_LOCK
+    from upcycling.core.errors import InputError
+    from upcycling.core.lock import ResultsLock, inherited, mark_held
+
+    if workflow.remote_exec or inherited(R):
+        return
+    try:
+        RESULTS_LOCK = ResultsLock(R, "snakemake " + " ".join(sys.argv[1:])).acquire()
+    except InputError as exc:
+        raise WorkflowError(str(exc)) from None
+    mark_held(R)
+
+
+def release_results_lock():
+    if RESULTS_LOCK is not None:
+        RESULTS_LOCK.release()
+
+
 onstart:
+    take_results_lock()
     # Before the first sbatch (the executor is known only now, not while the Snakefile is read):
     # can this cluster run every job? `upcycling plan --check` does the same.
     if getattr(workflow.executor_plugin, "cli_prefix", None) == "slurm":
@@ -58,6 +92,10 @@ onstart:
             raise WorkflowError(
                 "this Slurm cluster cannot run the sweep (nothing was submitted):\n- " + "\n- ".join(found)
             )
+        # Jobs a dead earlier driver left running would train beside this run's copies.
+        from upcycling.cluster.earlier import cancel_earlier_jobs
+
+        cancel_earlier_jobs(workflow.workdir_init, [rule.name for rule in workflow.rules])
 
 
 def outputs(rule_name):
@@ -74,7 +112,17 @@ def log_of(rule_name):
 
 
 def inputs_of(rule_name):
+    if rule_name in TRAINING_RULES:
+        return lambda wildcards: _training_inputs(INVENTORY.find(rule_name, wildcards).inputs)
     return lambda wildcards: dict(INVENTORY.find(rule_name, wildcards).inputs)
+
+
+def _training_inputs(inputs):
+    """A training job reads its tokens through meta.json, but depends on them through its spec: the
+    spec's `tokens` fingerprint is what the tokens are a function of (the corpus files and the
+    tokens settings). meta.json is rewritten whenever the tokens stage reruns, also when only its
+    sharding changed (same tokens), so its time must not rerun training: ancient()."""
+    return {name: ancient(path) if name == "meta" else path for name, path in inputs.items()}
 
 
 def spec_of(rule_name):
@@ -96,3 +144,11 @@ def resources_of(rule_name):
     jobs = INVENTORY.of_rule(rule_name)
     names = job_resources(SWEEP, jobs[0]) if jobs else {}
     return {name: (lambda wildcards, name=name: value(wildcards, name)) for name in names}
+
+
+onsuccess:
+    release_results_lock()
+
+
+onerror:
+    release_results_lock()

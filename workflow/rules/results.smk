@@ -13,7 +13,7 @@ rule aggregate:
     params:
         spec=spec_of("aggregate"),
     shell:
-        "upcycling aggregate --spec {params.spec:q} >> {log} 2>&1"
+        "upcycling aggregate --spec {params.spec:q} --results {R:q} >> {log:q} 2>&1"
 
 
 rule fit:
@@ -32,18 +32,29 @@ rule fit:
     params:
         spec=spec_of("fit"),
     shell:
-        "OMP_NUM_THREADS=1 upcycling fit --spec {params.spec:q} --store {input.store} --out-dir {output}"
-        " --workers {threads} >> {log} 2>&1"
+        "OMP_NUM_THREADS=1 upcycling fit --spec {params.spec:q} --store {input.store:q} --out-dir {output:q}"
+        " --workers {threads} >> {log:q} 2>&1"
+
+
+REPORT_DIR = str(R / "report")  # where the report's outputs go (outputs("report"): under it)
 
 
 rule report:
-    """summary.md (findings first, then the tables), findings.json, guidance.json and the figures."""
+    """summary.md (the upcycle-or-scratch answer first, then the findings and the details),
+    summary.html (the same, for --report), findings.json, guidance.json and the figures."""
     input:
         **inputs_of("report")({}),
     output:
         **outputs("report"),
+        answer=report(
+            str(R / "report" / "summary.html"), caption="../report/summary.rst", category="1. Upcycle or from scratch?"
+        ),
         figures=[
-            report(str(R / "report" / name), caption="../report/figures.rst", category="Scaling laws")
+            report(
+                str(R / "report" / name),
+                caption=f"../report/{name.removesuffix('.png')}.rst",
+                category="2. Scaling laws",
+            )
             for name in REPORT_FIGURES.values()
         ],
     log:
@@ -53,5 +64,4 @@ rule report:
     resources:
         **resources_of("report"),
     shell:
-        "upcycling report --store {input.store} --fits {input.fits} --out-dir $(dirname {output.summary})"
-        " >> {log} 2>&1"
+        "upcycling report --store {input.store:q} --fits {input.fits:q} --out-dir {REPORT_DIR:q} >> {log:q} 2>&1"

@@ -19,7 +19,7 @@ rule train_tokenizer:
         spec=spec_of("train_tokenizer"),
     shell:
         "RAYON_NUM_THREADS={threads} upcycling train-tokenizer --spec {params.spec:q} --workdir {BASEDIR:q}"
-        " >> {log} 2>&1"
+        " --results {R:q} >> {log:q} 2>&1"
 
 
 rule tokenize_shard:
@@ -39,7 +39,7 @@ rule tokenize_shard:
         spec=spec_of("tokenize_shard"),
     shell:
         "RAYON_NUM_THREADS={threads} upcycling tokenize-shard --spec {params.spec:q} --workdir {BASEDIR:q}"
-        " >> {log} 2>&1"
+        " --results {R:q} >> {log:q} 2>&1"
 
 
 rule tokenize:
@@ -58,4 +58,4 @@ rule tokenize:
     params:
         spec=spec_of("tokenize"),
     shell:
-        "upcycling tokenize-gather --spec {params.spec:q} >> {log} 2>&1"
+        "upcycling tokenize-gather --spec {params.spec:q} --results {R:q} >> {log:q} 2>&1"

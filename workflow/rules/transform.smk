@@ -15,4 +15,4 @@ rule transform:
     params:
         spec=spec_of("transform"),
     shell:
-        "upcycling transform --spec {params.spec:q} >> {log} 2>&1"
+        "upcycling transform --spec {params.spec:q} --results {R:q} >> {log:q} 2>&1"

@@ -12,8 +12,10 @@ fitted parameters; :func:`upcycling.analysis.fitting.fit_law` calls them.
 - ``identification(law, theta, scaled_samples, unscale, errors, at_bound, arrays, log_ref,
   log_residuals) -> {param: {"identified", "why", "interval", "extension", ...}}``
 
-Identification rule. A parameter is *not identified by these runs* when it sits on a bound, or
-when its 95% interval spans more than a decade: for an amplitude (A, B, F, E > 0) the interval's
+Identification rule (:func:`upcycling.analysis.identify.identified`, on the fit's profile
+intervals). A parameter is *not identified by these runs* when it sits on a bound, when its 95%
+interval is open on a side (unbounded up to a numerical limit), or when it spans more than a
+decade: for an amplitude (A, B, F, E > 0) the interval's
 ends differ by more than a factor 10 (an amplitude is judged by its term's size at the centre
 of the data, see ``judged_matrix``); for an exponent (whose sign the law leaves free) the
 interval is wider than ten times the estimate's magnitude. The suggested extension is the
@@ -34,6 +36,7 @@ from typing import TypedDict
 
 import numpy as np
 
+from upcycling.analysis.identify import DECADE, identified
 from upcycling.analysis.laws import Law, ParamSpec
 
 __all__ = [
@@ -50,7 +53,6 @@ __all__ = [
     "suggest_extensions",
 ]
 
-DECADE = 10.0
 MAX_CONDITION = 1e13  # J^T J beyond this condition number: singular (parameters not identified)
 BOUND_TOLERANCE = 1e-6  # distance to a bound, relative to the bounds' width, that counts as on it
 VANISHING_SHARE = 1e-4  # a term below this share of the loss at every run is absent (amplitude 0)
@@ -58,17 +60,17 @@ LABELS = {"d1": "D1", "d2": "D2", "n1": "N1", "n2": "N2", "p": "P", "n": "N", "d
 _Z95 = 1.959963984540054
 
 
-def _term_shares(design: np.ndarray, theta: np.ndarray) -> np.ndarray:
+def _term_shares(design: np.ndarray, theta: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
     """Each term's share of the loss at every point (a softmax of the log terms)."""
-    terms = design @ theta
+    terms = design @ theta if offset is None else design @ theta + offset
     shares = np.exp(terms - terms.max(axis=1, keepdims=True))
     shares /= shares.sum(axis=1, keepdims=True)
     return shares
 
 
-def log_jacobian(design: np.ndarray, theta: np.ndarray) -> np.ndarray:
+def log_jacobian(design: np.ndarray, theta: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
     """d log L / d theta at every point: the design rows weighted by each term's share."""
-    return np.einsum("nm,nmp->np", _term_shares(design, theta), design)
+    return np.einsum("nm,nmp->np", _term_shares(design, theta, offset), design)
 
 
 class InformationCriteria(TypedDict):
@@ -175,24 +177,6 @@ def standard_errors(
         names = ", ".join(spec.natural for spec, at in zip(law.params, fixed) if at)
         note += f"; held fixed at a bound (no standard error): {names}"
     return StandardErrors(errors, note, False, condition, diagonal)
-
-
-def identified(spec: ParamSpec, value: float, interval, bound: str | None) -> tuple[bool, str]:
-    """Whether the runs identify the parameter (see the module docstring), and why not."""
-    if bound:
-        return False, f"on a bound: {bound}"
-    if interval is None or not all(np.isfinite(interval)):
-        return False, "no interval (no bootstrap samples or standard error)"
-    low, high = (float(v) for v in interval)
-    if spec.is_log_amplitude:
-        if low <= 0:
-            return False, f"interval [{low:.3g}, {high:.3g}] reaches 0"
-        if high / low > DECADE:
-            return False, f"interval [{low:.3g}, {high:.3g}] spans {math.log10(high / low):.1f} decades"
-        return True, ""
-    if high - low > DECADE * abs(value):
-        return False, (f"interval [{low:.3g}, {high:.3g}] is wider than ten times |{spec.natural}| = {abs(value):.3g}")
-    return True, ""
 
 
 def _candidates(law: Law, arrays: Mapping[str, np.ndarray]):
@@ -324,7 +308,13 @@ def suggest_extensions(
             extended = natural_variance(_inverse_information(_scaled_design(law, combined, log_ref), theta, free))
             if extended is None:
                 continue
-            usable = current is not None and interval is not None and current[index] > 0 and all(np.isfinite(interval))
+            usable = (
+                current is not None
+                and interval is not None
+                and current[index] > 0
+                and all(np.isfinite(interval))
+                and (not spec.is_log_amplitude or interval[0] > 0)
+            )
             if usable:
                 predicted = _shrunk(spec, value, interval, math.sqrt(extended[index] / current[index]))
             else:
@@ -361,16 +351,21 @@ def identification(
     arrays: Mapping[str, np.ndarray],
     log_ref: Mapping[str, float],
     log_residuals: np.ndarray,
+    profiled: Mapping[str, list[float]] | None = None,
+    held: Mapping[str, str] | None = None,
 ) -> dict[str, dict]:
     """Per parameter: identified or not and why, the interval it was judged on, and for those
     not identified the cheapest extension of the sweep that would identify them.
 
-    Intervals: percentiles of the bootstrap's fit-space samples mapped by
-    :func:`judged_matrix`; without samples, the delta-method interval.
+    Intervals: ``profiled`` (the profile-likelihood intervals of what each parameter is judged
+    on, :mod:`upcycling.analysis.intervals`) where given; else percentiles of the bootstrap's
+    fit-space samples mapped by :func:`judged_matrix`; without samples, the delta-method
+    interval. ``held``: parameters the caller fixed (name -> why), reported as such.
     """
+    held = dict(held or {})
     judged = judged_matrix(law, unscale)
     values = judged @ theta
-    fixed = np.array([spec.natural in at_bound for spec in law.params])
+    fixed = np.array([spec.natural in at_bound or spec.natural in held for spec in law.params])
     free = np.flatnonzero(~fixed)
     variance = _noise_variance(log_residuals, free.size)
     samples = np.asarray(scaled_samples, dtype=float).reshape(-1, law.n_params) @ judged.T
@@ -387,17 +382,31 @@ def identification(
     out, targets = {}, {}
     for i, spec in enumerate(law.params):
         name = spec.natural
-        if len(samples):
+        if name in held:
+            out[name] = {
+                "identified": False,
+                "why": f"held fixed: {held[name]}",
+                "judged_on": "its value",
+                "value": float(math.exp(values[i]) if spec.is_log_amplitude else values[i]),
+                "interval": None,
+                "held": True,
+            }
+            continue
+        if profiled is not None and name in profiled:
+            interval = [float(v) for v in profiled[name]]
+            value = float(math.exp(values[i]) if spec.is_log_amplitude else values[i])
+        elif len(samples):
             interval = [float(v) for v in np.percentile(samples[:, i], [2.5, 97.5])]
         elif inverse is not None and not fixed[i]:
             half = _Z95 * math.sqrt(max(covariance[i, i], 0.0))
             interval = [values[i] - half, values[i] + half]
         else:
             interval = None
-        value = float(values[i])
-        if spec.is_log_amplitude:
-            value = math.exp(value)
-            interval = [math.exp(v) for v in interval] if interval is not None else None
+        if profiled is None or name not in profiled:
+            value = float(values[i])
+            if spec.is_log_amplitude:
+                value = math.exp(value)
+                interval = [math.exp(v) for v in interval] if interval is not None else None
         ok, why = identified(spec, value, interval, at_bound.get(name))
         where = "its term at the centre of the data" if spec.is_log_amplitude and name != "E" else "its value"
         out[name] = {
@@ -407,6 +416,13 @@ def identification(
             "value": value,
             "interval": interval,
         }
+        if not ok and name == "E":
+            out[name]["separable"] = False
+            out[name]["note"] = (
+                "these runs cannot separate E from the power terms (E's interval reaches 0 or is unbounded, "
+                "or E sits on its bound); the extension below names runs that would, or share the dense "
+                "fit's E (fit.irreducible: shared_dense)"
+            )
         if not ok:
             targets[name] = (value, interval)
     if targets:

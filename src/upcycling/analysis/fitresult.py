@@ -34,7 +34,7 @@ from upcycling.core.publish import publish_json
 
 __all__ = ["DEFAULT_HUBER_DELTA", "INTERVAL_LEVEL", "STATUSES", "FitResult", "to_jsonable"]
 
-DEFAULT_HUBER_DELTA = 1.0e-3
+DEFAULT_HUBER_DELTA = 1.0e-2  # chosen by benchmarks/coverage_study.py (docs/fits.md)
 INTERVAL_LEVEL = 0.95
 STATUSES = ("converged", "singular", "at_bound", "not_converged", "skipped")
 
@@ -58,6 +58,14 @@ def _nan_if_none(mapping: Mapping | None) -> dict:
     return {k: (math.nan if v is None else v) for k, v in (mapping or {}).items()}
 
 
+def _open_ends(interval):
+    """An interval read back from JSON: a null end is an open one (written from +-inf)."""
+    if interval is None:
+        return None
+    low, high = interval
+    return [-math.inf if low is None else low, math.inf if high is None else high]
+
+
 @dataclass
 class FitResult:
     """One law fitted to one data set. Parameters are in natural units (tokens, parameters)."""
@@ -71,8 +79,10 @@ class FitResult:
     params: Mapping[str, float] = field(default_factory=dict)  # read, never edited
     stderr: dict[str, float] = field(default_factory=dict)
     stderr_note: str = ""
-    interval: dict[str, list[float]] = field(default_factory=dict)  # bootstrap percentile
+    # 95% profile-likelihood interval (analysis/intervals.py); +-inf (null in JSON) where open
+    interval: dict[str, list[float]] = field(default_factory=dict)
     interval_level: float = INTERVAL_LEVEL
+    interval_method: dict[str, Any] = field(default_factory=dict)  # how: statistic, threshold
     bootstrap: dict[str, Any] = field(default_factory=dict)  # n, seed, method, samples
     rmse: float = math.nan  # on loss, nats
     huber: float = math.nan  # the minimised objective: sum of Huber(log residuals)
@@ -90,6 +100,12 @@ class FitResult:
     optimizer: dict[str, Any] = field(default_factory=dict)
     data_range: dict[str, list[float]] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)  # what data: method, size, ...
+    held: dict[str, dict[str, Any]] = field(default_factory=dict)  # fixed parameters: value, why
+    # the dataset and joint laws: alpha1, alpha2 in token_unit; alpha3, alpha2 - alpha1 (unit-free)
+    token_unit: str | None = None
+    in_unit: dict[str, dict[str, Any]] = field(default_factory=dict)
+    invariants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    two_step: dict[str, Any] = field(default_factory=dict)  # the dataset law: analysis/twostep.py
 
     @property
     def ok(self) -> bool:
@@ -154,6 +170,11 @@ class FitResult:
             data[key] = _nan_if_none(data.get(key))
         for key in ("rmse", "huber", "aic", "aicc", "bic"):
             data[key] = math.nan if data.get(key) is None else data[key]
+        data["interval"] = {k: _open_ends(v) for k, v in (data.get("interval") or {}).items()}
+        for block in ("in_unit", "invariants"):
+            data[block] = {
+                k: {**v, "interval": _open_ends(v.get("interval"))} for k, v in (data.get(block) or {}).items()
+            }
         samples = (data.get("bootstrap") or {}).get("samples")
         if samples:
             data["bootstrap"] = {

@@ -29,6 +29,7 @@ runs of that method (for ``moe_upcycle`` the same MoE, whatever r; for ``continu
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -43,8 +44,10 @@ import xarray as xr
 from upcycling.analysis.fitresult import DEFAULT_HUBER_DELTA, FitResult
 from upcycling.analysis.fitset import DATASET_FAMILY, JOINT_FAMILY, FitKey, MoeVariant
 from upcycling.analysis.fitting import fit_law
+from upcycling.analysis.intervals import DEFAULT_TOKEN_UNIT, TOKEN_UNITS
 from upcycling.analysis.laws import Law, get_law
 from upcycling.analysis.store import COORD_DEFAULTS, COORDS, EXPERT_SUMMARIES, SCALARS
+from upcycling.analysis.twostep import two_step
 
 log = logging.getLogger(__name__)
 
@@ -303,12 +306,42 @@ _HINTS = {
 
 
 def _fit_task(law: str, data: dict, context: dict, options: dict) -> FitResult:
-    """One planned fit (module-level, so a worker process can run it)."""
+    """One planned fit (module-level, so a worker process can run it); the dataset law also
+    gets its two-step cross-check of alpha3 (:mod:`upcycling.analysis.twostep`)."""
     try:
-        return fit_law(law, data, context=context, **options)
+        result = fit_law(law, data, context=context, **options)
     except ValueError as error:
         hint = f" (to fit it: {_HINTS[law]})" if law in _HINTS else ""
         return FitResult.skipped(law, f"{error}{hint}", context)
+    if law == "dataset":
+        entry = result.identification.get("alpha3", {})
+        joint_alpha3 = {
+            "value": result.params["alpha3"],
+            "interval": result.interval.get("alpha3"),
+            "identified": bool(entry.get("identified", False)),
+        }
+        result.two_step = two_step(
+            data["d1"], data["d2"], data["loss"], huber_delta=options["huber_delta"], joint_alpha3=joint_alpha3
+        )
+    return result
+
+
+IRREDUCIBLE = ("free", "shared_dense")
+_SHARED_E_LAWS = (*DATASET_FAMILY, *JOINT_FAMILY)
+
+
+def _shared_irreducible(dense: FitResult | None) -> tuple[dict, dict]:
+    """(fit options, context) of the dataset and joint laws under fit.irreducible: shared_dense:
+    E held at the dense Chinchilla fit's E, or, where that fit has none, E free and why."""
+    if dense is None or not dense.ok or not math.isfinite(dense.params.get("E", math.nan)):
+        why = "chinchilla_dense was not fitted" if dense is None else f"chinchilla_dense is {dense.status}"
+        note = f"shared_dense requested, but {why} ({dense.reason if dense is not None else ''}): E fitted freely"
+        return {}, {"irreducible": "free", "irreducible_requested": "shared_dense", "irreducible_note": note}
+    value = float(dense.params["E"])
+    why = f"shared with chinchilla_dense (E = {value:.4g}, status {dense.status}; fit.irreducible: shared_dense)"
+    context = {"irreducible": "shared_dense", "irreducible_E": value, "irreducible_source": "chinchilla_dense"}
+    context["irreducible_source_status"] = dense.status
+    return {"held": {"E": (value, why)}}, context
 
 
 def fit_all(
@@ -321,18 +354,27 @@ def fit_all(
 ) -> dict[str, FitResult]:
     """Fit every law the store supports; skipped laws keep the reason.
 
-    ``fit_cfg`` is the config's ``fit`` section (``bootstrap``, ``huber_delta``, ``seed``;
-    optionally ``n_starts``, the grid starts of each fit). ``counts``: the parameter-count
+    ``fit_cfg`` is the config's ``fit`` section (``bootstrap``, ``huber_delta``, ``seed``,
+    ``irreducible``: free | shared_dense (E of the dataset and joint laws held at the dense
+    fit's, recorded in each fit's context), ``token_unit`` (of ``in_unit``); optionally
+    ``n_starts``, the grid starts of each fit). ``counts``: the parameter-count
     convention (``PARAMETER_COUNTS``); ``monotone``: the "more data never hurts" prior.
     ``workers`` > 1 fits laws in that many processes (each fit is seeded, so the results do not
     depend on it). Logs each fit as it ends; writes ``<out_dir>/<key>.json`` when given.
     """
     fit_cfg = dict(fit_cfg or {})
+    irreducible = str(fit_cfg.get("irreducible", "free"))
+    if irreducible not in IRREDUCIBLE:
+        raise ValueError(f"fit.irreducible {irreducible!r}: use one of {', '.join(IRREDUCIBLE)}")
+    token_unit = str(fit_cfg.get("token_unit", DEFAULT_TOKEN_UNIT))
+    if token_unit not in TOKEN_UNITS:
+        raise ValueError(f"fit.token_unit {token_unit!r}: use one of {', '.join(TOKEN_UNITS)}")
     options = dict(
         huber_delta=float(fit_cfg.get("huber_delta", DEFAULT_HUBER_DELTA)),
         n_bootstrap=int(fit_cfg.get("bootstrap", 64)),
         seed=int(fit_cfg.get("seed", 0)),
         monotone=bool(monotone),
+        token_unit=token_unit,
     )
     if "n_starts" in fit_cfg:  # not a config key: lets tests and quick looks trade care for time
         options["n_starts"] = int(fit_cfg["n_starts"])
@@ -341,6 +383,8 @@ def fit_all(
     for task in plan_fits(runs_table(ds, counts)):
         key = str(task.key)
         context = {**task.context, "key": key, "parameter_counts": counts}
+        if task.law in _SHARED_E_LAWS:
+            context["irreducible"] = irreducible
         if task.reason is not None:
             fits[key] = FitResult.skipped(task.law, task.reason, context)
         else:
@@ -356,6 +400,17 @@ def fit_all(
         )
         log.info("fit %d/%d %s: %s (%.0f s)", len(fits), total, key, outcome, time.monotonic() - started)
 
+    if irreducible == "shared_dense":  # the dense fit first: its E is held in the others
+        dense_key = next((key for key in pending if pending[key][0] == "chinchilla_dense"), None)
+        if dense_key is not None:
+            done(dense_key, _fit_task(*pending.pop(dense_key)))
+        held, shared = _shared_irreducible(fits.get(str(FitKey("chinchilla_dense"))))
+        for key, (law, data, context, law_options) in pending.items():
+            if law in _SHARED_E_LAWS:
+                pending[key] = (law, data, {**context, **shared}, {**law_options, **held})
+        for result in fits.values():
+            if result.law in _SHARED_E_LAWS:
+                result.context.update(shared)
     # the largest fits first, so that the last worker to finish is not the slowest one
     order = sorted(pending, key=lambda key: -get_law(pending[key][0]).n_params * len(pending[key][1]["loss"]))
     if workers > 1 and len(pending) > 1:

@@ -54,9 +54,16 @@ class LogProblem:
     design: np.ndarray  # (points, terms, params)
     log_loss: np.ndarray  # (points,)
     delta: float
+    # (points, terms): a constant added to every term; a profile or a parameter held fixed
+    # (E shared with the dense fit) moves part of theta into it (see analysis/profile.py)
+    offset: np.ndarray | None = None
+
+    def _terms(self, theta):
+        terms = self.design @ theta
+        return terms if self.offset is None else terms + self.offset
 
     def _log_prediction(self, theta):
-        terms = self.design @ theta
+        terms = self._terms(theta)
         peak = terms.max(axis=1)
         return peak + np.log(np.exp(terms - peak[:, None]).sum(axis=1))
 
@@ -69,7 +76,7 @@ class LogProblem:
         return self._log_prediction(theta) - self.log_loss
 
     def jacobian(self, theta):
-        return diagnostics.log_jacobian(self.design, theta)
+        return diagnostics.log_jacobian(self.design, theta, self.offset)
 
     def objective(self, theta):
         return float(huber(self.residuals(theta), self.delta).sum())
@@ -84,13 +91,16 @@ class LogProblem:
             for start in range(0, len(thetas), _GRID_CHUNK):
                 block = thetas[start : start + _GRID_CHUNK]
                 terms = np.einsum("nmp,gp->gnm", self.design, block)
+                if self.offset is not None:
+                    terms = terms + self.offset[None]
                 peak = terms.max(axis=2)
                 log_pred = peak + np.log(np.exp(terms - peak[..., None]).sum(axis=2))
                 out[start : start + _GRID_CHUNK] = huber(log_pred - self.log_loss, self.delta).sum(axis=1)
         return np.where(np.isfinite(out), out, np.inf)
 
     def subset(self, index):
-        return LogProblem(self.design[index], self.log_loss[index], self.delta)
+        offset = None if self.offset is None else self.offset[index]
+        return LogProblem(self.design[index], self.log_loss[index], self.delta, offset)
 
 
 @dataclass
@@ -109,13 +119,14 @@ def _inside(theta: np.ndarray, bounds: np.ndarray) -> np.ndarray:
 
 def _parameters(law: Law, theta: np.ndarray, bounds: np.ndarray) -> lmfit.Parameters:
     params = lmfit.Parameters()
-    for spec, value, (low, high) in zip(law.params, _inside(theta, bounds), bounds):
-        params.add(spec.name, value=float(value), min=low, max=high)
+    # positional names: the solvers also run on reduced problems (profiles, E held fixed)
+    for i, (value, (low, high)) in enumerate(zip(_inside(theta, bounds), bounds)):
+        params.add(f"p{i}", value=float(value), min=low, max=high)
     return params
 
 
 def _vector(law: Law, params: lmfit.Parameters) -> np.ndarray:
-    return np.array([params[name].value for name in law.param_names])
+    return np.array([params[f"p{i}"].value for i in range(len(params))])
 
 
 def _lbfgsb(law, problem, theta0, bounds):

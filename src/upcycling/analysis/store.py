@@ -97,8 +97,7 @@ def read_metrics(path: str | Path, expected_fingerprint: str | None = None) -> d
     except (OSError, json.JSONDecodeError) as error:
         raise MetricsError(f"{path}: cannot read metrics JSON ({error}): rerun the job that writes it") from error
     validate(payload, str(path))
-    if not math.isfinite(payload["final_val_loss"]):
-        raise MetricsError(f"{path}: final_val_loss is {payload['final_val_loss']}, not a finite number")
+    implausible_loss(payload, path)
     if expected_fingerprint is not None and payload["spec_sha256"] != expected_fingerprint:
         raise MetricsError(
             f"{path}: made by other settings than the current sweep's (its spec fingerprint differs): a store "
@@ -117,6 +116,21 @@ def read_metrics(path: str | Path, expected_fingerprint: str | None = None) -> d
     record["curve_tokens"] = np.asarray(curve["tokens"], dtype=np.int64)
     record["curve_val_loss"] = np.asarray(curve["val_loss"], dtype=float)
     return record
+
+
+def implausible_loss(payload: Mapping[str, Any], path: str | Path) -> None:
+    """MetricsError naming the file and the field of a loss that no training run gives: a
+    cross-entropy is a finite number >= 0 (the schema checks only that it is a number)."""
+    losses = [("final_val_loss", payload["final_val_loss"])]
+    losses += [(f"curve.val_loss[{i}]", value) for i, value in enumerate(payload["curve"]["val_loss"])]
+    train_curve = payload.get("train_curve") or {}
+    losses += [(f"train_curve.loss[{i}]", value) for i, value in enumerate(train_curve.get("loss", []))]
+    for field, value in losses:
+        if not (math.isfinite(value) and value >= 0):
+            raise MetricsError(
+                f"{path}: {field} is {value}, but a cross-entropy loss is a finite number >= 0: the file is "
+                "corrupt or was edited; rerun the job that writes it (delete the file, then snakemake)"
+            )
 
 
 def expert_summaries(similarity: Sequence[float] | None, load: Sequence[Sequence[float]] | None) -> dict[str, float]:

@@ -3,9 +3,42 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from upcycling.cli.common import job_spec, log
+from upcycling.cli.common import job_spec, log, results_root
 from upcycling.core.errors import InputError
+
+
+def _store(path: str):
+    """The results store at ``path``, or InputError naming it and what makes it."""
+    from upcycling.analysis.store import load_losses
+
+    made_by = "`upcycling aggregate` writes it (the pipeline's aggregate rule: snakemake --until aggregate)"
+    if not Path(path).is_dir():
+        raise InputError(f"--store {path} does not exist: {made_by}")
+    try:
+        return load_losses(path)
+    except (OSError, KeyError, ValueError) as exc:  # zarr's "no group/array here" errors are among these
+        raise InputError(f"--store {path} is not a results store ({type(exc).__name__}: {exc}): {made_by}") from None
+
+
+def _fits(directory: str) -> dict:
+    """The fits in ``directory``, or InputError naming the file that is cut short or is not a fit."""
+    from upcycling.analysis.fitresult import FitResult
+    from upcycling.analysis.fitstage import load_fits
+
+    try:
+        return load_fits(directory)
+    except (ValueError, KeyError, TypeError, AttributeError):  # json.JSONDecodeError is a ValueError
+        for path in sorted(Path(directory).glob("*.json")):
+            try:
+                FitResult.load(path)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise InputError(
+                    f"{path} is not a readable fit ({type(exc).__name__}: {exc}): it was cut short or edited; "
+                    "rerun `upcycling fit` (snakemake --forcerun fit) to write the fits again"
+                ) from None
+        raise
 
 
 def cmd_aggregate(args) -> int:
@@ -15,17 +48,16 @@ def cmd_aggregate(args) -> int:
     from upcycling.core.metrics import code_version
 
     spec = job_spec(args, "aggregate")
-    out = args.out or spec["out"]
-    ds = aggregate(
-        spec["runs"], out, config_text=yaml.safe_dump(spec["config"], sort_keys=False), code_version=code_version()
-    )
+    results = results_root(args)  # the spec names the metrics files relative to the results directory
+    out = args.out or results / spec["out"]
+    runs = {str(results / path): fingerprint for path, fingerprint in spec["runs"].items()}
+    ds = aggregate(runs, out, config_text=yaml.safe_dump(spec["config"], sort_keys=False), code_version=code_version())
     log.info("aggregated %d runs into %s (dims %s)", len(spec["runs"]), out, dict(ds.sizes))
     return 0
 
 
 def cmd_fit(args) -> int:
     from upcycling.analysis.fitstage import fit_all
-    from upcycling.analysis.store import load_losses
     from upcycling.core.publish import staging_dir
 
     settings = dict(job_spec(args, "fit")["fit"])
@@ -35,7 +67,7 @@ def cmd_fit(args) -> int:
         settings["more_data_never_hurts"] = True
     try:
         fits = fit_all(
-            load_losses(args.store),
+            _store(args.store),
             settings,
             out_dir=None,
             workers=args.workers,
@@ -62,14 +94,13 @@ def cmd_fit(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from upcycling.analysis.fitstage import load_fits
     from upcycling.analysis.report import write_report
-    from upcycling.analysis.store import load_losses
 
-    fits = load_fits(args.fits)
+    store = _store(args.store)
+    fits = _fits(args.fits)
     if not fits:
         raise InputError(f"no fits in {args.fits}: run `upcycling fit` first")
-    written = write_report(load_losses(args.store), fits, None, args.out_dir)
+    written = write_report(store, fits, None, args.out_dir)
     log.info("report: %s", ", ".join(str(path) for path in written.values()))
     return 0
 
@@ -77,11 +108,10 @@ def cmd_report(args) -> int:
 def cmd_predict(args) -> int:
     from upcycling.analysis.advice import predict
     from upcycling.analysis.fitresult import to_jsonable
-    from upcycling.analysis.fitstage import load_fits
 
     if args.top_k > args.experts:
         raise InputError(f"--top-k {args.top_k} is more than --experts {args.experts}: routing picks k of E experts")
-    fits = load_fits(args.fits)
+    fits = _fits(args.fits)
     if not fits:
         raise InputError(f"no fits in {args.fits}: run the pipeline (or `upcycling fit`) first")
     try:

@@ -41,6 +41,23 @@ def add_source(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--spec", help=f"the {what} as JSON (what the Snakefile's rules pass)")
     parser.add_argument("--config", help="sweep config YAML (instead of --spec)")
     parser.add_argument("--workdir", default=".", help="directory that relative paths in the config start from")
+    parser.add_argument(
+        "--results",
+        help="the results directory the spec's paths start from (the rules pass the sweep's results_dir; "
+        "default: the config's results_dir with --config, else the working directory)",
+    )
+
+
+def results_root(args) -> Path:
+    """Where a job spec's paths start (they are relative to the results directory, so that a spec
+    is the same wherever the results live): --results, else the config's results_dir, else '.'."""
+    if getattr(args, "results", None):
+        return Path(args.results)
+    if getattr(args, "config", None):
+        from upcycling.sweep.load import load_sweep
+
+        return load_sweep(args.config, base_dir=args.workdir, check_corpus=False).results_dir
+    return Path(".")
 
 
 def inventory_of(args):
@@ -57,12 +74,26 @@ def job_spec(args, rule: str, wildcards: dict | None = None) -> dict:
     """The job's spec: --spec as given, else the inventory's job of that rule and wildcards."""
     if args.spec:
         try:
-            return json.loads(args.spec)
+            spec = json.loads(args.spec)
         except json.JSONDecodeError as exc:
             raise InputError(
                 f"--spec is not JSON ({exc}): pass the job's spec as the rules do, or use --config"
             ) from None
-    return inventory_of(args).find(rule, wildcards or {}).spec
+        if not isinstance(spec, dict):
+            raise InputError(f"--spec is a JSON {type(spec).__name__}, not an object: {_REBUILD}")
+        return JobSpec(spec)
+    return JobSpec(inventory_of(args).find(rule, wildcards or {}).spec)
+
+
+_REBUILD = "pass the job's spec as the rules do (its Snakemake params), or use --config with the job's flags"
+
+
+class JobSpec(dict):
+    """A job's spec whose missing key is an InputError naming it (a hand-written or stale --spec),
+    not a KeyError traceback."""
+
+    def __missing__(self, key):
+        raise InputError(f"--spec lacks the key {key!r} (it has {', '.join(map(repr, self)) or 'none'}): {_REBUILD}")
 
 
 def positive(kind):

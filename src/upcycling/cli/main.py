@@ -12,12 +12,14 @@
     upcycling plan           the admin's view: jobs per rule, resources, GPU-hours, disk
     upcycling calibrate      measure training throughput on this node; write it into the config
     upcycling clean          delete checkpoints that no job of the sweep will read
+    upcycling unlock         remove a results directory's lock whose process is gone
     upcycling submit         one training job to Slurm through submitit (requeued on preemption)
 
 A job runs from its spec: the rules pass ``--spec`` (the job's Snakemake params, see
 upcycling.pipeline.jobs); by hand, ``--config`` plus the job's identity builds the same spec from the same
-inventory. Bad input (config, corpus, tokens, checkpoints, fits, arguments) prints one
-``error: ...`` line and exits 2.
+inventory. Bad input (config, corpus, tokens, checkpoints, fits, arguments) and a disk that
+refuses a write (full, over quota, read-only) print one ``error: ...`` line and exit 2; Ctrl-C
+that reaches the top prints one line and exits 130.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from upcycling.cli import analysis, tokens, training
+from upcycling.cli import analysis, locking, tokens, training
 from upcycling.cli.common import add_source, inventory_of, positive, setup_logging
-from upcycling.core.errors import InputError
+from upcycling.core.errors import InputError, storage_error
 
 
 def cmd_check_config(args) -> int:
@@ -165,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=".", help="directory that relative paths in the config start from")
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted")
 
+    p = command("unlock", locking.cmd_unlock, "remove a results directory's lock whose process is gone")
+    p.add_argument("results_dir", help="the results directory (the config's results_dir)")
+
     p = command("submit", launch.run, "submit one training job to Slurm with submitit")
     launch.add_arguments(p)
     return parser
@@ -172,25 +177,41 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    setup_logging(getattr(args, "history_log", None))
     try:
-        return args.func(args)
+        setup_logging(getattr(args, "history_log", None))  # inside: a read-only log directory is an error line too
+        with locking.results_lock(args):  # one run per results directory (upcycling.core.lock)
+            return args.func(args)
+    except KeyboardInterrupt:
+        # A training job saves its checkpoint on SIGINT itself; whatever still gets here published nothing partial.
+        return _fail(args, f"`upcycling {args.command}` interrupted (SIGINT, Ctrl-C): rerun it to finish", 130)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if getattr(args, "history_log", None):
-            with open(args.history_log, "a") as history:
-                history.write(f"error: {exc}\n")
-        return 2
+        return _fail(args, str(exc))
+    except OSError as exc:  # a full, read-only or forbidden file system; any other OSError is a bug
+        error = storage_error(exc)
+        if error is None:
+            raise
+        return _fail(args, str(error))
     except ModuleNotFoundError as exc:
         extra = EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])
         if extra is None:
             raise
-        print(
-            f"error: `upcycling {args.command}` needs {exc.name}, which this environment lacks: "
+        return _fail(
+            args,
+            f"`upcycling {args.command}` needs {exc.name}, which this environment lacks: "
             f"pip install 'upcycling[{extra}]' (or '.[{extra}]' from a checkout)",
-            file=sys.stderr,
         )
-        return 2
+
+
+def _fail(args, message: str, code: int = 2) -> int:
+    """The one ``error:`` line on stderr (and in the history log, where the job keeps one); the exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    if getattr(args, "history_log", None):
+        try:
+            with open(args.history_log, "a") as history:
+                history.write(f"error: {message}\n")
+        except OSError:
+            pass  # the log's directory may be the very thing that cannot be written
+    return code
 
 
 # The stage extra (pyproject.toml) that installs each optional library.

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from upcycling.cli.common import job_spec, log
+from upcycling.cli.common import job_spec, log, results_root
 from upcycling.core.errors import InputError
 
 
 def _corpus(args, spec: dict):
     """The corpus files a tokens job reads (labels relative to --workdir) and the corpus options."""
-    from upcycling.data.corpus import CorpusOptions, resolve_sources
+    from upcycling.data.corpus import CorpusOptions, check_unchanged, resolve_sources
 
-    return resolve_sources(spec["files"], args.workdir), CorpusOptions.from_config(spec["corpus"])
+    sources = resolve_sources(spec["files"], args.workdir)
+    check_unchanged(sources, spec.get("sizes"))  # the sizes the plan split the corpus by
+    return sources, CorpusOptions.from_config(spec["corpus"])
 
 
 def cmd_tokenize(args) -> int:
@@ -44,7 +46,8 @@ def cmd_train_tokenizer(args) -> int:
 
     spec = job_spec(args, "train_tokenizer")
     sources, options = _corpus(args, spec)
-    make_tokenizer(sources, options, spec["tokenizer"], Path(spec["out"]), base_dir=args.workdir)
+    out = results_root(args) / spec["out"]
+    make_tokenizer(sources, options, spec["tokenizer"], out, base_dir=args.workdir)
     return 0
 
 
@@ -53,9 +56,9 @@ def cmd_tokenize_shard(args) -> int:
 
     spec = job_spec(args, "tokenize_shard", {"tokens": args.tokens, "shard": args.shard})
     sources, options = _corpus(args, spec)
-    tokenize_shard(
-        sources, options, spec["tokenizer_file"], spec["out"], spec["index"], spec["count"], spec["eot_token"]
-    )
+    results = results_root(args)
+    tokenizer_file, out = results / spec["tokenizer_file"], results / spec["out"]
+    tokenize_shard(sources, options, tokenizer_file, out, spec["index"], spec["count"], spec["eot_token"])
     return 0
 
 
@@ -64,5 +67,7 @@ def cmd_tokenize_gather(args) -> int:
     from upcycling.data.tokenize import gather_shards
 
     spec = job_spec(args, "tokenize", {"tokens": args.tokens})
-    gather_shards(spec["tokens_dir"], spec["plan"], CorpusOptions.from_config(spec["corpus"]), spec["tokenizer_file"])
+    results = results_root(args)
+    options = CorpusOptions.from_config(spec["corpus"])
+    gather_shards(results / spec["tokens_dir"], spec["plan"], options, results / spec["tokenizer_file"])
     return 0

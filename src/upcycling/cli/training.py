@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from pathlib import Path
 
-from upcycling.cli.common import inventory_of, job_spec, log
+from upcycling.cli.common import inventory_of, job_spec, log, results_root
 from upcycling.core.errors import InputError
 
 
@@ -56,7 +55,9 @@ def cmd_train(args) -> int:
     }
     options = dataclasses.replace(options, **overrides)
     _log_attempt(spec.run_id)
-    os.chdir(args.workdir)
+    # The spec's paths start at the results directory (a spec is the same wherever the results
+    # live): the trainer runs there, and reads and writes them as the spec spells them.
+    os.chdir(results_root(args))
     return main_guarded(spec, options, _hooks())
 
 
@@ -87,7 +88,8 @@ def cmd_transform(args) -> int:
     spec = job_spec(
         args, "transform", {"size": args.size, "seed": str(args.seed), "d1": str(args.d1), "variant": args.variant}
     )
-    method, options, dense_dir = spec["method"], Stage2Options(**spec["options"]), Path(spec["dense"])
+    results = results_root(args)  # where the spec's paths start
+    method, options, dense_dir = spec["method"], Stage2Options(**spec["options"]), results / spec["dense"]
     dense_state, dense_cfg, _ = load_hf(dense_dir)
     try:
         state, stage2_cfg = transform(dense_state, dense_cfg, method, options, seed=spec["seed"])
@@ -103,13 +105,13 @@ def cmd_transform(args) -> int:
             )
         moved = upcycle_adam_moments(*dense_moments[:2], stage2_cfg, options.reinit_ratio, spec["seed"])
         moments = (*moved, dense_moments[2])
-    out = Path(spec["out"])
+    out = results / spec["out"]
     save_hf(
         state,
         stage2_cfg,
         out,
         adam_moments=moments,
-        extra={**describe(method, options), "transformed_from": str(dense_dir), "seed": spec["seed"]},
+        extra={**describe(method, options), "transformed_from": spec["dense"], "seed": spec["seed"]},
     )
     log.info(
         "%s: %s -> %s (%d layers, %d heads x %d, FFN %d, %d experts top-%d)",

@@ -182,15 +182,17 @@ class TrainingTask(Checkpointable):
             "job_id": os.environ.get("SLURM_JOB_ID"),
             "rank": int(os.environ.get("SLURM_PROCID", 0) or 0),
         }
-        metrics = self._job().train_spec.metrics
-        if metrics and Path(self.workdir, metrics).is_file():
-            payload = json.loads(Path(self.workdir, metrics).read_text())
+        results_dir, job = self._job()
+        metrics = job.train_spec.metrics  # relative to the results directory
+        if metrics and Path(self.workdir, results_dir, metrics).is_file():
+            payload = json.loads(Path(self.workdir, results_dir, metrics).read_text())
             result.update(metrics_path=metrics, final_val_loss=payload["final_val_loss"], run_id=payload["run_id"])
         return result
 
     def _job(self):
         rule, wildcards = jobargs.job_key(jobargs.parse(self.train_args))
-        return Inventory(load_sweep(self.config, base_dir=self.workdir, check_corpus=False)).find(rule, wildcards)
+        inventory = Inventory(load_sweep(self.config, base_dir=self.workdir, check_corpus=False))
+        return inventory.sweep.results_dir, inventory.find(rule, wildcards)
 
     def checkpoint(self, *args, **kwargs):
         """submitit's hook on a time-out/preemption signal: stop the trainer so it saves, then requeue."""

@@ -6,7 +6,7 @@ can run, with one line per problem naming the config key to change:
 
 - GPUs asked where no node of the partition has GRES gpu (``slurm.gpus_per_job``);
 - more CPUs or memory per node than any node of the partition has (``slurm.cpus_per_gpu``,
-  ``slurm.cpu_threads``, the model sizes);
+  ``slurm.cpu_threads``, ``tokenizer.threads``, ``tokenizer.sample_bytes``, the model sizes);
 - a runtime over the partition's MaxTime (``slurm.partition``, ``slurm.throughput_tokens_per_s``);
 - a partition or an account that does not exist (``slurm.partition``, ``slurm.account``).
 
@@ -21,8 +21,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from upcycling.cluster.resources import job_resources
-from upcycling.pipeline.jobs import Inventory
+from upcycling.cluster.resources import CPU_BASE_MEM_MB, CPU_BYTES_PER_PARAM, job_params, job_resources
+from upcycling.pipeline.jobs import Inventory, Job
+from upcycling.sweep.settings import Sweep
 
 
 @dataclass(frozen=True)
@@ -167,16 +168,13 @@ def problems(inventory: Inventory, cluster: Cluster) -> list[str]:
             (
                 not any(node.cpus >= cpus for node in nodes),
                 "cpus",
-                f"slurm.{'cpus_per_gpu' if sweep.slurm.gpus_per_job else 'cpu_threads'}: {job.rule} jobs ask {cpus} "
-                f"CPUs per node, but the nodes of partition '{partition.name}' have at most "
-                f"{max((node.cpus for node in nodes), default=0)}: lower it",
+                f"{cpu_key(sweep, job)}: {job.rule} jobs ask {cpus} CPUs per node, but the nodes of partition "
+                f"'{partition.name}' have at most {max((node.cpus for node in nodes), default=0)}: lower it",
             ),
             (
                 not any(node.mem_mb >= mem for node in nodes),
                 "mem",
-                f"{job.rule} jobs ask {mem} MB per node (from their model size), but the nodes of partition "
-                f"'{partition.name}' have at most {max((node.mem_mb for node in nodes), default=0)} MB: spread the job "
-                "over more GPUs (slurm.gpus_per_job) or name a partition with larger nodes (slurm.partition)",
+                memory_advice(sweep, job, mem, partition.name, max((node.mem_mb for node in nodes), default=0)),
             ),
             (
                 float(resources.get("runtime", 0)) > partition.max_minutes,
@@ -187,8 +185,41 @@ def problems(inventory: Inventory, cluster: Cluster) -> list[str]:
             ),
         ]
         for failed, kind, message in checks:
-            key = (kind, job.rule, partition.name)
+            # Memory grows with the model: one line per model size that does not fit.
+            key = (kind, job.rule, partition.name, job.lineage.size if kind == "mem" and job.lineage else None)
             if failed and key not in seen:
                 seen.add(key)
                 found.append(message)
     return found
+
+
+def cpu_key(sweep: Sweep, job: Job) -> str:
+    """The config key that sets a job's CPUs: the tokens stage's threads, or a training process's."""
+    if job.phase is None:
+        return "tokenizer.threads" if job.cost is not None else f"--set-resources {job.rule}:cpus_per_task"
+    return "slurm.cpus_per_gpu" if sweep.slurm.gpus_per_job else "slurm.cpu_threads"
+
+
+def memory_advice(sweep: Sweep, job: Job, mem_mb: int, partition: str, node_mb: int) -> str:
+    """Why a job asks more memory than any node has, and the keys that lower it or find a node."""
+    larger = f"or name a partition with larger nodes (slurm.partition; the nodes of '{partition}' have {node_mb} MB)"
+    asks = f"{job.rule} jobs ask {mem_mb} MB per node"
+    if job.phase is None:
+        if job.rule == "train_tokenizer":
+            return f"tokenizer.sample_bytes: {asks} (to train the tokenizer on its sample): lower it, {larger}"
+        return f"--set-resources {job.rule}:mem_mb: {asks}: lower it, {larger}"
+    size = job.lineage.size if job.lineage else "?"
+    params = job_params(sweep, job)
+    if sweep.slurm.gpus_per_job:
+        return (
+            f"dense_models.{size}: {asks} (the host side of {params / 1e6:.0f}M parameters): spread the job over "
+            f"more GPUs (slurm.gpus_per_job, slurm.nodes), {larger}"
+        )
+    fits = max((node_mb - CPU_BASE_MEM_MB) * 1e6 / CPU_BYTES_PER_PARAM, 0) / 1e6
+    experts = " or fewer experts (sweep.experts)" if job.lineage and job.lineage.family != "dense" else ""
+    return (
+        f"dense_models.{size}: {asks}: slurm.gpus_per_job is 0, so a training process holds its whole fp32 state on "
+        f"the host ({params / 1e6:.0f}M parameters at {CPU_BYTES_PER_PARAM} bytes each, plus {CPU_BASE_MEM_MB} MB), "
+        f"and a node of partition '{partition}' holds at most {fits:.0f}M: make dense_models.{size} smaller"
+        f"{experts} or drop it from the sweep, train on GPUs (slurm.gpus_per_job), {larger}"
+    )

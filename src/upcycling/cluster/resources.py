@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 
 from upcycling.model.flops import count_params
 from upcycling.pipeline.jobs import Job
@@ -172,7 +173,7 @@ def training_resources(sweep: Sweep, job: Job) -> dict:
     options = (
         f"--log-every-steps {sweep.training.log_every_steps} "
         f"--checkpoint-every-tokens {sweep.training.checkpoint_every_tokens} "
-        f"--history-log {history_log(job)}"
+        f"--history-log {shlex.quote(history_log(job))}"  # run_options is shell text: a results_dir may hold spaces
     )
     if sweep.training.keep_final_checkpoints:
         options += " --keep-checkpoint"

@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -29,6 +30,15 @@ def temporary_sibling(path: Path) -> Path:
     """A unique temporary name beside ``path``, created by the caller with the umask's mode (as
     any output of the user's, readable by their group where the umask allows)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+_TEMPORARY_PART = re.compile(r"^\.(.+)\.\d+\.[0-9a-f]{8}\.tmp$")
+
+
+def published_path(path: str | os.PathLike) -> Path:
+    """``path`` with every temporary sibling in it named as what it becomes once published (what a
+    message about a write under a staging directory should name)."""
+    return Path(*(_TEMPORARY_PART.sub(r"\1", part) for part in Path(path).parts))
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:

@@ -166,6 +166,30 @@ def resolve_sources(paths_or_globs, base_dir: str | os.PathLike | None = None) -
     return [Source(path, label, *source_format(path), path.stat().st_size) for path, label in files.items()]
 
 
+def check_unchanged(sources: list[Source], sizes: list[int] | None, when: str = "since the jobs were planned") -> None:
+    """CorpusError naming a corpus file whose size on disk is not ``sizes`` (what the plan recorded,
+    or what the file had when the job began): tokens must come from the files the plan split."""
+    if sizes is None:
+        return
+    if len(sizes) != len(sources):
+        raise CorpusError(
+            f"the corpus changed {when}: {len(sources)} files now, {len(sizes)} planned: rerun snakemake "
+            "(it plans the tokens stage again from the files as they are)"
+        )
+    for source, planned in zip(sources, sizes):
+        try:
+            now = source.path.stat().st_size
+        except FileNotFoundError:
+            now = None
+        if now != planned:
+            found = "is gone" if now is None else f"has {now} bytes now, {planned} bytes then"
+            raise CorpusError(
+                f"corpus file {source.label} changed {when}: it {found}; "
+                "put the file back as it was, or rerun snakemake, which plans the tokens stage again from the "
+                "files as they are (a file still being written or synced must be complete first)"
+            )
+
+
 def estimated_text_bytes(source: Source) -> int:
     """Bytes of text the file holds, cheaply: exact for plain files, the gzip size trailer, a
     zstd frame header that records it, or parquet's uncompressed size of its columns (the text

@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from upcycling.core.errors import storage_error
 from upcycling.core.publish import publish_json, sha256_file, staging_dir
 from upcycling.data import tokens as layout
-from upcycling.data.corpus import CorpusError, CorpusOptions, Document, Source, resolve_sources
+from upcycling.data.corpus import CorpusError, CorpusOptions, Document, Source, check_unchanged, resolve_sources
 from upcycling.data.tokenizer import (
     EOT_TOKEN,
     end_of_text_id,
@@ -45,6 +46,7 @@ from upcycling.data.tokenizer import (
     make_tokenizer,
     piece_ends,
     train_tokenizer,
+    vocab_request,
 )
 from upcycling.data.tokens import FORMAT_VERSION, TokenFilesError, load_tokens, token_dtype
 
@@ -243,37 +245,55 @@ def tokenize_shard(
     # A literal "<|endoftext|>" in the corpus is text, not a document boundary.
     if hasattr(tokenizer, "encode_special_tokens"):
         tokenizer.encode_special_tokens = True
-    with staging_dir(out_dir) as tmp_dir:
-        counts = {"train": [0, 0], "val": [0, 0]}  # split -> [tokens, documents]
-        progress = _Progress(f"shard {name}", train_documents + val_documents, chars, text_bytes / max(chars, 1))
-        with open(tmp_dir / "train.bin", "wb") as train_file, open(tmp_dir / "val.bin", "wb") as val_file:
-            outputs = {"train": train_file, "val": val_file}
-            batches = iter_batches(options.documents(sources), piece_chars)
-            for split, ids, document_count, batch_chars in _encode_pipelined(tokenizer, batches, eot_id, dtype):
-                ids.tofile(outputs[split])
-                counts[split][0] += len(ids)
-                counts[split][1] += document_count
-                progress.update(document_count, len(ids), batch_chars)
-        progress.update(0, 0, 0, force=True)
-        sidecar = {
-            "format_version": FORMAT_VERSION,
-            "shard": name,
-            "index": index,
-            "count": count,
-            "vocab_size": vocab_size,
-            "dtype": dtype.name,
-            "eot_id": eot_id,
-            "tokenizer_sha256": sha256_file(Path(tokenizer_file)),
-            "train_tokens": counts["train"][0],
-            "val_tokens": counts["val"][0],
-            "train_documents": counts["train"][1],
-            "val_documents": counts["val"][1],
-            "text_bytes": text_bytes,
-            **options.as_dict(),
-            "files": [{k: f[k] for k in ("source", "sha256", "train_documents", "val_documents")} for f in files],
-        }
-        (tmp_dir / "shard.json").write_text(json.dumps(sidecar, indent=1) + "\n")
+    counts = {"train": [0, 0], "val": [0, 0]}  # split -> [tokens, documents]
+    max_id = -1  # the largest id written: load_tokens checks it against vocab_size without a pass over the ids
+    try:
+        with staging_dir(out_dir) as tmp_dir:
+            progress = _Progress(f"shard {name}", train_documents + val_documents, chars, text_bytes / max(chars, 1))
+            with open(tmp_dir / "train.bin", "wb") as train_file, open(tmp_dir / "val.bin", "wb") as val_file:
+                outputs = {"train": train_file, "val": val_file}
+                batches = iter_batches(options.documents(sources), piece_chars)
+                for split, ids, document_count, batch_chars in _encode_pipelined(tokenizer, batches, eot_id, dtype):
+                    ids.tofile(outputs[split])
+                    counts[split][0] += len(ids)
+                    counts[split][1] += document_count
+                    max_id = max(max_id, int(ids.max())) if len(ids) else max_id
+                    progress.update(document_count, len(ids), batch_chars)
+            progress.update(0, 0, 0, force=True)
+            check_unchanged(sources, [source.size for source in sources], "while it was tokenized")
+            sidecar = _sidecar(name, index, count, vocab_size, dtype, eot_id, tokenizer_file, counts, text_bytes)
+            sidecar.update({"max_token_id": max_id, **options.as_dict(), "files": _file_entries(files)})
+            (tmp_dir / "shard.json").write_text(json.dumps(sidecar, indent=1) + "\n")
+    except OSError as exc:  # staging_dir has removed the partial shard
+        needed = int(text_bytes / layout.BYTES_PER_TOKEN * dtype.itemsize)  # about: the corpus's bytes per token vary
+        error = storage_error(exc, out_dir.parent, needed=needed, what=f"shard {name}")
+        if error is None:
+            raise
+        raise error from None
     return sidecar
+
+
+def _file_entries(files: list[dict]) -> list[dict]:
+    return [{k: f[k] for k in ("source", "sha256", "train_documents", "val_documents")} for f in files]
+
+
+def _sidecar(name, index, count, vocab_size, dtype, eot_id, tokenizer_file, counts, text_bytes) -> dict:
+    """A shard's shard.json, but for its files, corpus options and largest id."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "shard": name,
+        "index": index,
+        "count": count,
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        "eot_id": eot_id,
+        "tokenizer_sha256": sha256_file(Path(tokenizer_file)),
+        "train_tokens": counts["train"][0],
+        "val_tokens": counts["val"][0],
+        "train_documents": counts["train"][1],
+        "val_documents": counts["val"][1],
+        "text_bytes": text_bytes,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,9 +368,11 @@ def gather_shards(
                 "path": f"{layout.SHARDS_DIR}/{s['shard']}",
                 "train_tokens": s["train_tokens"],
                 "val_tokens": s["val_tokens"],
+                **({"max_token_id": s["max_token_id"]} if "max_token_id" in s else {}),
             }
             for s in sidecars
         ],
+        **vocab_request(tokenizer_file, tokenizer_sha256, first["vocab_size"]),
     }
     publish_json(layout.meta_path(tokens_dir), meta, indent=2)
     logger.info(

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from upcycling.core.publish import temporary_sibling
+from upcycling.core.publish import publish_json, sha256_file, temporary_sibling
 from upcycling.data.corpus import CorpusError, CorpusOptions, Source, safe_cut
+from upcycling.data.tokens import tokenizer_record_path
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ def make_tokenizer(
     given = tokenizer_cfg.get("path")
     tmp = temporary_sibling(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    requested = None  # the vocabulary size asked of a trained tokenizer
     try:
         if given:
             given = Path(given) if os.path.isabs(given) or base_dir is None else Path(base_dir) / given
@@ -200,10 +202,60 @@ def make_tokenizer(
                 len(sources),
                 time.perf_counter() - started,
             )
+            _warn_short_vocabulary(tokenizer.get_vocab_size(), vocab_size, tokenizer_cfg, counted.chars)
+            requested = vocab_size
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
+    record = tokenizer_record_path(out_path)
+    if requested is None:
+        record.unlink(missing_ok=True)  # a given tokenizer's size is its own
+    else:
+        publish_json(
+            record,
+            {
+                "tokenizer_sha256": sha256_file(out_path),
+                "vocab_size_requested": requested,
+                "vocab_size_reached": tokenizer.get_vocab_size(),
+            },
+        )
     return tokenizer
+
+
+def _warn_short_vocabulary(reached: int, requested: int, tokenizer_cfg: dict, sample_chars: int) -> None:
+    """BPE stops merging when no pair is frequent enough: a small sample gives fewer tokens than asked."""
+    if reached < requested:
+        logger.warning(
+            "tokenizer.vocab_size=%d not reached: the sample (%.2f M characters, tokenizer.min_frequency=%s) "
+            "gives only %d tokens; training uses %d (meta.json records both). Lower tokenizer.vocab_size to "
+            "at most %d, or give more text (corpus.paths, tokenizer.sample_bytes)",
+            requested,
+            sample_chars / 1e6,
+            tokenizer_cfg.get("min_frequency", 2),
+            reached,
+            reached,
+            reached,
+        )
+
+
+def vocab_request(tokenizer_file: Path, tokenizer_sha256: str, vocab_size: int) -> dict:
+    """meta.json's record of a trained tokenizer's vocabulary: the tokenizer.vocab_size asked for
+    and whether the sample reached it (vocab_size, what training uses, is the size reached)."""
+    try:
+        record = json.loads(tokenizer_record_path(tokenizer_file).read_text())
+    except (OSError, ValueError):
+        return {}  # a given tokenizer, or one trained before the record existed
+    if record.get("tokenizer_sha256") != tokenizer_sha256:
+        return {}
+    requested = int(record["vocab_size_requested"])
+    if vocab_size < requested:
+        logger.warning(
+            "tokens: tokenizer.vocab_size=%d was not reached: the tokenizer has %d tokens (training uses %d)",
+            requested,
+            vocab_size,
+            vocab_size,
+        )
+    return {"vocab_size_requested": requested, "vocab_size_reached": vocab_size >= requested}
 
 
 class _Counted:

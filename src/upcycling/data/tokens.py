@@ -9,6 +9,7 @@ cpus)``, and ``load_tokens(tokens_dir)`` (I/O: what training reads). Formats: do
 Layout of ``<results_dir>/tokens/``::
 
     tokenizer.json                          rule train_tokenizer (trained on a sample, or the given one)
+    tokenizer.training.json                   and, for a trained one, the vocabulary size asked for and reached
     shards/00000-of-00004/train.bin         rule tokenize_shard, one job per shard: flat token
     shards/00000-of-00004/val.bin             memmaps (uint16/uint32) and their sidecar
     shards/00000-of-00004/shard.json
@@ -69,6 +70,12 @@ def shard_name(index: int, count: int) -> str:
 
 def tokenizer_path(tokens_dir: str | os.PathLike) -> Path:
     return Path(tokens_dir) / "tokenizer.json"
+
+
+def tokenizer_record_path(tokenizer_file: str | os.PathLike) -> Path:
+    """Beside a trained tokenizer.json: the vocabulary size asked for and reached (tokenizer.json's
+    format has no room for it); the gather copies it into meta.json."""
+    return Path(tokenizer_file).with_suffix(".training.json")
 
 
 def meta_path(tokens_dir: str | os.PathLike) -> Path:
@@ -251,10 +258,36 @@ def load_tokens(directory: str | os.PathLike) -> tuple:
                 )
             if tokens:  # an empty file cannot be memory-mapped
                 parts.append(np.memmap(file, dtype=dtype, mode="r"))
-        stream = TokenStream(parts)
+        stream = TokenStream(parts, vocab_size=meta["vocab_size"])
         if len(stream) != meta[f"{split}_tokens"] or not len(stream):
             raise TokenFilesError(
                 f"{path}: {split}_tokens={meta[f'{split}_tokens']}, but its shards hold {len(stream)}: {rebuild}"
             )
         streams.append(stream)
+    for shard in meta["shards"]:
+        largest = largest_token_id(directory / shard["path"], shard, dtype)
+        if largest >= meta["vocab_size"]:
+            raise TokenFilesError(
+                f"{directory / shard['path']}: token id {largest} is not below meta.json's vocab_size "
+                f"{meta['vocab_size']}: the token files and meta.json do not belong together (vocab_size "
+                f"edited, or shards of another tokenizer); {rebuild}"
+            )
     return streams[0], streams[1], meta
+
+
+def largest_token_id(shard_dir: Path, entry: dict, dtype: np.dtype) -> int:
+    """A shard's largest id: as meta.json or its shard.json recorded it when it was written, else
+    (tokens made before the record existed) one pass over its memmaps."""
+    if "max_token_id" in entry:
+        return int(entry["max_token_id"])
+    try:
+        return int(json.loads((shard_dir / "shard.json").read_text())["max_token_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    largest = -1
+    for split in ("train", "val"):
+        if entry[f"{split}_tokens"]:
+            ids = np.memmap(shard_dir / f"{split}.bin", dtype=dtype, mode="r")
+            for start in range(0, len(ids), 1 << 26):  # 64M ids (128-256 MB) at a time
+                largest = max(largest, int(ids[start : start + (1 << 26)].max()))
+    return largest

@@ -17,15 +17,18 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from upcycling.core.errors import InputError
+
 IGNORE_INDEX = -100
 
 
 class TokenStream:
     """Arrays of token ids (memmaps, in practice) read as one sequence, without copying them."""
 
-    def __init__(self, parts: Sequence[np.ndarray]):
+    def __init__(self, parts: Sequence[np.ndarray], vocab_size: int | None = None):
         self.parts = [part for part in parts if len(part)]
         self.offsets = np.cumsum([0] + [len(part) for part in self.parts])  # where each part starts
+        self.vocab_size = vocab_size  # every window read is checked against it (None: unchecked)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -49,10 +52,19 @@ class TokenStream:
     def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """[len(starts), length] int64: the ids from each start on."""
         if len(self.parts) == 1:  # one gather instead of a loop
-            return self.parts[0][np.asarray(starts)[:, None] + np.arange(length)].astype(np.int64)
-        out = np.empty((len(starts), length), dtype=np.int64)
-        for row, start in enumerate(starts):
-            out[row] = self.read(int(start), int(start) + length)
+            out = self.parts[0][np.asarray(starts)[:, None] + np.arange(length)].astype(np.int64)
+        else:
+            out = np.empty((len(starts), length), dtype=np.int64)
+            for row, start in enumerate(starts):
+                out[row] = self.read(int(start), int(start) + length)
+        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
+            # Cheap next to a training step, and an id past the embedding is an IndexError on the
+            # CPU and a device-side assert on a GPU: say which ids, not where the model broke.
+            raise InputError(
+                f"the token files hold id {int(out.max())}, not below meta.json's vocab_size {self.vocab_size} "
+                "(a token file changed after it was written, or meta.json was edited): delete the tokens "
+                "directory and re-run the tokens stage"
+            )
         return out
 
 

@@ -33,13 +33,14 @@ def removable(inventory: Inventory) -> list[tuple[Path, str]]:
     if not root.is_dir():
         return []
     training = [job for job in inventory.jobs if job.phase is not None]
-    partials = {Path(job.train_spec.partial): job for job in training}
+    results = inventory.sweep.results_dir  # a spec's paths start there
+    partials = {results / job.train_spec.partial: job for job in training}
     stables = {Path(job.outputs["checkpoint"]): job for job in training if job.phase == "stable"}
     readers: dict[Path, list] = {path: [] for path in stables}
     for job in training:
         start = job.train_spec.start
         if isinstance(start, FromCheckpoint):
-            readers[Path(start.path)].append(job)
+            readers[results / start.path].append(job)
     found = []
     for directory in sorted(
         path for path in root.rglob("*") if path.is_dir() and path.name.startswith(("stable_", "d_", "d1_", "d2_"))

@@ -27,7 +27,7 @@ from upcycling.core.errors import InputError
 from upcycling.core.fingerprint import canonical_json, fingerprint
 from upcycling.core.spec import Fresh, FromExport, TrainSpec
 from upcycling.pipeline.lineages import Lineage, lineages, stable_points
-from upcycling.pipeline.rules import BUDGET_KEY, LOGS, PATTERNS, RULES, TRAINING_RULES
+from upcycling.pipeline.rules import BUDGET_KEY, LOGS, PATTERNS, RULES, TRAINING_RULES, input_path, results_paths
 from upcycling.pipeline.trainspecs import RESULT_TRAINING_KEYS, Chain, Origin, train_spec
 from upcycling.sweep.models import options_for, token_sets
 from upcycling.sweep.settings import Sweep
@@ -103,11 +103,22 @@ def _label(rule: str, wildcards: Mapping[str, str]) -> str:
 
 def _continuing(origin: Origin, job: Job | None) -> Origin:
     """The origin of a job that continues ``job``'s checkpoint (None: the lineage's ``origin``)."""
-    return origin if job is None else origin.continued(job.outputs["checkpoint"], job.fingerprint)
+    if job is None:
+        return origin
+    return origin.continued(job.outputs["checkpoint"], _in_results(job, "checkpoint"), job.fingerprint)
 
 
 def _outputs(sweep: Sweep, rule: str, wildcards: Mapping[str, str]) -> dict[str, str]:
     return {name: str(sweep.results_dir / pattern.format(**wildcards)) for name, pattern in PATTERNS[rule].items()}
+
+
+def _in_results(job: Job, output: str) -> str:
+    """``job``'s output ``output`` relative to the results directory."""
+    return results_paths(job.rule, job.wildcards)[output]
+
+
+def _parent(path: str) -> str:
+    return Path(path).parent.as_posix()
 
 
 def _log(sweep: Sweep, rule: str, wildcards: Mapping[str, str]) -> str:
@@ -151,7 +162,7 @@ def _tokens_jobs(
         from upcycling.data.corpus import estimated_text_bytes
 
         files = [(source.label, source.size) for source in corpus]
-        paths = [str(source.path) for source in corpus]
+        paths = [input_path(source.path) for source in corpus]
         text_bytes = [estimated_text_bytes(source) for source in corpus]
     else:
         files, paths = _corpus_estimate(sweep, count), []
@@ -173,7 +184,7 @@ def _tokens_jobs(
                 "sizes": [size for _, size in files],
                 "corpus": corpus_settings,
                 "tokenizer": tokenizer_settings,
-                "out": outputs["tokenizer"],
+                "out": results_paths("train_tokenizer", {})["tokenizer"],
             },
             cost=costs[0],
         )
@@ -194,9 +205,9 @@ def _tokens_jobs(
                 "files": [labels[i] for i in members],
                 "sizes": [files[i][1] for i in members],
                 "corpus": corpus_settings,
-                "tokenizer_file": tokenizer.outputs["tokenizer"],
+                "tokenizer_file": _in_results(tokenizer, "tokenizer"),
                 "eot_token": sweep.tokenizer.eot_token,
-                "out": str(Path(outputs["sidecar"]).parent),
+                "out": _parent(results_paths("tokenize_shard", wildcards)["sidecar"]),
                 "index": index,
                 "count": count,
                 "upstream": tokenizer.fingerprint,
@@ -216,10 +227,10 @@ def _tokens_jobs(
         },
         _log(sweep, "tokenize", wildcards),
         {
-            "tokens_dir": str(sweep.results_dir / name),
+            "tokens_dir": _parent(results_paths("tokenize", wildcards)["meta"]),
             "plan": [[labels[i] for i in members] for members in plan],
             "corpus": corpus_settings,
-            "tokenizer_file": tokenizer.outputs["tokenizer"],
+            "tokenizer_file": _in_results(tokenizer, "tokenizer"),
             "tokens": fingerprint({"files": files, "corpus": corpus_settings, "tokenizer": tokenizer_settings}),
             "upstream": [shard.fingerprint for shard in shards],
         },
@@ -228,7 +239,7 @@ def _tokens_jobs(
 
 
 def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
-    root, training = sweep.results_dir, sweep.training
+    training = sweep.training
     gathers: dict[str, Job] = {}
     tokenizer = None
     for name in corpora:
@@ -244,7 +255,7 @@ def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
     for lineage in ordered:
         # Continued pretraining on a second corpus (the domain shift) reads its tokens.
         gather = gathers["tokens_stage2" if lineage.method == "continue" and "tokens_stage2" in gathers else "tokens"]
-        meta = gather.outputs["meta"]
+        meta, tokens_dir = gather.outputs["meta"], _mapping(gather)["tokens_dir"]
         tokens = _mapping(gather)["tokens"]
         origin = Origin({"meta": meta}, Fresh(), tokens)
         if lineage.family == "upcycled":
@@ -252,7 +263,7 @@ def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
             wildcards = lineage.wildcards
             outputs = _outputs(sweep, "transform", wildcards)
             options = options_for(sweep, lineage.experts, lineage.top_k, lineage.granularity, lineage.reinit_ratio)
-            out = str(Path(outputs["weights"]).parent)
+            out = _parent(results_paths("transform", wildcards)["weights"])
             init = Job(
                 "transform",
                 wildcards,
@@ -262,7 +273,7 @@ def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
                 {
                     "method": lineage.method,
                     "options": options.to_dict(),
-                    "dense": str(Path(dense.outputs["weights"]).parent),
+                    "dense": _parent(_in_results(dense, "weights")),
                     "out": out,
                     "seed": lineage.seed,
                     "copy_optimizer_state": sweep.moe.copy_optimizer_state and lineage.method == "moe_upcycle",
@@ -280,8 +291,9 @@ def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
             wildcards = {**lineage.wildcards, "point": str(point)}
             outputs = _outputs(sweep, rule, wildcards)
             begin = _continuing(origin, previous)
-            partial = Path(outputs["checkpoint"] + ".partial")
-            chain = Chain(begin, outputs, partial, str(Path(meta).parent), tokens)
+            in_results = results_paths(rule, wildcards)
+            partial = Path(in_results["checkpoint"] + ".partial")
+            chain = Chain(begin, in_results, partial, tokens_dir, tokens)
             spec = train_spec(sweep, _label(rule, wildcards), lineage, "stable", point, chain)
             previous_point = int(previous.wildcards["point"]) if previous else 0
             job = Job(
@@ -307,10 +319,8 @@ def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
                 trained = budget - training.decay_start(budget)
             else:
                 begin, trained = origin, budget
-            partial = Path(
-                sweep.results_dir / "checkpoints" / lineage.name / f"{BUDGET_KEY[lineage.family]}_{budget}.partial"
-            )
-            chain = Chain(begin, outputs, partial, str(Path(meta).parent), tokens)
+            partial = Path("checkpoints", lineage.name, f"{BUDGET_KEY[lineage.family]}_{budget}.partial")
+            chain = Chain(begin, results_paths(rule, wildcards), partial, tokens_dir, tokens)
             spec = train_spec(sweep, _label(rule, wildcards), lineage, "final", budget, chain)
             job = Job(
                 rule,
@@ -328,14 +338,14 @@ def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
             if lineage.family == "dense":
                 dense_exports[(lineage.size, lineage.seed, budget)] = job
 
-    runs = {job.outputs["metrics"]: job.fingerprint for job in metrics_jobs}
+    runs = {_in_results(job, "metrics"): job.fingerprint for job in metrics_jobs}
     aggregate = Job(
         "aggregate",
         {},
         _outputs(sweep, "aggregate", {}),
-        {f"run{index}": path for index, path in enumerate(runs)},
+        {f"run{index}": job.outputs["metrics"] for index, job in enumerate(metrics_jobs)},
         _log(sweep, "aggregate", {}),
-        {"runs": runs, "config": result_config(sweep), "out": str(root / PATTERNS["aggregate"]["store"])},
+        {"runs": runs, "config": result_config(sweep), "out": PATTERNS["aggregate"]["store"]},
     )
     yield aggregate
     fit = Job(
@@ -357,13 +367,22 @@ def _jobs(sweep: Sweep, corpora: dict[str, list | None]) -> Iterator[Job]:
 
 
 def result_config(sweep: Sweep) -> dict:
-    """The sweep without what cannot change a result: the fit, the scheduler settings, and how
-    training jobs log and keep checkpoints."""
-    config = {key: value for key, value in sweep.mapping.items() if key not in ("fit", "slurm")}
+    """The sweep without what cannot change a result: the fit, the scheduler settings, where the
+    results live, how the corpus is sharded for tokenizing, the tokenizer's runtime estimates, and
+    how training jobs log and keep checkpoints."""
+    config = {key: value for key, value in sweep.mapping.items() if key not in ("fit", "slurm", "results_dir")}
+    config["tokenizer"] = {key: value for key, value in config["tokenizer"].items() if key not in TOKENIZER_ESTIMATES}
+    config["corpus"] = _without_shards(config["corpus"])
+    if isinstance(config.get("stage2"), Mapping) and config["stage2"].get("corpus"):
+        config["stage2"] = {**config["stage2"], "corpus": _without_shards(config["stage2"]["corpus"])}
     config["training"] = {
         key: value for key, value in config["training"].items() if key in RESULT_TRAINING_KEYS or key == "seeds"
     }
     return config
+
+
+def _without_shards(corpus: Mapping[str, Any]) -> dict:
+    return {key: value for key, value in corpus.items() if key != "shards"}
 
 
 class UnknownJob(InputError):

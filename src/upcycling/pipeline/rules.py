@@ -6,6 +6,10 @@ fills them in per job; nothing else spells an output path.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
 from upcycling.core.layout import DENSE, SCRATCH, UPCYCLED
 
 # Output paths of every rule, relative to the results directory; {wildcards} as the rules name them.
@@ -66,3 +70,19 @@ RULES = (
     "fit",
     "report",
 )
+
+
+def results_paths(rule: str, wildcards: Mapping[str, str]) -> dict[str, str]:
+    """The rule's outputs relative to the results directory: how a spec names them. A spec holds no
+    path outside the results directory, so a job's params, its fingerprint and the metrics'
+    ``spec_sha256`` are the same wherever the results live (moved, copied, reached by a link)."""
+    return {name: pattern.format(**wildcards) for name, pattern in PATTERNS[rule].items()}
+
+
+def input_path(path: str | Path) -> str:
+    """A file outside the results directory (a corpus file) as a job's input: relative to the working
+    directory where it lies under it (a checkout moved whole keeps its inputs), else its real
+    absolute path (a corpus elsewhere, however it is reached: through a link, or from another
+    working directory). Snakemake reruns a job whose set of input paths changed."""
+    real, here = os.path.realpath(path), os.path.realpath(os.getcwd())
+    return os.path.relpath(real, here) if real == here or real.startswith(here.rstrip(os.sep) + os.sep) else real

@@ -27,15 +27,17 @@ class Origin:
     start: StartPoint
     upstream: str
 
-    def continued(self, checkpoint: str, upstream: str) -> Origin:
-        """The origin of a job that continues the ``checkpoint`` of the job whose fingerprint is
+    def continued(self, checkpoint: str, in_results: str, upstream: str) -> Origin:
+        """The origin of a job that continues the ``checkpoint`` (its path as an input; ``in_results``:
+        relative to the results directory, as the spec names it) of the job whose fingerprint is
         ``upstream`` (it reads the same tokens)."""
-        return Origin({"meta": self.inputs["meta"], "checkpoint": checkpoint}, FromCheckpoint(checkpoint), upstream)
+        return Origin({"meta": self.inputs["meta"], "checkpoint": checkpoint}, FromCheckpoint(in_results), upstream)
 
 
 @dataclass(frozen=True)
 class Chain:
-    """A training job's place: where it starts, what it writes, the tokens it reads."""
+    """A training job's place: where it starts, what it writes, the tokens it reads (paths relative to
+    the results directory)."""
 
     origin: Origin
     outputs: Mapping[str, str]

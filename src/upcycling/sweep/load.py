@@ -56,7 +56,12 @@ def _with_defaults(validator_class):
                     instance[name] = copy.deepcopy(subschema["default"])
         yield from validate_properties(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+    # A YAML float is no integer, even 64.0 (JSON Schema itself lets 64.0 pass, and it would reach
+    # the model as a float); nor is a boolean.
+    strict_types = validator_class.TYPE_CHECKER.redefine(
+        "integer", lambda checker, instance: isinstance(instance, int) and not isinstance(instance, bool)
+    )
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults}, type_checker=strict_types)
 
 
 # What to write instead, for keys whose schema message alone does not say it.
@@ -74,6 +79,10 @@ def _schema_error_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         hint = " (a misspelt key? see src/upcycling/schemas/config.schema.yaml for the allowed keys)"
     hint += next((text for prefix, text in _KEY_HINTS.items() if key.startswith(prefix)), "")
+    wanted = error.validator_value if isinstance(error.validator_value, (str, list)) else ()
+    if error.validator == "type" and isinstance(error.instance, float) and "integer" in wanted:
+        whole = f"write {int(error.instance)}" if error.instance.is_integer() else "give a whole number"
+        hint += f" ({whole}: an integer key takes no decimal point or exponent)"
     return f"config key '{key}': {error.message}{hint}"
 
 

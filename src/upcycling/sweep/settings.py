@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from upcycling.core.errors import InputError
+
 
 @dataclass(frozen=True)
 class Corpus:
@@ -162,6 +164,8 @@ class FitSettings:
     seed: int
     parameter_counts: str
     more_data_never_hurts: bool
+    irreducible: str
+    token_unit: str
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,7 @@ class Sweep:
 # ----------------------------------------------------------------------------- mapping -> dataclasses
 
 
-def _build(cls, values: Mapping[str, Any]):
+def _build(cls, values: Mapping[str, Any], where: str = ""):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for field in dataclasses.fields(cls):
@@ -222,28 +226,34 @@ def _build(cls, values: Mapping[str, Any]):
                 f"{cls.__name__}.{field.name}: missing from the validated config (every key needs a schema default)"
             )
         value = values[field.name]
-        kwargs[field.name] = value if field.metadata.get("raw") else _convert(hints[field.name], value)
+        key = f"{where}{field.name}"
+        kwargs[field.name] = value if field.metadata.get("raw") else _convert(hints[field.name], value, key)
     unknown = set(values) - {field.name for field in dataclasses.fields(cls)}
     if unknown:
         raise KeyError(f"{cls.__name__}: keys {sorted(unknown)} have no field (add them to upcycling.sweep.settings)")
     return cls(**kwargs)
 
 
-def _convert(hint, value):
+def _convert(hint, value, key: str):
     if value is None:
         return None
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return _convert(next(arg for arg in args if arg is not type(None)), value)
+        return _convert(next(arg for arg in args if arg is not type(None)), value, key)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value)
+        return _build(hint, value, f"{key}.")
     if hint is Path:
         return Path(value)
     if origin is tuple:
         item = args[0]
-        return tuple(_convert(item, element) for element in value)
+        return tuple(_convert(item, element, f"{key}[{index}]") for index, element in enumerate(value))
     if origin in (collections.abc.Mapping, dict):
         value_type = args[1]
         # Read-only: the sweep is frozen all the way down.
-        return types.MappingProxyType({key: _convert(value_type, element) for key, element in value.items()})
+        return types.MappingProxyType(
+            {name: _convert(value_type, element, f"{key}.{name}") for name, element in value.items()}
+        )
+    if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
+        # The schema refuses these first; a mapping built another way must not pass a float on.
+        raise InputError(f"config key '{key}': {value!r} is not an integer (write a whole number, e.g. 64)")
     return value

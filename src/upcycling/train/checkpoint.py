@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from upcycling.core.errors import storage_error
 from upcycling.core.fingerprint import fingerprint
 from upcycling.core.publish import publish_dir, publish_json, sha256_file
 from upcycling.core.spec import FromCheckpoint, FromExport, Progress, SpecError, StartPoint
@@ -119,26 +120,46 @@ def save(engine, directory: Path, progress: Progress, *, fingerprint: str, compl
         "torch_rng": torch.get_rng_state(),
         "numpy_rng": np.random.get_state(),  # noqa: NPY002 (libraries draw from the global state)
     }
-    # Under one key of ours: DeepSpeed returns its own metadata keys in the same dict on load.
-    engine.save_checkpoint(str(directory), tag=tag, client_state={CLIENT_KEY: client_state})
-    distributed.barrier()
+    try:
+        # Under one key of ours: DeepSpeed returns its own metadata keys in the same dict on load.
+        engine.save_checkpoint(str(directory), tag=tag, client_state={CLIENT_KEY: client_state})
+        distributed.barrier()
+        if distributed.rank() == 0:
+            publish_json(
+                directory / MANIFEST,
+                {
+                    "fingerprint": fingerprint,
+                    "tag": tag,
+                    "tokens": progress.tokens,
+                    "complete": complete,
+                    "written_by": written_by,
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "files": _hash_files(directory / tag),
+                },
+            )
+    except (OSError, RuntimeError) as exc:
+        # A full or read-only disk: drop the new tag's partial files (the manifest still names the
+        # previous checkpoint, which stays whole) and say which disk and how much it needs.
+        error = storage_error(exc, directory, needed=_checkpoint_bytes(engine, directory), what="the checkpoint")
+        if error is None:
+            raise
+        shutil.rmtree(directory / tag, ignore_errors=True)
+        raise error from None
     if distributed.rank() == 0:
-        publish_json(
-            directory / MANIFEST,
-            {
-                "fingerprint": fingerprint,
-                "tag": tag,
-                "tokens": progress.tokens,
-                "complete": complete,
-                "written_by": written_by,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "files": _hash_files(directory / tag),
-            },
-        )
         for old in directory.glob("tokens*"):
             if old.name != tag and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
+
+
+def _checkpoint_bytes(engine, directory: Path) -> int:
+    """About the disk one checkpoint of this engine takes: the last one's files where the manifest
+    lists them, else the module's weights plus fp32 Adam state (master weights and two moments)."""
+    recorded = sum(entry["bytes"] for entry in (read_manifest(directory) or {}).get("files", {}).values())
+    params = list(engine.module.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    adam = sum(p.numel() for p in params) * (8 if all(p.element_size() == 4 for p in params) else 12)
+    return max(recorded, weights + adam)
 
 
 def restore(engine, directory: Path) -> Progress:

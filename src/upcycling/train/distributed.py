@@ -33,12 +33,26 @@ def init(backend: str | None = None) -> torch.device:
                 sock.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     device = device_for_rank()
+    if device.type != "cuda":
+        _skip_shm_comm_op()
     if not dist.is_initialized():
         backend = backend or (CUDA_BACKEND if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend)
     # DeepSpeed adopts the group that exists (its communication backend is NCCL on CUDA).
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return device
+
+
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU backend from loading its shared-memory op, which serves only its
+    inference all-reduce (training collectives go through torch.distributed and gloo). Loading
+    it JIT-builds C++ under a lock file in TORCH_EXTENSIONS_DIR (30 s idle, minutes on a busy
+    node) on every process start, and a process killed while it holds that lock (a requeue, a
+    scancel, kill -9) leaves the file behind: every later job then waits on it silently until
+    its time limit (seen on the local Slurm cluster: a requeued job hung 6 minutes)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def device_for_rank() -> torch.device:

@@ -13,7 +13,8 @@ spec, what it started from, the tokens, the process count) matches and it is not
 otherwise it moves the checkpoint aside, says so, and trains from its start point, so a forced
 rerun retrains and a changed setting never continues a stale run.
 
-Preemption: SIGTERM or SIGUSR1 (what Slurm sends before a time limit or a preemption) makes the job
+Preemption: SIGTERM or SIGUSR1 (what Slurm sends before a time limit or a preemption), and SIGINT
+(Ctrl-C in the terminal that runs it, or a snakemake stopped by Ctrl-C), make the job
 save a checkpoint at the end of the current step and exit with EXIT_PREEMPTED; running the same
 job again resumes from it. A NaN/inf loss stops the job with an error naming run and step; the loss
 is read back from the device only at log, evaluation and checkpoint steps (so no step waits for
@@ -190,11 +191,12 @@ def expert_similarity(module: Transformer) -> list[float] | None:
 
 
 class StopFlag:
-    """Turns SIGTERM/SIGUSR1 into a flag checked between steps (never mid-step)."""
+    """Turns SIGTERM/SIGUSR1/SIGINT into a flag checked between steps (never mid-step): a Ctrl-C
+    saves the checkpoint as a preemption does, instead of a KeyboardInterrupt that loses the steps."""
 
     def __init__(self):
         self.signal_name: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):

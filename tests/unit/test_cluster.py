@@ -74,6 +74,20 @@ def test_one_process_outside_a_multi_task_step(monkeypatch):
         assert launch.slurm_torch_env() == {}
 
 
+def test_a_submitted_task_ignores_the_submitter_s_rendezvous(monkeypatch):
+    """sbatch exports the submitting process's environment: a RANK and MASTER_PORT left there by a
+    process that ran torch.distributed (the port still in use) must not reach the task's trainer."""
+    submitter = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "34667", "PATH": "/bin"}
+    task = launch.TrainingTask("config.yaml", ["--family", "dense"], "/work")
+    _slurm_environ(monkeypatch, {})
+    env = task.child_env(submitter)
+    assert env["PATH"] == "/bin" and not set(launch.RENDEZVOUS) & set(env)
+    # In a multi-task step the ranks come from Slurm; a port the caller passes still wins.
+    _slurm_environ(monkeypatch, STEP)
+    env = launch.TrainingTask("config.yaml", [], "/work", env={"MASTER_PORT": "29400"}).child_env({**STEP, **submitter})
+    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) == ("5", "8", "29400")
+
+
 def test_launcher_and_launch_resources():
     assert launcher(_sweep(gpus_per_job=1)) == "" and launcher(_sweep(gpus_per_job=0)) == ""
     assert launcher(_sweep(gpus_per_job=16, nodes=2)) == (

@@ -107,7 +107,11 @@ def test_coverage_with_the_default_huber_delta(grid, shape):
         )
         for name, value in params.items():
             covered[name] += result.interval[name][0] <= value <= result.interval[name][1]
-    assert all(count >= 18 for count in covered.values()), covered
+    # Exact-size 95% profile intervals: 18 of 20 per parameter would fail 7.5% of calibrated cases, so
+    # the pooled coverage carries the claim (below 88 of 100 with probability 0.2% when calibrated)
+    # and each parameter only has to be far from broken (below 15 of 20: 0.03%).
+    assert sum(covered.values()) >= 0.88 * 20 * len(params), covered
+    assert all(count >= 15 for count in covered.values()), covered
 
 
 def test_a_vanishing_floor_is_a_fit_on_its_bound():

@@ -44,7 +44,11 @@ PORT_BASE, PORT_SPAN = 12000, 20000  # below Linux's ephemeral ports (32768+)
 # ----------------------------------------------------------------------------- Slurm environment
 
 
-def slurm_torch_env() -> dict[str, str]:
+# torch.distributed's rendezvous variables: a task finds its own, never the submitting process's.
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def slurm_torch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The torch.distributed variables of this task of a multi-task Slurm step ({} otherwise).
 
     Only inside a step (``srun``) with several tasks: a process outside any step (the batch script
@@ -54,7 +58,7 @@ def slurm_torch_env() -> dict[str, str]:
     hosts (Slurm's compressed node list expanded) come from submitit's SlurmJobEnvironment; the
     master is the job's first host, its port derived from the job id (the same on every rank).
     """
-    environ = os.environ
+    environ = os.environ if environ is None else environ
     if "RANK" in environ or "SLURM_STEP_ID" not in environ:
         return {}
     tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
@@ -149,7 +153,10 @@ class TrainingTask(Checkpointable):
         ]
 
     def child_env(self, environ: Mapping[str, str]) -> dict[str, str]:
-        env = {**environ, **self.env, **slurm_torch_env()}
+        # sbatch exports the submitter's environment: a RANK or MASTER_PORT there (a process that
+        # ran torch.distributed, a torchrun shell) would make every task rank 0 on a port in use.
+        env = {key: value for key, value in environ.items() if key not in RENDEZVOUS} | self.env
+        env |= slurm_torch_env(env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 

@@ -8,7 +8,7 @@ host synchronisation every step), and DeepSpeed's sub-groups (expert and data pa
 the same mapping. Without CUDA the group is plain gloo.
 
 Single process without a launcher: RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR are filled in and
-MASTER_PORT is a free local port, so DeepSpeed never looks for MPI.
+MASTER_PORT is a free local port (an inherited one is not trusted), so DeepSpeed never looks for MPI.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ def init(backend: str | None = None) -> torch.device:
     import deepspeed
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        # Alone: a fresh free port even where MASTER_PORT is inherited (a shell or a Slurm job's
+        # --export=ALL environment can carry the port of a process that still listens on it).
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     device = device_for_rank()
     if device.type != "cuda":
         _skip_shm_comm_op()

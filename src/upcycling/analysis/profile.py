@@ -219,6 +219,13 @@ class Profiler:
                 return math.sqrt(variance * self.bound)
         return 0.05 * max(abs(value), 0.1)
 
+    def _narrow(self, reduction, v: float, inside: tuple, outside: tuple) -> tuple[tuple, tuple]:
+        """The bracket (inside, outside) of the threshold crossing with the profile at ``v`` in
+        place of the end on its side of the threshold."""
+        statistic, phi, _ = self._solve(reduction, v, inside[2])
+        point = (v, statistic, phi)
+        return (inside, point) if statistic > self.bound else (point, outside)
+
     def interval(self, c: np.ndarray, physical_floor: float | None = None) -> ProfileInterval:
         """The 95% profile interval of ``c @ theta``; ``physical_floor``: a lower limit of the
         quantity that is physical (a log amplitude's), reached without the side being open."""
@@ -269,13 +276,8 @@ class Profiler:
             for _ in range(_MAX_HALVINGS):  # a first step far too long (a poor standard error)
                 if inside[0] != value:
                     break
-                v = value + 0.5 * (outside[0] - value)
-                statistic, phi, _ = self._solve(reduction, v, inside[2])
+                inside, outside = self._narrow(reduction, value + 0.5 * (outside[0] - value), inside, outside)
                 evaluations += 1
-                if statistic > self.bound:
-                    outside = (v, statistic, phi)
-                else:
-                    inside = (v, statistic, phi)
             for _ in range(_REFINE):  # regula falsi on sqrt(statistic), ~linear in v
                 if min(abs(end[1] / self.bound - 1) for end in (inside, outside)) < _END_TOLERANCE:
                     break
@@ -283,12 +285,8 @@ class Profiler:
                 target = math.sqrt(self.bound)
                 weight = (target - a) / (b - a) if b > a else 0.5
                 v = inside[0] + min(max(weight, 0.05), 0.95) * (outside[0] - inside[0])
-                statistic, phi, _ = self._solve(reduction, v, inside[2])
+                inside, outside = self._narrow(reduction, v, inside, outside)
                 evaluations += 1
-                if statistic > self.bound:
-                    outside = (v, statistic, phi)
-                else:
-                    inside = (v, statistic, phi)
             a, b = math.sqrt(max(inside[1], 0.0)), math.sqrt(outside[1])
             weight = (math.sqrt(self.bound) - a) / (b - a) if b > a else 0.5
             ends.append(inside[0] + weight * (outside[0] - inside[0]))

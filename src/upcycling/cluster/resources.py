@@ -21,7 +21,7 @@ import math
 import os
 import shlex
 
-from upcycling.model.flops import count_params
+from upcycling.model.flops import CHECKPOINT_BYTES_PER_PARAM, count_params
 from upcycling.pipeline.jobs import Job
 from upcycling.pipeline.lineages import lineage_model
 from upcycling.sweep.settings import Sweep
@@ -34,9 +34,6 @@ CPU_BYTES_PER_PARAM = 32
 GPU_EXPORT_BYTES_PER_PARAM = 12
 CPU_BASE_MEM_MB = 3000
 GPU_BASE_MEM_MB = 6000
-# A DeepSpeed checkpoint: the module's weights (bf16 on GPU, fp32 on CPU) plus the optimizer's fp32
-# master weights (bf16 only) and two Adam moments.
-CHECKPOINT_BYTES_PER_PARAM = {"bf16": 2 + 12, "fp32": 4 + 8}
 EXPORT_BYTES_PER_PARAM = 4  # safetensors export in fp32
 # Shared file systems of GPU clusters write ~1-5 GB/s per job; the plan's save-time estimate uses
 # the low end (a checkpoint save must fit in the warning signal's lead).

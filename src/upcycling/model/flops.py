@@ -14,6 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# A DeepSpeed checkpoint: the module's weights (bf16 on GPU, fp32 on CPU) plus the optimizer's fp32
+# master weights (bf16 only) and two Adam moments. The plan sizes checkpoints with it, and the
+# trainer the space a save needs.
+CHECKPOINT_BYTES_PER_PARAM = {"bf16": 2 + 12, "fp32": 4 + 8}
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -30,6 +30,7 @@ from upcycling.core.fingerprint import fingerprint
 from upcycling.core.publish import publish_dir, publish_json, sha256_file
 from upcycling.core.spec import FromCheckpoint, FromExport, Progress, SpecError, StartPoint
 from upcycling.model.export import CheckpointError
+from upcycling.model.flops import CHECKPOINT_BYTES_PER_PARAM
 from upcycling.model.transformer import Transformer, join_expert_name, split_expert_name
 from upcycling.train import distributed
 
@@ -157,9 +158,8 @@ def _checkpoint_bytes(engine, directory: Path) -> int:
     lists them, else the module's weights plus fp32 Adam state (master weights and two moments)."""
     recorded = sum(entry["bytes"] for entry in (read_manifest(directory) or {}).get("files", {}).values())
     params = list(engine.module.parameters())
-    weights = sum(p.numel() * p.element_size() for p in params)
-    adam = sum(p.numel() for p in params) * (8 if all(p.element_size() == 4 for p in params) else 12)
-    return max(recorded, weights + adam)
+    precision = "fp32" if all(p.element_size() == 4 for p in params) else "bf16"
+    return max(recorded, sum(p.numel() for p in params) * CHECKPOINT_BYTES_PER_PARAM[precision])
 
 
 def restore(engine, directory: Path) -> Progress:

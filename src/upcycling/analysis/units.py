@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from upcycling.analysis.fitresult import FitResult
+from upcycling.analysis.identify import identified
+from upcycling.analysis.intervals import DEFAULT_TOKEN_UNIT, TOKEN_UNITS
 
 __all__ = [
     "DEFAULT_TOKEN_UNIT",
@@ -38,9 +40,6 @@ __all__ = [
     "tokens_per_unit",
     "unit_quantity",
 ]
-
-DEFAULT_TOKEN_UNIT = "billions"
-_UNITS = {"tokens": 1.0, "thousands": 1e3, "millions": 1e6, "billions": 1e9, "trillions": 1e12}
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -79,7 +78,7 @@ def extra(fit: FitResult, name: str, default: Any = None) -> Any:
 
 
 def tokens_per_unit(name: str) -> float:
-    return _UNITS.get(name, 1.0)
+    return TOKEN_UNITS.get(name, 1.0)
 
 
 def token_unit(fits) -> str:
@@ -105,15 +104,6 @@ def _normal(entry: dict) -> dict:
     }
 
 
-def _narrow(value: float, interval: list[float]) -> tuple[bool, str]:
-    low, high = interval
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return False, "no bounded interval"
-    if high - low > 10 * abs(value):
-        return False, f"interval wider than ten times |estimate| = {fmt(abs(value))}"
-    return True, ""
-
-
 def _samples(fit: FitResult, *names: str) -> list[np.ndarray] | None:
     samples = fit.bootstrap.get("samples") or {}
     if not all(samples.get(name) for name in names):
@@ -130,7 +120,7 @@ def _derived(fit: FitResult, value: float, combine) -> dict:
         values = values[np.isfinite(values)]
         if values.size:
             interval = [float(v) for v in np.percentile(values, [2.5, 97.5])]
-    ok, why = _narrow(value, interval)
+    ok, why = identified(None, value, interval, None)  # the fits' own rule for a derived exponent
     return {"value": value, "interval": interval, "identified": ok, "why": why}
 
 

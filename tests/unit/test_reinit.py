@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -109,15 +112,35 @@ def _redrawn_units(expert_weights, dense_weights, scale: float) -> torch.Tensor:
     return changed_gate.nonzero().flatten()
 
 
-def test_r0_is_todays_upcycled_init_bit_for_bit():
-    dense = _dense_state()
-    today, cfg = upcycle_state(dense, DENSE, 4, 2, 2, router_init_std=0.3, seed=7)
-    with_zero, cfg_zero = upcycle_state(dense, DENSE, 4, 2, 2, router_init_std=0.3, seed=7, reinit_ratio=0.0)
-    assert cfg == cfg_zero and today.keys() == with_zero.keys()
-    assert all(torch.equal(today[name], with_zero[name]) for name in today)
-    for expert in range(4):  # every expert a copy of its dense slice (down x G), as always
-        units = slice((expert % 2) * 32, (expert % 2 + 1) * 32)
-        assert len(_redrawn_units(_expert(with_zero, 1, expert), _dense_slice(dense, 1, units), 2)) == 0
+# sha256 over (name, bytes) of upcycle_state's output, in name order, for a seeded random dense state:
+# computed with the code before reinit_ratio existed (commit a7c8d81), so r = 0 is pinned to it.
+R0_DIGESTS = {
+    (4, 2, 1): "ae8905e56f70d700c7b129e909b10786f8cc4b20269e0a9605c2a0cbd9958fec",
+    (4, 2, 2): "dbbd36fb14281e323b72c5539dd5d7903e52a73bf72a66cc52b3e930a0e159a7",
+    (8, 2, 2): "67081932a51ec75a99961822461c1afa6909e6fb06d3fd07758e925ea5d5b3e1",
+}
+
+
+def _state_digest(state: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("shape", sorted(R0_DIGESTS))
+def test_r0_is_the_upcycled_init_from_before_drop_upcycling_bit_for_bit(shape):
+    shapes = {name: tensor.shape for name, tensor in Transformer(DENSE).state_dict().items()}
+    generator = torch.Generator().manual_seed(11)
+    dense = {name: torch.randn(shapes[name], generator=generator) for name in sorted(shapes)}
+    upcycled, _ = upcycle_state(dense, DENSE, *shape, router_init_std=0.3, seed=7, reinit_ratio=0.0)
+    assert _state_digest(upcycled) == R0_DIGESTS[shape]
+    experts, _, granularity = shape
+    hidden = DENSE.ffn_hidden // granularity
+    for expert in range(experts):  # every expert a copy of its dense slice (down x G), as always
+        units = slice((expert % granularity) * hidden, (expert % granularity + 1) * hidden)
+        assert len(_redrawn_units(_expert(upcycled, 1, expert), _dense_slice(dense, 1, units), granularity)) == 0
 
 
 @pytest.mark.parametrize("experts,top_k,granularity,ratio", [(4, 2, 1, 0.5), (4, 2, 2, 0.5), (8, 4, 2, 0.25)])
@@ -191,3 +214,22 @@ def test_expert_similarity_is_the_mean_pairwise_cosine_of_the_experts_weights():
         assert value == pytest.approx(float((cosines.sum() - 4) / 12), abs=1e-6)
         assert value < 0.9  # re-drawing half the units bought diversity
     assert expert_similarity(Transformer(DENSE)) is None
+
+
+def test_expert_similarity_of_fewer_than_two_experts_is_none_and_the_store_reads_it_as_nan():
+    """E = 1 has no pair of experts: None (null in metrics.json), never 0/0 = NaN written as a value."""
+    from types import SimpleNamespace
+
+    from upcycling.analysis.store import expert_summaries
+    from upcycling.model.transformer import MoEOptions
+    from upcycling.train.loop import expert_similarity
+
+    one_expert = SimpleNamespace(experts=[torch.nn.Linear(4, 4)])
+    module = SimpleNamespace(
+        moe_layers=lambda: [one_expert, one_expert],
+        cfg=SimpleNamespace(experts=1),
+        moe_options=MoEOptions(),
+    )
+    assert expert_similarity(module) is None  # type: ignore[arg-type]
+    summaries = expert_summaries(None, [[1.0], [1.0]])
+    assert math.isnan(summaries["expert_similarity"]) and summaries["expert_load_max"] == 1.0

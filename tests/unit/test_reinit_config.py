@@ -1,18 +1,17 @@
 """The config key of Drop-Upcycling, ``sweep.reinit_ratio``: a bad r is refused when the DAG is
 built, naming the key and the fix; a good list gives one upcycled lineage per r, with r in its
-paths, in its transform's options and in its runs' coordinates, and r = 0 exactly as before."""
+paths, in its transform's options and in its runs' coordinates, and r = 0 exactly as before.
+The refusal by Snakemake itself (a subprocess): tests/integration/test_reinit_dag.py."""
 
 from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tiny_sweep import REPO, TINY_CONFIG, cli_env
+from tiny_sweep import REPO, TINY_CONFIG
 from upcycling.core.spec import TrainSpec
 from upcycling.pipeline.jobs import jobs
 from upcycling.sweep.load import ConfigError, load_sweep, sweep_from_mapping
@@ -85,23 +84,3 @@ def test_one_upcycled_lineage_per_ratio_carries_r_where_it_is_above_zero():
     # Dense and from-scratch runs have no r: one of each, whatever the list.
     assert sum(job.rule == "scratch_final" for job in both) == sum(job.rule == "scratch_final" for job in plain)
     assert sum(job.rule == "upcycled_final" for job in both) == 2 * sum(job.rule == "upcycled_final" for job in plain)
-
-
-def test_snakemake_refuses_a_bad_ratio_at_dag_build(tmp_path):
-    cfg = copy.deepcopy(TINY)
-    cfg["sweep"]["reinit_ratio"] = [0, 1.5]
-    cfg["results_dir"] = str(tmp_path / "results")
-    cfg["corpus"]["paths"] = [str(REPO / path) for path in cfg["corpus"]["paths"]]
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "1"]
-        + ["--directory", str(tmp_path), "-n", "--configfile", str(tmp_path / "bad.yaml")],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0
-    assert "sweep.reinit_ratio" in result.stderr + result.stdout
-    assert not (tmp_path / "results").exists()

@@ -6,6 +6,7 @@ before r existed fits as it did."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -112,3 +113,85 @@ def test_a_store_without_the_ratio_coordinate_fits_as_before(tmp_path):
     planned = [str(task.key) for task in fitstage.plan_fits(table)]
     assert planned == [str(task.key) for task in fitstage.plan_fits(fitstage.runs_table(ds))]
     assert "dataset.moe_upcycle.xs.e4k2g1" in planned
+
+
+def test_the_joint_law_is_compared_per_ratio_beside_the_dataset_law():
+    """Each r's joint law gets its own side-by-side table: alpha3 and the effective D2 exponent
+    with their intervals, and D2* per size and D1, in the comparison, its finding and the report."""
+    from upcycling.analysis import reinit, report
+
+    sizes = {"xs": {"n1": 1e5, "n2": 2e5, "n_total": 4e5}, "s": {"n1": 4e5, "n2": 8e5, "n_total": 1.6e6}}
+    d1_values = [1e5, 2e5]
+
+    def joint(ratio: float, alpha3: float) -> FitResult:
+        key = str(FitKey("joint", "moe_upcycle", moe=MoeVariant(4, 2, 1, ratio)))
+        return FitResult(
+            law="joint",
+            formula="",
+            variables={},
+            params={"A": 1.0, "alpha1": 0.1, "alpha2": 0.3, "alpha3": alpha3, "B": 1.0, "beta2": 0.2, "E": 2.0},
+            interval={"alpha3": [alpha3 - 0.01, alpha3 + 0.01]},
+            bootstrap={"samples": {"alpha2": [0.29, 0.3, 0.31], "alpha3": [alpha3] * 3}},
+            context={"key": key, "sizes": sizes, "d1_values": d1_values},
+        )
+
+    fits = FitSet.of({fit.key: fit for fit in (joint(0.0, 0.02), joint(0.5, 0.05))})
+    guidance = [
+        {
+            "upcycled_fit": "joint.moe_upcycle.e4k2g1r0.5",
+            "size": "s",
+            "d1": 2e5,
+            "count_sunk_cost": False,
+            "d2_star": 3.0e6,
+            "d2_star_interval": [2.0e6, 4.0e6],
+            "conclusive": True,
+        }
+    ]
+    (compared,) = reinit.comparisons(fits, guidance)
+    assert compared.group.law == "joint" and compared.group.size is None
+    assert compared.group.title == "moe_upcycle, joint law across sizes, e4k2g1"
+    rows = dict(compared.rows)
+    assert rows["alpha3 (95% bootstrap)"] == ("0.02 [0.01, 0.03]", "0.05 [0.04, 0.06]")
+    gamma = [0.3 - alpha3 * math.log(2e5) for alpha3 in (0.02, 0.05)]
+    assert compared.data["0.5"]["effective_d2_exponent"] == pytest.approx(gamma[1])
+    assert rows["alpha2 - alpha3 ln D1 at the largest D1 (2e+05)"][1].startswith(f"{gamma[1]:.3g} [")
+    labels = [label for label, _ in compared.rows if label.startswith("D2*")]
+    assert labels == [
+        f"D2* at size {size}, D1 = {d1:.3g} ({how})"
+        for size in ("xs", "s")  # smallest N1 first
+        for d1 in d1_values
+        for how in ("dense cost sunk", "dense cost counted")
+    ]
+    assert rows["D2* at size s, D1 = 2e+05 (dense cost sunk)"] == ("n/a", "3e+06 [2e+06, 4e+06]")
+    assert compared.data["0.5"]["d2_star"] == [
+        {
+            "size": "s",
+            "d1": 2e5,
+            "count_sunk_cost": False,
+            "d2_star": 3.0e6,
+            "interval": [2.0e6, 4.0e6],
+            "conclusive": True,
+        }
+    ]
+    (finding,) = reinit.ratio_findings([compared])
+    assert finding["subject"] == "joint.moe_upcycle.e4k2g1" and finding["data"]["law"] == "joint"
+    assert "(joint law, 95% bootstrap): r = 0: alpha3 = 0.02 [0.01, 0.03]" in finding["sentence"]
+    lines = report._reinit_lines([compared])
+    table = lines[lines.index("#### moe_upcycle, joint law across sizes, e4k2g1") + 2 :]
+    assert table[0] == "| quantity | r = 0 | r = 0.5 |"
+    assert "| alpha3 (95% bootstrap) | 0.02 [0.01, 0.03] | 0.05 [0.04, 0.06] |" in table
+    assert "| D2* at size s, D1 = 2e+05 (dense cost sunk) | n/a | 3e+06 [2e+06, 4e+06] |" in table
+
+
+def test_a_joint_law_fitted_at_no_ratio_is_left_out_of_the_comparison():
+    from upcycling.analysis import reinit
+
+    context = {"sizes": {"s": {"n1": 1e5, "n2": 2e5, "n_total": 4e5}}, "d1_values": [1e5]}
+    skipped = [
+        FitResult.skipped("joint", "run at least 3 dense sizes", {**context, "key": key})
+        for key in ("joint.moe_upcycle.e4k2g1", "joint.moe_upcycle.e4k2g1r0.5")
+    ]
+    fits = FitSet.of({fit.key: fit for fit in skipped})
+    assert [group.law for group in reinit.ratio_groups(fits, ("dataset", "joint"))] == ["joint"]
+    assert reinit.ratio_groups(fits) == []  # the figure's groups: the dataset law only
+    assert reinit.comparisons(fits, []) == []

@@ -1,5 +1,6 @@
 """The results store's Drop-Upcycling coordinate and its record of what the experts do
-(upcycling.analysis.store): ``reinit_ratio``, ``expert_similarity``, ``expert_load_max``."""
+(upcycling.analysis.store): ``reinit_ratio``, ``expert_similarity``, ``expert_load_max``,
+``expert_load``."""
 
 from __future__ import annotations
 
@@ -61,12 +62,45 @@ def test_the_store_has_the_reinit_coordinate_after_granularity_and_the_expert_su
     assert math.isnan(float(ds["final_val_loss"].sel(at | {"d2_tokens": 2000, "reinit_ratio": 0.5})))
 
 
+def test_the_per_layer_expert_load_round_trips_from_metrics_json_to_the_store_on_disk(tmp_path):
+    dense, old, plain, dropped = _runs(tmp_path / "runs")
+    # a run with three layers of three experts: the others are NaN-padded to its shape
+    wide = write_metrics(
+        tmp_path / "runs", coords("xs", "upcycled", 1000, 3000, experts=3, top_k=1), 4.0,
+        n1=100, n2=130, n_total=250, tokens=3000, name="wide",
+    )  # fmt: skip
+    wide_load = [[0.2, 0.3, 0.5], [0.1, 0.1, 0.8], [0.4, 0.4, 0.2]]
+    _with(wide, expert_similarity=[0.5, 0.5, 0.5], expert_load=wide_load)
+    results.aggregate([dense, old, plain, dropped, wide], tmp_path / "losses.zarr", CONFIG_TEXT, "test")
+    ds = xr.open_zarr(tmp_path / "losses.zarr")
+    load = ds["expert_load"]
+    assert load.dims == (*results.COORDS, "moe_layer", "expert")
+    assert ds["moe_layer"].values.tolist() == [0, 1, 2] and ds["expert"].values.tolist() == [0, 1, 2]
+    upcycled = {"size": "xs", "init": "upcycled", "method": "moe_upcycle", "seed": 0, "d1_tokens": 1000}
+    at = {**upcycled, "d2_tokens": 3000, "experts": 4, "top_k": 2, "granularity": 1}
+    for ratio, path in ((0.0, plain), (0.5, dropped)):
+        written = json.loads(path.read_text())["expert_load"]
+        stored = load.sel(at | {"reinit_ratio": ratio}).values
+        np.testing.assert_array_equal(stored[:2, :2], np.array(written))
+        assert np.isnan(stored[2:, :]).all() and np.isnan(stored[:, 2:]).all()  # fewer layers and experts
+    stored = load.sel(at | {"experts": 3, "top_k": 1, "reinit_ratio": 0.0}).values
+    np.testing.assert_array_equal(stored, np.array(wide_load))
+    dense_at = {"size": "xs", "init": "dense", "method": "dense", "d2_tokens": 0}
+    assert np.isnan(load.sel(dense_at, drop=True).values).all()  # dense runs have no experts
+    assert np.isnan(load.sel(at | {"d2_tokens": 2000, "reinit_ratio": 0.0}).values).all()  # expert_load null
+    # the summary variables are still there beside it
+    assert float(ds["expert_load_max"].sel(at | {"reinit_ratio": 0.5})) == pytest.approx(0.65)
+
+
 def test_metrics_without_the_new_keys_still_aggregate(tmp_path):
     dense, old, *_ = _runs(tmp_path / "runs")
     ds = results.aggregate([dense, old], tmp_path / "losses.zarr", CONFIG_TEXT, "test")
     assert ds["reinit_ratio"].values.tolist() == [0.0]  # an old run is plain upcycling
     assert np.isnan(ds["expert_similarity"].values).all()
     assert np.isnan(ds["expert_load_max"].values).all()  # the old run's metrics have expert_load null
+    assert ds["expert_load"].sizes["moe_layer"] == ds["expert_load"].sizes["expert"] == 0
+    reopened = xr.open_zarr(tmp_path / "losses.zarr")  # no run with a load: empty dimensions, still readable
+    assert reopened["expert_load"].shape[-2:] == (0, 0) and float(reopened["final_val_loss"].max()) == 5.0
     record = results.read_metrics(old)
     assert record["coords"]["reinit_ratio"] == 0.0 and math.isnan(record["expert_similarity"])
 

@@ -1,16 +1,20 @@
 """Drop-Upcycling's re-initialisation ratio r: the variants of one sweep side by side (pure).
 
-Each r's dataset law is fitted per dense size against the same from-scratch fit
-(:meth:`~upcycling.analysis.fitset.FitSet.scratch_for`); this module lines them up:
+Each r's dataset law is fitted per dense size, and its joint law across the sizes, against the
+same from-scratch fit (:meth:`~upcycling.analysis.fitset.FitSet.scratch_for`); this module lines
+them up:
 
-- ``ratio_groups(fits) -> list[RatioGroup]``: per method, dense size and architecture run at
-  more than one r, the dataset-law key of each r (empty: the sweep has one r)
+- ``ratio_groups(fits, laws=("dataset",)) -> list[RatioGroup]``: per law, method, dense size
+  (the dataset law; None for the joint law) and architecture run at more than one r, the key of
+  each r (empty: the sweep has one r)
 - ``single_ratio_note(fits) -> str``: the one line the report gives a sweep of one r
-- ``comparisons(fits, guidance, table=None) -> list[RatioComparison]``: per group, one row per
-  quantity and one cell per r: alpha3 with its bootstrap interval, the effective D2 exponent
-  alpha2 - alpha3 ln D1 at the largest D1 with its bootstrap interval, D2* per D1 and compute
-  accounting with its interval (or "inconclusive"), and (when the runs table has them) the
-  experts' mean weight similarity and largest load share
+- ``comparisons(fits, guidance, table=None) -> list[RatioComparison]``: per group of the dataset
+  and the joint law (a joint group none of whose r was fitted, e.g. fewer than 3 sizes, is left
+  out), one row per quantity and one cell per r: alpha3 with its bootstrap interval, the
+  effective D2 exponent alpha2 - alpha3 ln D1 at the largest D1 with its bootstrap interval, D2*
+  per D1 (the joint law: per size and D1) and compute accounting with its interval (or
+  "inconclusive"), and for the dataset law (when the runs table has them) the experts' mean
+  weight similarity and largest load share
 - ``ratio_findings(comparisons) -> list[dict]``: the findings of topic ``reinit_ratio``
 """
 
@@ -38,12 +42,14 @@ _EXPERT_ROWS = {
 
 @dataclass(frozen=True)
 class RatioGroup:
-    """The dataset laws of one method, dense size and architecture, one per r (ascending)."""
+    """The fits of one law of one method, dense size (None: the joint law, across sizes) and
+    architecture, one per r (ascending)."""
 
     method: str
-    size: str
+    size: str | None
     architecture: MoeVariant
     keys: tuple[FitKey, ...]
+    law: str = "dataset"
 
     @property
     def ratios(self) -> tuple[float, ...]:
@@ -51,7 +57,15 @@ class RatioGroup:
 
     @property
     def title(self) -> str:
-        return f"{self.method}, size {self.size}, {self.architecture}"
+        where = "joint law across sizes" if self.size is None else f"size {self.size}"
+        return f"{self.method}, {where}, {self.architecture}"
+
+    @property
+    def subject(self) -> str:
+        """The finding's subject: ``<method>.<size>.<moe>``, or ``joint.<method>.<moe>``."""
+        if self.size is None:
+            return f"{self.law}.{self.method}.{self.architecture}"
+        return f"{self.method}.{self.size}.{self.architecture}"
 
 
 @dataclass(frozen=True)
@@ -72,15 +86,16 @@ def _ratios(fits: FitSet) -> list[float]:
     return sorted({key.moe.reinit_ratio for key in fits if key.law in UPCYCLED_LAWS and key.moe is not None})
 
 
-def ratio_groups(fits: FitSet) -> list[RatioGroup]:
-    """Every (method, size, architecture) whose dataset law was planned at more than one r."""
-    by_group: dict[tuple[str, str, MoeVariant], list[FitKey]] = {}
-    for key, _ in fits.select(["dataset"]):
-        if key.moe is not None and key.method is not None and key.size is not None:
-            by_group.setdefault((key.method, key.size, key.moe.architecture), []).append(key)
+def ratio_groups(fits: FitSet, laws: tuple[str, ...] = ("dataset",)) -> list[RatioGroup]:
+    """Every (law, method, size, architecture) whose law (of ``laws``: the dataset law and/or the
+    joint law, which has no size) was planned at more than one r; the dataset law's groups first."""
+    by_group: dict[tuple[str, str, str, MoeVariant], list[FitKey]] = {}
+    for key, _ in fits.select(laws):
+        if key.moe is not None and key.method is not None and (key.size is not None or key.law == "joint"):
+            by_group.setdefault((key.law, key.method, key.size or "", key.moe.architecture), []).append(key)
     return [
-        RatioGroup(method, size, architecture, tuple(sorted(keys, key=_ratio)))
-        for (method, size, architecture), keys in sorted(by_group.items(), key=lambda item: str(item[0]))
+        RatioGroup(method, size or None, architecture, tuple(sorted(keys, key=_ratio)), law)
+        for (law, method, size, architecture), keys in sorted(by_group.items(), key=lambda item: str(item[0]))
         if len(keys) > 1
     ]
 
@@ -117,7 +132,7 @@ def _d2_star_cell(row: dict | None) -> str:
 
 def _expert_rows(group: RatioGroup, table: pd.DataFrame | None) -> list[tuple[str, tuple[str, ...]]]:
     """The experts' record per r, mean over the group's upcycled runs (absent from the table: none)."""
-    if table is None:
+    if table is None or group.size is None:
         return []
     architecture = group.architecture
     runs = table[
@@ -136,64 +151,85 @@ def _expert_rows(group: RatioGroup, table: pd.DataFrame | None) -> list[tuple[st
     return rows
 
 
+def _sizes(fitted: list[FitResult | None], size: str | None) -> list[str]:
+    """The dense sizes D2* is given at: the dataset law's own; the joint law's, smallest N1 first."""
+    if size is not None:
+        return [size]
+    n1 = {name: counts["n1"] for fit in fitted if fit is not None for name, counts in fit.context["sizes"].items()}
+    return sorted(n1, key=lambda name: (n1[name], name))
+
+
+def _fit_cells(
+    key: FitKey, fit: FitResult, sizes: list[str], d1_values: list[float], guidance_rows: dict[tuple, dict]
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """One fitted r's cells (row label -> cell) and the numbers behind them; ``sizes``: those
+    its D2* is given at (a joint law's rows name the size)."""
+    d1_max, gamma, gamma_interval = _effective_exponent(fit)
+    alpha3 = fit.params["alpha3"]
+    cells = {
+        "alpha3 (95% bootstrap)": _with_interval(alpha3, fit.interval.get("alpha3")),
+        f"alpha2 - alpha3 ln D1 at the largest D1 ({fmt(d1_max)})": _with_interval(gamma, gamma_interval),
+    }
+    d2_star = []
+    for size in sizes:
+        where = f"size {size}, " if key.law == "joint" else ""
+        for d1 in d1_values:
+            for counted in (False, True):
+                row = guidance_rows.get((str(key), size, d1, counted))
+                how = "dense cost counted" if counted else "dense cost sunk"
+                cells[f"D2* at {where}D1 = {fmt(d1)} ({how})"] = _d2_star_cell(row)
+                if row is not None:
+                    d2_star.append(
+                        {
+                            "size": size,
+                            "d1": d1,
+                            "count_sunk_cost": counted,
+                            "d2_star": row["d2_star"],
+                            "interval": row["d2_star_interval"],
+                            "conclusive": row["conclusive"],
+                        }
+                    )
+    data = {
+        "fit": str(key),
+        "fitted": True,
+        "alpha3": alpha3,
+        "alpha3_interval": list(fit.interval.get("alpha3", [math.nan, math.nan])),
+        "d1_max": d1_max,
+        "effective_d2_exponent": gamma,
+        "effective_d2_exponent_interval": gamma_interval,
+        "d2_star": d2_star,
+    }
+    return cells, data
+
+
 def comparisons(fits: FitSet, guidance: list[dict], table: pd.DataFrame | None = None) -> list[RatioComparison]:
-    """Each group's quantities side by side (see the module docstring); an r whose law was not
-    fitted reads "not fitted" in every cell."""
+    """Each group's quantities side by side (see the module docstring), the dataset law's groups
+    first; an r whose law was not fitted reads "not fitted" in every cell."""
+    guidance_rows = {(row["upcycled_fit"], row["size"], row["d1"], row["count_sunk_cost"]): row for row in guidance}
     out = []
-    for group in ratio_groups(fits):
+    for group in ratio_groups(fits, UPCYCLED_LAWS):
         fitted = [fits.fitted(key) for key in group.keys]
-        guidance_rows = {
-            (row["upcycled_fit"], row["d1"], row["count_sunk_cost"]): row
-            for row in guidance
-            if row["size"] == group.size
-        }
+        if group.size is None and not any(fitted):
+            continue  # a joint law fitted at no r (e.g. fewer than 3 sizes): the fit table says why
         d1_values = sorted({float(d1) for fit in fitted if fit is not None for d1 in fit.context.get("d1_values", [])})
-        cells: dict[str, list[str]] = {}
+        sizes = _sizes(fitted, group.size)
+        labels: dict[str, None] = {}  # every row label, in order of first appearance
+        by_fit: list[dict[str, str] | None] = []
         data: dict[str, dict[str, Any]] = {}
         for key, fit in zip(group.keys, fitted):
             if fit is None:
                 data[f"{_ratio(key):g}"] = {"fit": str(key), "fitted": False}
+                by_fit.append(None)
                 continue
-            d1_max, gamma, gamma_interval = _effective_exponent(fit)
-            alpha3 = fit.params["alpha3"]
-            cells.setdefault("alpha3 (95% bootstrap)", []).append(_with_interval(alpha3, fit.interval.get("alpha3")))
-            label = f"alpha2 - alpha3 ln D1 at the largest D1 ({fmt(d1_max)})"
-            cells.setdefault(label, []).append(_with_interval(gamma, gamma_interval))
-            d2_star = []
-            for d1 in d1_values:
-                for counted in (False, True):
-                    row = guidance_rows.get((str(key), d1, counted))
-                    how = "dense cost counted" if counted else "dense cost sunk"
-                    cells.setdefault(f"D2* at D1 = {fmt(d1)} ({how})", []).append(_d2_star_cell(row))
-                    if row is not None:
-                        d2_star.append(
-                            {
-                                "d1": d1,
-                                "count_sunk_cost": counted,
-                                "d2_star": row["d2_star"],
-                                "interval": row["d2_star_interval"],
-                                "conclusive": row["conclusive"],
-                            }
-                        )
-            data[f"{_ratio(key):g}"] = {
-                "fit": str(key),
-                "fitted": True,
-                "alpha3": alpha3,
-                "alpha3_interval": list(fit.interval.get("alpha3", [math.nan, math.nan])),
-                "d1_max": d1_max,
-                "effective_d2_exponent": gamma,
-                "effective_d2_exponent_interval": gamma_interval,
-                "d2_star": d2_star,
-            }
-        rows = [(label, _spread(values, fitted)) for label, values in cells.items()]
+            cells, data[f"{_ratio(key):g}"] = _fit_cells(key, fit, sizes, d1_values, guidance_rows)
+            labels.update(dict.fromkeys(cells))
+            by_fit.append(cells)
+        rows = [
+            (label, tuple("not fitted" if cells is None else cells.get(label, "n/a") for cells in by_fit))
+            for label in labels
+        ]
         out.append(RatioComparison(group, tuple(rows + _expert_rows(group, table)), data))
     return out
-
-
-def _spread(values: list[str], fitted: list[FitResult | None]) -> tuple[str, ...]:
-    """The cells of the fitted r in place, "not fitted" for the others."""
-    remaining = iter(values)
-    return tuple(next(remaining) if fit is not None else "not fitted" for fit in fitted)
 
 
 def _overlap(intervals: list[list[float]]) -> bool:
@@ -203,7 +239,8 @@ def _overlap(intervals: list[list[float]]) -> bool:
 
 
 def ratio_findings(compared: list[RatioComparison]) -> list[dict]:
-    """One finding per group: alpha3 and the effective D2 exponent at every r."""
+    """One finding per group (law, method, size, architecture): alpha3 and the effective D2
+    exponent at every r."""
     out = []
     for comparison in compared:
         fitted = {ratio: entry for ratio, entry in comparison.data.items() if entry["fitted"]}
@@ -223,14 +260,15 @@ def ratio_findings(compared: list[RatioComparison]) -> list[dict]:
             else "the alpha3 intervals overlap: these runs do not separate the r values"
         )
         missing = [f"r = {ratio}" for ratio, entry in comparison.data.items() if not entry["fitted"]]
-        sentence = f"{comparison.group.title} (dataset law, 95% bootstrap): " + "; ".join([*parts, verdict])
+        group = comparison.group
+        sentence = f"{group.title} ({group.law} law, 95% bootstrap): " + "; ".join([*parts, verdict])
         sentence += f" ({', '.join(missing)} not fitted)." if missing else "."
         out.append(
             {
                 "topic": "reinit_ratio",
-                "subject": f"{comparison.group.method}.{comparison.group.size}.{comparison.group.architecture}",
+                "subject": group.subject,
                 "sentence": sentence,
-                "data": {"by_ratio": comparison.data, "alpha3_separated": separate},
+                "data": {"law": group.law, "by_ratio": comparison.data, "alpha3_separated": separate},
             }
         )
     return out

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 import yaml
 
@@ -93,12 +94,13 @@ def _settings(ds: xr.Dataset, table, fits: FitSet, convention: str) -> list[str]
 
 
 def _reinit_lines(compared: list[RatioComparison]) -> list[str]:
-    """The re-initialisation ratios side by side, one table per size."""
+    """The re-initialisation ratios side by side: one table per size (the dataset law), then one
+    per joint law across the sizes (its D2* rows name the size)."""
     lines = [
         "### Drop-Upcycling: re-initialisation ratio",
         "",
-        "Each r's dataset law against the same from-scratch law; D2*: 'inconclusive' where its interval reaches "
-        "an end of the searched range.",
+        "Each r's dataset law (per size) and joint law (across sizes, where fitted) against the same "
+        "from-scratch law; D2*: 'inconclusive' where its interval reaches an end of the searched range.",
         "",
     ]
     for comparison in compared:
@@ -216,11 +218,14 @@ def summary_lines(
 
 @dataclass(frozen=True)
 class Composed:
-    """What the report writes, before it is written: summary lines, findings and guidance."""
+    """What the report writes, before it is written: summary lines, findings and guidance, and the
+    fit set and runs table they were made from (the figures draw the same ones)."""
 
     lines: list[str]
     findings: list[dict]
     guidance: list[dict]
+    fit_set: FitSet
+    table: pd.DataFrame
 
 
 def compose(ds: xr.Dataset, fits: Mapping[str, FitResult], guidance: list[dict] | None = None) -> Composed:
@@ -236,7 +241,8 @@ def compose(ds: xr.Dataset, fits: Mapping[str, FitResult], guidance: list[dict] 
     unit = token_unit(fit_set)
     items = [{**item, "token_unit": unit} for item in items]  # alpha1 and alpha2 mean something only in it
     figures = {name: Path(filename) for name, filename in FIGURES.items()}
-    return Composed(summary_lines(ds, table, fit_set, guidance, items, compared, figures), items, guidance)
+    lines = summary_lines(ds, table, fit_set, guidance, items, compared, figures)
+    return Composed(lines, items, guidance, fit_set, table)
 
 
 def write_report(
@@ -247,8 +253,7 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     composed = compose(ds, fits, guidance)
-    fit_set = FitSet.of(fits)
-    written = write_figures(runs_table(ds, _convention(fit_set)), fit_set, out_dir, vocab_size=_vocab_size(ds))
+    written = write_figures(composed.table, composed.fit_set, out_dir, vocab_size=_vocab_size(ds))
     text = "\n".join(composed.lines)
     written["findings"] = publish_json(out_dir / "findings.json", to_jsonable(composed.findings))
     written["guidance"] = publish_json(out_dir / "guidance.json", to_jsonable(composed.guidance))

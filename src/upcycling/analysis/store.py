@@ -17,8 +17,11 @@ experts, top_k, granularity, reinit_ratio`` (NaN where a combination was not run
 ``final_val_loss, flops, n_params, active_params, dense_params, non_embedding_params,
 active_non_embedding_params, dense_non_embedding_params, tokens_seen, wall_time_s`` and, of what
 the experts do, ``expert_similarity, expert_load_max`` (NaN for dense runs and older metrics);
-``curve_val_loss`` over the extra ``curve_tokens`` dimension (the union of every run's curve
-positions, NaN elsewhere); attributes ``config`` (YAML text) and ``code_version``.
+``expert_load``, the per-layer share of tokens of each expert, over the extra ``moe_layer`` and
+``expert`` dimensions (0-based; as many as the run with the most; NaN beyond a run's own and for
+dense runs and older metrics; absent from stores written before it); ``curve_val_loss`` over the
+extra ``curve_tokens`` dimension (the union of every run's curve positions, NaN elsewhere);
+attributes ``config`` (YAML text) and ``code_version``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from upcycling.core.publish import staging_dir
 __all__ = [
     "COORDS",
     "COORD_DEFAULTS",
+    "EXPERT_LOAD",
+    "EXPERT_LOAD_DIMS",
     "EXPERT_SUMMARIES",
     "SCALARS",
     "aggregate",
@@ -79,6 +84,10 @@ SCALARS = (
 # metrics written before expert_similarity existed): the mean over layers of the pairwise cosine
 # similarity of the experts' weights, and of the largest share of tokens any expert got.
 EXPERT_SUMMARIES = ("expert_similarity", "expert_load_max")
+# The per-layer, per-expert share of tokens itself (the metrics' ``expert_load``), over two extra
+# dimensions; a store written before it lacks the variable (readers check ``EXPERT_LOAD in ds``).
+EXPERT_LOAD = "expert_load"
+EXPERT_LOAD_DIMS = ("moe_layer", "expert")
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,8 +96,9 @@ EXPERT_SUMMARIES = ("expert_similarity", "expert_load_max")
 
 
 def read_metrics(path: str | Path, expected_fingerprint: str | None = None) -> dict[str, Any]:
-    """One run's metrics JSON as ``{"path", "coords", <scalars>, "curve_tokens",
-    "curve_val_loss"}``, validated against the metrics schema (upcycling.core.metrics). MetricsError
+    """One run's metrics JSON as ``{"path", "coords", <scalars>, <expert summaries>, "expert_load",
+    "curve_tokens", "curve_val_loss"}`` (``expert_load``: a layers x experts array, None for dense
+    runs and older metrics), validated against the metrics schema (upcycling.core.metrics). MetricsError
     naming the file: unreadable, not following the schema, or (``expected_fingerprint``) made by
     a job spec other than the one the current sweep expects there."""
     path = Path(path)
@@ -107,6 +117,7 @@ def read_metrics(path: str | Path, expected_fingerprint: str | None = None) -> d
     for name in SCALARS:
         record[name] = float(payload[name])
     record.update(expert_summaries(payload.get("expert_similarity"), payload.get("expert_load")))
+    record[EXPERT_LOAD] = expert_load_table(payload.get("expert_load"))
     curve = payload["curve"]
     if len(curve["tokens"]) != len(curve["val_loss"]):
         raise MetricsError(
@@ -140,6 +151,17 @@ def expert_summaries(similarity: Sequence[float] | None, load: Sequence[Sequence
         "expert_similarity": float(np.mean(similarity)) if similarity else math.nan,
         "expert_load_max": float(np.mean([max(layer) for layer in load])) if load else math.nan,
     }
+
+
+def expert_load_table(load: Sequence[Sequence[float]] | None) -> np.ndarray | None:
+    """The metrics' per-layer ``expert_load`` as a layers x experts array (a layer with fewer
+    experts than another NaN-padded); None where there is none (dense runs, older metrics)."""
+    if not load:
+        return None
+    table = np.full((len(load), max(len(layer) for layer in load)), np.nan)
+    for index, layer in enumerate(load):
+        table[index, : len(layer)] = layer
+    return table
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,21 +205,29 @@ def build_dataset(records: Sequence[Mapping[str, Any]], config_text: str, code_v
 
     scalars = {name: np.full(shape, np.nan) for name in (*SCALARS, *EXPERT_SUMMARIES)}
     curves = np.full((*shape, len(curve_tokens)), np.nan)
+    tables = [r.get(EXPERT_LOAD) for r in records]
+    load_shape = tuple(max((t.shape[axis] for t in tables if t is not None), default=0) for axis in (0, 1))
+    load = np.full((*shape, *load_shape), np.nan)
     for record in records:
         index = tuple(positions[name][_coordinate(record, name)] for name in COORDS)
         for name in SCALARS:
             scalars[name][index] = record[name]
         for name in EXPERT_SUMMARIES:
             scalars[name][index] = record.get(name, np.nan)
+        table = record.get(EXPERT_LOAD)
+        if table is not None:
+            load[index + (slice(table.shape[0]), slice(table.shape[1]))] = table
         columns = [curve_position[int(t)] for t in record["curve_tokens"]]
         curves[index + (columns,)] = record["curve_val_loss"]
 
     dims = tuple(COORDS)
     data_vars = {name: (dims, values) for name, values in scalars.items()}
+    data_vars[EXPERT_LOAD] = ((*dims, *EXPERT_LOAD_DIMS), load)
     data_vars["curve_val_loss"] = ((*dims, "curve_tokens"), curves)
+    load_coords = {name: np.arange(size, dtype=np.int64) for name, size in zip(EXPERT_LOAD_DIMS, load_shape)}
     return xr.Dataset(
         data_vars,
-        coords={**coords, "curve_tokens": curve_tokens},
+        coords={**coords, **load_coords, "curve_tokens": curve_tokens},
         attrs={
             "config": config_text,
             "code_version": code_version,

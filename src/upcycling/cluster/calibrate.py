@@ -23,6 +23,7 @@ import yaml
 
 from upcycling.core.errors import InputError
 from upcycling.core.publish import publish_text
+from upcycling.pipeline.trainspecs import training_settings
 from upcycling.sweep.load import load_sweep, sweep_from_mapping
 from upcycling.sweep.models import model_config
 from upcycling.sweep.settings import Sweep
@@ -34,43 +35,31 @@ def _tokens_per_s(sweep: Sweep, size: str, experts: int, top_k: int, steps: int,
     import torch
 
     from upcycling.model.transformer import MoEOptions, Transformer
-    from upcycling.train.loop import build_engine
+    from upcycling.train.loop import build_engine, train_step
 
-    training = {
-        key: getattr(sweep.training, key)
-        for key in (
-            "micro_batch_size",
-            "grad_accum_steps",
-            "lr",
-            "weight_decay",
-            "adam_betas",
-            "grad_clip",
-            "zero_stage",
-            "precision",
-            "compile",
-        )
-    }
+    training = training_settings(sweep.training)
     cfg = model_config(sweep, size, sweep.tokenizer.vocab_size, experts, top_k)
     torch.manual_seed(0)
-    engine = build_engine(Transformer(cfg, MoEOptions.from_settings(sweep.mapping["moe"])), training, device)
+    # One process here: expert parallelism (moe.ep_size) needs as many ranks, so the experts stay local.
+    options = MoEOptions.from_settings({**sweep.mapping["moe"], "ep_size": 1})
+    engine = build_engine(Transformer(cfg, options), training, device)
     rows, seq = sweep.training.micro_batch_size, sweep.data.seq_len
     batch = torch.randint(0, cfg.vocab_size, (rows, seq + 1), device=device)
 
-    def step():
-        _, loss, moe_loss = engine(batch[:, :-1], batch[:, 1:])
-        engine.backward(loss + moe_loss)
-        engine.step()
-
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    micro_steps = sweep.training.grad_accum_steps  # one optimizer step, as the trainer takes it
+    inputs, targets = inputs.repeat(micro_steps, 1), targets.repeat(micro_steps, 1)
+    lr = sweep.training.lr
     for _ in range(2):  # warm-up: allocation, kernel selection, compilation
-        step()
+        train_step(engine, inputs, targets, rows, lr)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
-        step()
+        train_step(engine, inputs, targets, rows, lr)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps * rows * seq / (time.perf_counter() - started)
+    return steps * micro_steps * rows * seq / (time.perf_counter() - started)
 
 
 def measure(sweep: Sweep, steps: int = 5) -> tuple[dict[str, float], float]:

@@ -12,8 +12,8 @@ one after another. Here:
 2. The token copies are sorted into expert order (stable argsort) and counted per expert on the
    device: no host sync, and shapes that depend only on the batch (so torch.compile keeps one graph).
 3. :func:`run_experts` runs all experts as two grouped GEMMs over the sorted rows where
-   ``grouped_mm`` can (CUDA sm90+, bf16, sizes multiples of 8), else the experts' own modules one by
-   one (the reference: CPU, fp32, older GPUs).
+   ``grouped_mm`` has its fused kernel (CUDA sm90, and sm100 from torch 2.9; bf16; sizes multiples
+   of 8), else the experts' own modules one by one (the reference: CPU, fp32, other GPUs).
 4. The combine gathers each route's result back (a permutation, so its gradient has no colliding
    writes) and sums the k routes weighted by the gate in fp32, in GShard's order: deterministic.
 
@@ -46,8 +46,11 @@ DeepSpeedModule = Any
 
 # torch >= 2.9 names it in the public API; 2.8 has the private op; older: the reference loop only.
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# The GPU generations (compute capability major) where torch's grouped GEMM has its fused kernel:
+# Hopper only in torch 2.8 (it refuses others); Hopper and Blackwell (sm100) from 2.9, which runs
+# other GPUs of sm80+ through a per-group fallback that syncs with the host, no better than our loop.
+_GROUPED_MM_MAJORS = (9, 10) if hasattr(F, "grouped_mm") else (9,)
 # What the CUDA grouped GEMM kernels take (torch's own checks; DeepSpeed's AutoEP uses the same).
-_GROUPED_MM_MIN_CAPABILITY = (9, 0)
 _GROUPED_MM_ALIGNMENT = 8
 
 
@@ -130,7 +133,7 @@ def grouped_mm_runs(rows: Tensor, experts: nn.ModuleList) -> bool:
         _GROUPED_MM is not None
         and rows.is_cuda
         and compute_dtype(rows) == torch.bfloat16
-        and _capability(rows.device) >= _GROUPED_MM_MIN_CAPABILITY
+        and _capability(rows.device)[0] in _GROUPED_MM_MAJORS
         and d_model % _GROUPED_MM_ALIGNMENT == 0
         and hidden % _GROUPED_MM_ALIGNMENT == 0
     )
@@ -149,7 +152,9 @@ def run_experts(rows: Tensor, counts: Tensor, experts: nn.ModuleList, grouped: b
     forces one (tests compare them). Both give the same result up to float rounding.
     """
     if grouped is None:
-        grouped = grouped_mm_runs(rows, experts)
+        # No rows (an expert-parallel rank whose experts drew no token): the loop's empty matmuls
+        # still give every expert weight its (zero) gradient, which ZeRO's reduction expects.
+        grouped = grouped_mm_runs(rows, experts) and rows.shape[0] > 0
     return _grouped_experts(rows, counts, experts) if grouped else _looped_experts(rows, counts, experts)
 
 
@@ -171,7 +176,7 @@ def _swiglu_experts(experts: nn.ModuleList) -> list[SwiGLUExpert]:
     return [cast(SwiGLUExpert, expert) for expert in experts]
 
 
-@torch.compiler.disable  # reads the counts back to split the rows: eager, not a graph break per step
+@torch.compiler.disable  # reads the counts back to split the rows: runs eagerly, a graph break per MoE layer
 def _looped_experts(rows: Tensor, counts: Tensor, experts: nn.ModuleList) -> Tensor:
     blocks = rows.split(counts.tolist())
     return torch.cat([expert(block) for expert, block in zip(experts, blocks)])

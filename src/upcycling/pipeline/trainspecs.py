@@ -46,6 +46,11 @@ class Chain:
     tokens: str  # the tokens' fingerprint
 
 
+def training_settings(training) -> TrainingSettings:
+    """The result-changing settings of a config's training section (sweep.settings.Training)."""
+    return TrainingSettings(**{key: getattr(training, key) for key in RESULT_TRAINING_KEYS})
+
+
 def model_fields(config: ModelConfig) -> dict:
     fields = dataclasses.asdict(config)
     fields.pop("vocab_size")  # known once the tokens exist; the trainer reads it from meta.json
@@ -83,7 +88,7 @@ def train_spec(sweep: Sweep, label: str, lineage: Lineage, phase: str, end_token
         model=ModelShape(**model_fields(model)),
         dense_model=ModelShape(**model_fields(dense)),
         moe=dataclasses.asdict(sweep.moe) if model.is_moe else None,
-        training=TrainingSettings(**{key: getattr(training, key) for key in RESULT_TRAINING_KEYS}),
+        training=training_settings(training),
         # One process per GPU: the global batch is micro_batch_size x grad_accum_steps x processes.
         processes=max(sweep.slurm.gpus_per_job, 1),
         end_tokens=end_tokens,

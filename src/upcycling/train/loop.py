@@ -169,16 +169,17 @@ def evaluate(engine, inputs: torch.Tensor, targets: torch.Tensor, rows: int) -> 
 @torch.no_grad()
 def expert_similarity(module: Transformer) -> list[float] | None:
     """Per MoE layer, the mean pairwise cosine similarity of its experts' weights (each expert's
-    gate_up and down flattened into one vector); None for a dense model. 1 for identical experts,
+    gate_up and down flattened into one vector); None for a dense model and for fewer than two
+    experts (no pair to compare: E (E - 1) = 0 below). 1 for identical experts,
     as plain upcycling starts them; what training and Drop-Upcycling's re-draws move them from.
 
     The mean over pairs i != j of cos(w_i, w_j) is (|sum of the unit vectors|^2 - E) / (E (E - 1)),
     so with expert parallelism (a rank holds E / ep_size experts) one sum of the rank's unit
     vectors per layer, added over the expert-parallel group, gives it. One read-back at the end."""
     layers = module.moe_layers()
-    if not layers:
-        return None
     experts, ep_size = module.cfg.experts, module.moe_options.ep_size
+    if not layers or experts < 2:  # the same on every rank: no rank enters the collective below
+        return None
     similarity = []
     for layer in layers:
         unit_sum = torch.zeros((), dtype=torch.float64)

@@ -39,7 +39,8 @@ class DenseStats:
 
 
 def reinit_count(ratio: float, hidden: int) -> int:
-    """How many of an expert's ``hidden`` units are re-drawn."""
+    """How many of an expert's ``hidden`` units are re-drawn: Python's ``round(ratio * hidden)``,
+    which rounds half to even (r = 0.5 of 5 units re-draws 2, of 7 units 4)."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"reinit_ratio {ratio} must be between 0 and 1 (config key 'sweep.reinit_ratio')")
     return round(ratio * hidden)

@@ -39,6 +39,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
         for marker in LANE_MARKERS[lane]:
             item.add_marker(marker)
+        # Under pytest-xdist (scripts/test.sh: --dist loadgroup): a file's tests stay on one worker,
+        # so its module fixtures run once; the Slurm lane is one group, so its tests take the
+        # local cluster one at a time.
+        item.add_marker(pytest.mark.xdist_group("slurm" if lane == "slurm" else relative.as_posix()))
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,7 @@ def test_training_and_transform_run_with_only_the_train_extra(tmp_path, make_wor
     assert read_json(upcycled / "d2_8192" / "metrics.json")["tokens_seen"] >= 8192
 
 
+@pytest.mark.slow  # a fit and a report in a subprocess
 def test_fit_and_report_run_with_only_the_analysis_extra(tmp_path):
     """The fits and the report on a store of known laws: no torch, DeepSpeed or tokenizers."""
     import synthetic_study as study

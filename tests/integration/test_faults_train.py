@@ -4,6 +4,8 @@ previous checkpoint whole, so a rerun resumes from it."""
 
 from __future__ import annotations
 
+import pytest
+
 import faults
 from tiny_sweep import run_cli
 from upcycling.train import checkpoint
@@ -12,6 +14,7 @@ STEP_TOKENS = 32 * 8  # the tiny config's seq_len x micro_batch_size
 STABLE = 6144
 
 
+@pytest.mark.slow  # two trainer runs
 def test_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_last_checkpoint(tiny_workdir):
     # Checkpoints every 2048 tokens (8 steps): the one at step 8 is saved, the one at step 16 meets the full disk.
     args = ["train", "--config", str(tiny_workdir / "config.yaml"), "--family", "dense", "--size", "xs"]

@@ -13,6 +13,9 @@ import synthetic_study as study
 from tiny_sweep import REPO, run_cli
 from upcycling.analysis import advice, fitstage
 
+# the fitted synthetic study (about 40 s) and CLI runs: the slow lane
+pytestmark = pytest.mark.slow
+
 
 def test_predict_cli_plans_from_saved_fits_and_refuses_bad_arguments(fitted, tmp_path):
     root, _, fits = fitted

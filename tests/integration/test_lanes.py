@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tiny_sweep import REPO
 
 # A sitecustomize that makes torch and DeepSpeed look uninstalled: every finder says it cannot find
@@ -40,6 +42,7 @@ def _pytest_without_torch(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # runs the unit lane in a fresh environment
 def test_the_unit_lane_runs_without_torch(tmp_path):
     collected = _pytest_without_torch(tmp_path, "--collect-only", "tests/unit")
     assert collected.returncode == 0, collected.stdout[-3000:]  # no unit file imports torch unguarded

@@ -32,6 +32,7 @@ def _transform(tmp_path, out: str, ratio: float) -> None:
     run_cli(["transform", "--spec", json.dumps(spec)], cwd=tmp_path)
 
 
+@pytest.mark.slow  # two transform CLI runs and transformers
 def test_a_reinitialised_export_loads_in_transformers_with_the_projects_loss(tmp_path):
     torch.manual_seed(0)
     dense = Transformer(DENSE).eval()

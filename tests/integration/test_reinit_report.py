@@ -17,6 +17,9 @@ from upcycling.analysis.fitset import FitSet
 SIZES = ("xs", "s")  # two tables; the joint law (3 sizes) is not needed here
 PNG = b"\x89PNG\r\n\x1a\n"
 
+# fits two ratios' synthetic sweeps (about 30 s): the slow lane
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def reinit_report(tmp_path_factory):
@@ -35,7 +38,10 @@ def test_the_summary_compares_both_ratios_side_by_side_per_size(reinit_report):
         lines = table.splitlines()
         assert lines[0] == "| quantity | r = 0 | r = 0.5 |"
         labels = [line.split(" | ")[0].lstrip("| ") for line in lines[2:]]
-        assert labels[:2] == ["alpha3 (95% bootstrap)", "alpha2 - alpha3 ln D1 at the largest D1 (2.62e+05)"]
+        assert labels[:2] == [
+            "alpha3 (95% profile interval)",
+            "alpha2 - alpha3 ln D1 at the largest D1 (2.62e+05; 95% bootstrap)",
+        ]
         assert [label for label in labels if label.startswith("D2* at D1 = ")] == [
             f"D2* at D1 = {d1:.3g} ({how})" for d1 in study.D1 for how in ("dense cost sunk", "dense cost counted")
         ]

@@ -36,6 +36,7 @@ def dense(workdir, *args, **kwargs):
 # ----------------------------------------------------------------------------- runs
 
 
+@pytest.mark.slow  # trainer runs of 10 s or more
 def test_dense_run_meets_its_budget_exactly_and_writes_the_contract(tiny_workdir):
     dense(tiny_workdir, "--stable", str(STABLE_1))
     stable = tiny_workdir / "results/checkpoints/dense/xs/seed0" / f"stable_{STABLE_1}"
@@ -87,7 +88,7 @@ def _final_weights(workdir):
     return load_file(str(workdir / "results/dense/xs/seed0/d1_8192/hf/model.safetensors"))
 
 
-@pytest.mark.slow  # six CLI runs; the fast lane keeps the MoE resume test below
+@pytest.mark.slow  # six CLI runs
 def test_preempted_run_resumes_to_the_same_weights_bitwise(tmp_path, make_workdir):
     runs = {name: make_workdir(tmp_path / name) for name in ("straight", "interrupted")}
     dense(runs["straight"], "--stable", str(STABLE_1))
@@ -124,6 +125,7 @@ def test_divergence_stops_the_run_without_metrics(tiny_workdir):
     assert not (tiny_workdir / f"results/checkpoints/dense/xs/seed0/stable_{STABLE_1}").exists()
 
 
+@pytest.mark.slow  # trainer runs of 10 s or more
 def test_scratch_moe_preempted_and_resumed_equals_straight_run(tmp_path, make_workdir):
     finals = []
     for name, fault in (("straight", None), ("interrupted", "5")):
@@ -204,6 +206,7 @@ def test_expert_parallel_two_processes_match_one(tmp_path, make_workdir):
     assert parallel["final_val_loss"] == pytest.approx(single["final_val_loss"], abs=2e-4)
 
 
+@pytest.mark.slow  # trainer runs of 10 s or more
 def test_upcycled_run_starts_at_the_dense_loss_with_copied_adam_moments(tmp_path, make_workdir):
     """dense -> transform (upcycle) -> MoE through the CLI: the MoE's first evaluation equals the dense model's
     last (function preservation end to end), and its optimizer starts from the dense moments."""
@@ -253,6 +256,7 @@ def test_upcycled_run_starts_at_the_dense_loss_with_copied_adam_moments(tmp_path
     assert moe_metrics["final_val_loss"] < dense_metrics["final_val_loss"]
 
 
+@pytest.mark.slow  # trainer runs of 10 s or more
 def test_calibrate_writes_the_measured_throughput_into_the_config(tmp_path):
     config = write_config(tmp_path)
     before = yaml.safe_load(config.read_text())
@@ -266,6 +270,7 @@ def test_calibrate_writes_the_measured_throughput_into_the_config(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # no temporary left beside it
 
 
+@pytest.mark.slow  # trainer runs of 10 s or more
 def test_grown_model_trains_in_deepspeed_from_the_dense_loss(tmp_path, make_workdir):
     """dense run -> `upcycling transform` (grow_width) -> the real trainer, as the DAG runs them:
     the grown run's first evaluation equals the dense run's last (function preservation end to

@@ -14,6 +14,9 @@ from upcycling.analysis.figures import FIGURES
 from upcycling.analysis.fitresult import FitResult
 from upcycling.analysis.fitset import FitSet
 
+# the fitted synthetic study (about 40 s, session fixture): the slow lane
+pytestmark = pytest.mark.slow
+
 
 def test_runs_table_counts_parameters_one_way(fitted):
     _, ds, _ = fitted

@@ -66,6 +66,7 @@ def test_noiseless_data_give_every_coefficient_within_one_percent(grid, shape):
         assert result.params[name] == pytest.approx(value, rel=0.01), name
 
 
+@pytest.mark.slow  # about 20 s per truth: 20 noisy fits with profile intervals
 @pytest.mark.parametrize("grid, shape", TRUTHS)
 def test_noisy_data_intervals_cover_and_the_corner_is_predicted(grid, shape):
     """0.5% noise, 20 seeds; Huber delta at the noise level (1e-2: at 1e-3 the fit is nearly

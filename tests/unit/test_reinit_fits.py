@@ -151,10 +151,10 @@ def test_the_joint_law_is_compared_per_ratio_beside_the_dataset_law():
     assert compared.group.law == "joint" and compared.group.size is None
     assert compared.group.title == "moe_upcycle, joint law across sizes, e4k2g1"
     rows = dict(compared.rows)
-    assert rows["alpha3 (95% bootstrap)"] == ("0.02 [0.01, 0.03]", "0.05 [0.04, 0.06]")
+    assert rows["alpha3 (95% profile interval)"] == ("0.02 [0.01, 0.03]", "0.05 [0.04, 0.06]")
     gamma = [0.3 - alpha3 * math.log(2e5) for alpha3 in (0.02, 0.05)]
     assert compared.data["0.5"]["effective_d2_exponent"] == pytest.approx(gamma[1])
-    assert rows["alpha2 - alpha3 ln D1 at the largest D1 (2e+05)"][1].startswith(f"{gamma[1]:.3g} [")
+    assert rows["alpha2 - alpha3 ln D1 at the largest D1 (2e+05; 95% bootstrap)"][1].startswith(f"{gamma[1]:.3g} [")
     labels = [label for label, _ in compared.rows if label.startswith("D2*")]
     assert labels == [
         f"D2* at size {size}, D1 = {d1:.3g} ({how})"
@@ -175,11 +175,14 @@ def test_the_joint_law_is_compared_per_ratio_beside_the_dataset_law():
     ]
     (finding,) = reinit.ratio_findings([compared])
     assert finding["subject"] == "joint.moe_upcycle.e4k2g1" and finding["data"]["law"] == "joint"
-    assert "(joint law, 95% bootstrap): r = 0: alpha3 = 0.02 [0.01, 0.03]" in finding["sentence"]
+    assert (
+        "(joint law; alpha3: 95% profile interval, effective exponent: 95% bootstrap): r = 0: alpha3 = 0.02 [0.01, 0.03]"
+        in finding["sentence"]
+    )
     lines = report._reinit_lines([compared])
     table = lines[lines.index("#### moe_upcycle, joint law across sizes, e4k2g1") + 2 :]
     assert table[0] == "| quantity | r = 0 | r = 0.5 |"
-    assert "| alpha3 (95% bootstrap) | 0.02 [0.01, 0.03] | 0.05 [0.04, 0.06] |" in table
+    assert "| alpha3 (95% profile interval) | 0.02 [0.01, 0.03] | 0.05 [0.04, 0.06] |" in table
     assert "| D2* at size s, D1 = 2e+05 (dense cost sunk) | n/a | 3e+06 [2e+06, 4e+06] |" in table
 
 

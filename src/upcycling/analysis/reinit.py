@@ -10,7 +10,7 @@ them up:
 - ``single_ratio_note(fits) -> str``: the one line the report gives a sweep of one r
 - ``comparisons(fits, guidance, table=None) -> list[RatioComparison]``: per group of the dataset
   and the joint law (a joint group none of whose r was fitted, e.g. fewer than 3 sizes, is left
-  out), one row per quantity and one cell per r: alpha3 with its bootstrap interval, the
+  out), one row per quantity and one cell per r: alpha3 with its profile interval, the
   effective D2 exponent alpha2 - alpha3 ln D1 at the largest D1 with its bootstrap interval, D2*
   per D1 (the joint law: per size and D1) and compute accounting with its interval (or
   "inconclusive"), and for the dataset law (when the runs table has them) the experts' mean
@@ -167,8 +167,10 @@ def _fit_cells(
     d1_max, gamma, gamma_interval = _effective_exponent(fit)
     alpha3 = fit.params["alpha3"]
     cells = {
-        "alpha3 (95% bootstrap)": _with_interval(alpha3, fit.interval.get("alpha3")),
-        f"alpha2 - alpha3 ln D1 at the largest D1 ({fmt(d1_max)})": _with_interval(gamma, gamma_interval),
+        "alpha3 (95% profile interval)": _with_interval(alpha3, fit.interval.get("alpha3")),
+        f"alpha2 - alpha3 ln D1 at the largest D1 ({fmt(d1_max)}; 95% bootstrap)": _with_interval(
+            gamma, gamma_interval
+        ),
     }
     d2_star = []
     for size in sizes:
@@ -261,7 +263,10 @@ def ratio_findings(compared: list[RatioComparison]) -> list[dict]:
         )
         missing = [f"r = {ratio}" for ratio, entry in comparison.data.items() if not entry["fitted"]]
         group = comparison.group
-        sentence = f"{group.title} ({group.law} law, 95% bootstrap): " + "; ".join([*parts, verdict])
+        sentence = (
+            f"{group.title} ({group.law} law; alpha3: 95% profile interval, effective exponent: 95% bootstrap): "
+            + "; ".join([*parts, verdict])
+        )
         sentence += f" ({', '.join(missing)} not fitted)." if missing else "."
         out.append(
             {

@@ -70,10 +70,10 @@ def test_grouped_equals_gshard_without_dropping(top_k, granularity):
     _assert_same_gradients(gshard, grouped)
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_expert_without_tokens(top_k):
+@pytest.mark.parametrize("top_k,granularity", [(1, 1), (2, 1), (3, 1), (2, 2)])
+def test_expert_without_tokens(top_k, granularity):
     """An expert nobody routes to: an empty block for the grouped dispatch, a zero-padded one for GShard."""
-    cfg = _config(top_k, 1)
+    cfg = _config(top_k, granularity)
     torch.manual_seed(1)
     gshard = MoEFeedForward(cfg, MoEOptions(dispatch="gshard"))
     grouped = MoEFeedForward(cfg, MoEOptions(dispatch="grouped"))

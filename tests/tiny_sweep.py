@@ -80,6 +80,11 @@ def snakemake(
     return subprocess.run(command, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+# A shipped config end to end: bootstrapped.yaml's 76 jobs took 13 min alone and over 15 beside
+# another test worker (scripts/test.sh), so these runs get longer than the per-test default.
+REPO_CONFIG_TIMEOUT_S = 2700
+
+
 def run_repo_config(workdir: Path, name: str) -> Path:
     """One of the repository's configs (config/<name>.yaml) through the whole DAG in workdir, with its
     results in workdir/results; returns that directory (the run must succeed)."""
@@ -87,7 +92,7 @@ def run_repo_config(workdir: Path, name: str) -> Path:
     cfg["results_dir"] = "results"
     config = workdir / f"{name}.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    result = snakemake(workdir, config)
+    result = snakemake(workdir, config, timeout=REPO_CONFIG_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-6000:]
     return workdir / "results"
 

@@ -10,9 +10,13 @@ import pytest
 import torch
 import xarray as xr
 
-from tiny_sweep import read_json, run_repo_config
+from tiny_sweep import REPO_CONFIG_TIMEOUT_S, read_json, run_repo_config
 
 METHODS = ("moe_upcycle", "continue", "grow_depth", "grow_width")
+
+
+# The whole shipped config runs in the first test's set-up (pytest-timeout counts it).
+pytestmark = pytest.mark.timeout(REPO_CONFIG_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

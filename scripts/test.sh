@@ -14,7 +14,9 @@ workers=(-n "${UPCYCLING_TEST_WORKERS:-2}" --dist loadgroup)
 selected=0
 for arg in "$@"; do
   case "$arg" in
-    -m | -m* | -k | -k* | tests* | */*) selected=1 ;;
+    -m | -m* | -k | -k*) selected=1 ;;
+    -*) ;; # any other option (its value may hold a path: --basetemp=/tmp/x)
+    tests* | */* | *.py) selected=1 ;;
   esac
 done
 if [ "$selected" = 1 ]; then

@@ -64,7 +64,7 @@ class RatioGroup:
     def subject(self) -> str:
         """The finding's subject: ``<method>.<size>.<moe>``, or ``joint.<method>.<moe>``."""
         if self.size is None:
-            return f"{self.law}.{self.method}.{self.architecture}"
+            return str(FitKey(self.law, self.method, moe=self.architecture))
         return f"{self.method}.{self.size}.{self.architecture}"
 
 
@@ -89,12 +89,12 @@ def _ratios(fits: FitSet) -> list[float]:
 def ratio_groups(fits: FitSet, laws: tuple[str, ...] = ("dataset",)) -> list[RatioGroup]:
     """Every (law, method, size, architecture) whose law (of ``laws``: the dataset law and/or the
     joint law, which has no size) was planned at more than one r; the dataset law's groups first."""
-    by_group: dict[tuple[str, str, str, MoeVariant], list[FitKey]] = {}
+    by_group: dict[tuple[str, str, str | None, MoeVariant], list[FitKey]] = {}
     for key, _ in fits.select(laws):
         if key.moe is not None and key.method is not None and (key.size is not None or key.law == "joint"):
-            by_group.setdefault((key.law, key.method, key.size or "", key.moe.architecture), []).append(key)
+            by_group.setdefault((key.law, key.method, key.size, key.moe.architecture), []).append(key)
     return [
-        RatioGroup(method, size or None, architecture, tuple(sorted(keys, key=_ratio)), law)
+        RatioGroup(method, size, architecture, tuple(sorted(keys, key=_ratio)), law)
         for (law, method, size, architecture), keys in sorted(by_group.items(), key=lambda item: str(item[0]))
         if len(keys) > 1
     ]

@@ -12,6 +12,7 @@ Each lane is a package (its __init__.py), so lanes may hold files of the same na
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,10 +40,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
         for marker in LANE_MARKERS[lane]:
             item.add_marker(marker)
-        # Under pytest-xdist (scripts/test.sh: --dist loadgroup): a file's tests stay on one worker,
-        # so its module fixtures run once; the Slurm lane is one group, so its tests take the
-        # local cluster one at a time.
-        item.add_marker(pytest.mark.xdist_group("slurm" if lane == "slurm" else relative.as_posix()))
 
 
 @pytest.fixture(scope="session")
@@ -77,11 +74,24 @@ def tiny_workdir(tmp_path, make_workdir) -> Path:
 @pytest.fixture(scope="session")
 def fitted(tmp_path_factory):
     """The synthetic study (tests/synthetic_study.py, three second-stage methods) fitted once per
-    session: (its directory, the store, the fits); read-only for the tests that share it."""
+    session: (its directory, the store, the fits read back from its files); read-only for the tests
+    that share it. Under pytest-xdist every worker has a session of its own: the first worker to ask
+    fits (a minute or more of CPU) under a lock in the workers' shared temporary directory, and the
+    others read the same files."""
+    from filelock import FileLock
+
     import synthetic_study as study  # the analysis extra: imported by the tests that fit only
     from upcycling.analysis import fitstage
+    from upcycling.analysis import store as results
 
-    root = tmp_path_factory.mktemp("study")
-    ds = study.store(root / "losses.zarr", methods=study.METHODS)
-    fits = fitstage.fit_all(ds, study.QUICK_FIT, out_dir=root / "fits", workers=2)
-    return root, ds, fits
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's base is one folder of the run's base
+        shared = shared.parent
+    root = shared / "study"
+    with FileLock(str(shared / "study.lock")):
+        if not (root / "fitted").is_file():
+            root.mkdir(exist_ok=True)
+            ds = study.store(root / "losses.zarr", methods=study.METHODS)
+            fitstage.fit_all(ds, study.QUICK_FIT, out_dir=root / "fits", workers=2)
+            (root / "fitted").touch()  # last: a worker that failed half-way leaves no study to reuse
+    return root, results.load_losses(root / "losses.zarr"), fitstage.load_fits(root / "fits")

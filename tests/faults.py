@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
+from pathlib import Path
 
 import torch
 
@@ -14,6 +16,8 @@ SIGNAL_AT_STEP = "UPCYCLING_TEST_SIGNAL_AT_STEP"  # SIGUSR1 to the trainer after
 SIGNAL_NAME = "UPCYCLING_TEST_SIGNAL"  # which signal signal_at_step sends (default SIGUSR1), e.g. SIGINT
 NAN_AT_STEP = "UPCYCLING_TEST_NAN_AT_STEP"  # this step's loss is NaN (a weight is poisoned before it)
 DISK_FULL_AT_STEP = "UPCYCLING_TEST_DISK_FULL_AT_STEP"  # checkpoint saves after this step meet a full disk
+SLOW_FIRST_ATTEMPT = "UPCYCLING_TEST_SLOW_FIRST_ATTEMPT"  # a marker file: the attempt that creates it is slow
+SLOW_STEP_SECONDS = 0.2
 
 
 def signal_at_step():
@@ -51,6 +55,21 @@ def disk_full_at_step():
 
     def hook(step, tokens, engine):
         torch.save = save_onto_a_full_disk if step >= full_from else save
+
+    return hook
+
+
+def slow_first_attempt():
+    """The first attempt of a run (the one that creates the marker file) sleeps SLOW_STEP_SECONDS after
+    each step, as on a slow or overloaded node, so it cannot finish inside a short time limit; the
+    attempts after it train at full speed."""
+    marker = Path(os.environ[SLOW_FIRST_ATTEMPT])
+    first = not marker.exists()
+    marker.touch()
+
+    def hook(step, tokens, engine):
+        if first:
+            time.sleep(SLOW_STEP_SECONDS)
 
     return hook
 

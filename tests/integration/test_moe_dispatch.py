@@ -178,6 +178,7 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
+@pytest.mark.slow  # two processes under torchrun: over 10 s
 def test_expert_parallel_over_two_processes_equals_one(tmp_path):
     worker = tmp_path / "expert_parallel_worker.py"
     worker.write_text(_EXPERT_PARALLEL_WORKER)

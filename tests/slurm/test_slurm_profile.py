@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import faults
 from slurm.test_slurm import _read, sacct_state, slurm_env, wait_for
 from tiny_sweep import REPO, cli_env, read_json, write_config
 from unit.test_cluster import SLURM_TINY
@@ -42,7 +43,9 @@ def _job_stats(output: str) -> dict[str, int]:
     return {name: int(count) for name, count in re.findall(r"^(\S+)\s+(\d+)$", match.group(1), re.M)}
 
 
-def _snakemake(workdir: Path, config: Path, targets: list[str], *extra: str, timeout: int = 420, wait=True):
+def _snakemake(
+    workdir: Path, config: Path, targets: list[str], *extra: str, timeout: int = 420, wait=True, env: dict | None = None
+):
     command = [
         sys.executable,
         "-m",
@@ -70,7 +73,7 @@ def _snakemake(workdir: Path, config: Path, targets: list[str], *extra: str, tim
         *targets,
     ]
     process = subprocess.Popen(
-        command, cwd=workdir, env=slurm_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=workdir, env=slurm_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     if not wait:
         return process
@@ -132,7 +135,9 @@ def sweep_under_slurm(slurm_cluster, tmp_path_factory):
     2. a plain rerun: the cancelled job resumes from its checkpoint, and its dependents run.
     """
     workdir = tmp_path_factory.mktemp("slurm_sweep")
-    config = write_config(workdir, base=SLURM_TINY)
+    # One D1 (the cancelled chain's): the chain's run at D2=8192 is the finished work the rerun must
+    # leave alone, and every rule still runs.
+    config = write_config(workdir, {"sweep": {"d1_tokens": [16384]}}, base=SLURM_TINY)
     inventory = Inventory(load_sweep(config, base_dir=workdir))
     cfg = inventory.sweep
     metrics = [job.outputs["metrics"] for job in inventory.jobs if "metrics" in job.outputs]
@@ -197,7 +202,9 @@ def test_snakemake_slurm_profile_end_to_end(sweep_under_slurm):
     assert "CANCELLED" in first["output"], first["output"][-3000:]
     assert "submitted with SLURM jobid" in first["output"]
     stats = _job_stats(first["output"])
-    assert stats.get("upcycled_final") == 4 and stats.get("dense_stable") == 2, first["output"][:3000]
+    axes = cfg.sweep
+    assert stats.get("upcycled_final") == len(axes.d1_tokens) * len(axes.d2_tokens), first["output"][:3000]
+    assert stats.get("dense_stable") == len(axes.d1_tokens), first["output"][:3000]
     # The rerun completed the sweep.
     assert second["returncode"] == 0, second["output"][-4000:]
     assert len(run["metrics"]) == len(cfg.sweep.d1_tokens) * (1 + len(cfg.sweep.d2_tokens))
@@ -299,10 +306,10 @@ def _total_cpu_seconds(job_id: str) -> float:
 
 @pytest.mark.slurm
 def test_a_real_time_limit_checkpoints_and_the_retry_resumes(slurm_cluster, tmp_path):
-    """A job whose time limit is shorter than its work, with a 20-second warning: Slurm sends USR1
-    before the limit (or TERM at it); the trainer saves and exits 75; Snakemake's job wrapper
-    survives it (the step is not cancelled); the profile's retries resume it until it is done,
-    and its attempts log keeps every attempt."""
+    """A job whose first attempt cannot finish in its time limit (a fault hook slows it down, as a
+    slow node would), with a 20-second warning: Slurm sends USR1 before the limit (or TERM at it); the
+    trainer saves and exits 75; Snakemake's job wrapper survives it (the step is not cancelled); the
+    profile's retries resume it until it is done, and its attempts log keeps every attempt."""
     config = write_config(
         tmp_path,
         {
@@ -323,7 +330,10 @@ def test_a_real_time_limit_checkpoints_and_the_retry_resumes(slurm_cluster, tmp_
     inventory = Inventory(load_sweep(config, base_dir=tmp_path))
     job = inventory.find("dense_final", {"size": "xs", "seed": "0", "d1": str(TIME_LIMITED_TOKENS)})
     assert job_resources(inventory.sweep, job)["runtime"] == 1
-    returncode, output = _snakemake(tmp_path, config, [job.outputs["metrics"]], "--retries", "12", timeout=900)
+    slow = {"UPCYCLING_HOOKS": "faults:slow_first_attempt", faults.SLOW_FIRST_ATTEMPT: str(tmp_path / "first-attempt")}
+    returncode, output = _snakemake(
+        tmp_path, config, [job.outputs["metrics"]], "--retries", "12", timeout=600, env=slow
+    )
     attempts = _read(Path(job.log).with_name(Path(job.log).stem + ".attempts.log"))
     assert returncode == 0, output[-4000:] + attempts[-3000:]
     headers = attempts.count("==== dense/xs/seed0/d1_")
@@ -349,10 +359,10 @@ def test_a_real_time_limit_checkpoints_and_the_retry_resumes(slurm_cluster, tmp_
     assert "CANCELLED" not in states and "COMPLETED" in states, states
 
 
-# More than one 1-minute attempt can train (one trains at most ~30 s at ~20k tokens/s after its start-up), few
-# enough that the retries finish it: Slurm checks time limits periodically, so the warning comes anywhere from
-# a few to 40 s into an attempt (measured here: 1-20 s of training, 20k-420k tokens per attempt).
-TIME_LIMITED_TOKENS = 800_000
+# The slow first attempt trains 256 tokens per 0.2 s: it would need over 2 minutes for these, so its
+# 1-minute limit stops it (Slurm checks limits periodically: the warning comes a few to 40 s into an
+# attempt); the next attempt trains the rest at ~20k tokens/s in seconds.
+TIME_LIMITED_TOKENS = 200_000
 
 
 @pytest.mark.slurm

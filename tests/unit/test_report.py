@@ -18,6 +18,8 @@ from upcycling.analysis.headline import answer_cell, tokens_text
 from upcycling.analysis.htmlpage import markdown_to_html
 from upcycling.analysis.units import alpha3_identified, invariant, unit_quantity
 
+pytestmark = pytest.mark.slow  # the fitted synthetic study (session fixture, shared with test_fitstage.py)
+
 DEFAULT_SHAPE = "moe_upcycle"  # config/config.yaml sweeps one method; the fixture three
 
 

@@ -121,21 +121,26 @@ def test_a_fit_setting_reruns_only_the_fit_and_the_report(pipeline):
 
 
 def test_a_forced_rerun_retrains(pipeline, tmp_path):
-    """`--forcerun upcycled_stable` retrains every upcycled chain and run from the upcycled init:
-    no job resumes a checkpoint of its own, and the runs come out the same, bitwise."""
+    """`--forcerun upcycled_stable` on one upcycled run retrains its chain's stable jobs and the run
+    from the upcycled init: no job resumes a checkpoint of its own, and the run comes out the same,
+    bitwise; the runs outside the target's DAG are not touched."""
     workdir, config = copy_of(pipeline, tmp_path)
     metrics = sorted((workdir / "results" / "upcycled").rglob("metrics.json"))
     before = {path: read_json(path) for path in metrics}
-    result = snakemake(workdir, config, "--forcerun", "upcycled_stable")
+    written = {path: path.stat().st_mtime_ns for path in metrics}
+    # The longest run of the larger D1: both of its chain's stable points lie before it.
+    run = "results/upcycled/xs/seed0/d1_16384/e4_k2_g1/d2_16384/metrics.json"  # as the rules name it
+    target = workdir / run
+    result = snakemake(workdir, config, "--forcerun", "upcycled_stable", "--", run)
     assert result.returncode == 0, result.stderr[-4000:]
-    stats = job_stats(result.stdout + result.stderr)
-    assert stats["upcycled_stable"] == 4 and stats["upcycled_final"] == 4 and "dense_stable" not in stats
-    for log in (workdir / "results" / "logs" / "upcycled").rglob("stable_*.log"):
+    assert job_stats(result.stdout + result.stderr) == {"upcycled_stable": 2, "upcycled_final": 1}
+    for log in (workdir / "results" / "logs" / "upcycled" / "xs/seed0/d1_16384").rglob("stable_*.log"):
         last_attempt = log.read_text().rsplit("==== ", 2)[-2:]
         assert "resumed its own checkpoint" not in "".join(last_attempt), log
     for path, old in before.items():
         new = read_json(path)
         assert new["curve"] == old["curve"] and new["final_val_loss"] == old["final_val_loss"], path
+    assert [path for path in metrics if path.stat().st_mtime_ns != written[path]] == [target]
 
 
 def test_a_corrupt_checkpoint_is_named_and_the_rerun_heals(tiny_workdir):

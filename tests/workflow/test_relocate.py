@@ -1,22 +1,29 @@
-"""Results do not depend on where the project lives: a finished sweep, moved with its results and
-.snakemake/, reached through a symlinked Snakefile path, or with its results copied elsewhere
-(`cp -a`, results_dir pointing at the copy), plans nothing; a copied store's metrics are accepted by
-aggregate; changing how the corpus is sharded or the tokenizer's thread count retrains nothing."""
+"""A sweep whose corpus is tokenized in 4 shards runs end to end under `snakemake --profile
+profiles/local` (the tokenizer job, 4 shard jobs and the gather, then training on the shards as one
+stream; its tokens are the 1-shard tokens), and its results do not depend on where the project
+lives: the finished sweep, moved with its results and .snakemake/, reached through a symlinked
+Snakefile path, or with its results copied elsewhere (`cp -a`, results_dir pointing at the copy),
+plans nothing; a copied store's metrics are accepted by aggregate; changing how the corpus is
+sharded or the tokenizer's thread count retrains nothing."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from tiny_sweep import REPO, TINY_CONFIG, cli_env
+from upcycling.data.tokens import load_tokens
 
-# The tiny sweep cut to one budget per axis: every rule runs, the DAG stays small.
+# The tiny sweep cut to one budget per axis, its corpus in 4 shards: every rule runs, the DAG stays small.
 SMALL_SWEEP = {
+    "corpus": {"shards": 4},
     "sweep": {"d1_tokens": [8192], "d2_tokens": [8192], "experts": [4], "top_k": [2]},
     "baselines": {"scratch_d_tokens": [8192]},
 }
@@ -34,7 +41,9 @@ def checkout(root: Path) -> Path:
     for path in cfg["corpus"]["paths"]:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / path, root / path)
-    cfg.update(SMALL_SWEEP, results_dir="results")
+    for section, values in SMALL_SWEEP.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    cfg["results_dir"] = "results"
     (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return root
 
@@ -62,11 +71,43 @@ def with_changes(root: Path, name: str, **sections) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
+def first_run(tmp_path_factory) -> tuple[Path, str]:
+    """The sweep run once in its checkout: (the checkout, snakemake's log)."""
     root = checkout(tmp_path_factory.mktemp("relocate") / "first place")
     result = snakemake(root / "Snakefile", root)
     assert result.returncode == 0, result.stderr[-6000:]
-    return root
+    return root, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def finished(first_run) -> Path:
+    return first_run[0]
+
+
+def test_four_shard_jobs_and_the_dag_completes(first_run):
+    root, log = first_run
+    results = root / "results"
+    for rule, count in (("train_tokenizer", 1), ("tokenize_shard", 4), ("tokenize", 1)):
+        assert log.count(f"rule {rule}:") == count, rule
+    assert len(list(results.glob("**/metrics.json"))) == 3  # dense, upcycled, scratch
+    assert (results / "losses.zarr").is_dir() and (results / "report" / "summary.md").is_file()
+    assert NOTHING in planned(snakemake(root / "Snakefile", root, "-n"))
+
+
+def test_sharded_tokens_are_the_one_shard_tokens(finished, tiny_tokens):
+    sharded = finished / "results" / "tokens"
+    meta = json.loads((sharded / "meta.json").read_text())
+    reference = json.loads((tiny_tokens / "meta.json").read_text())
+    assert len(meta["shards"]) == 4 and len(reference["shards"]) == 1
+    # The same corpus files (the reference names them by absolute paths, this checkout by relative ones).
+    assert [Path(path).name for path in meta["sources"]] == [Path(path).name for path in reference["sources"]]
+    unplaced = ("shards", "sources")
+    assert {k: v for k, v in meta.items() if k not in unplaced} == {
+        k: v for k, v in reference.items() if k not in unplaced
+    }
+    assert (sharded / "tokenizer.json").read_bytes() == (tiny_tokens / "tokenizer.json").read_bytes()
+    for got, want in zip(load_tokens(sharded)[:2], load_tokens(tiny_tokens)[:2]):
+        assert np.array_equal(got.read(0, len(got)), want.read(0, len(want)))
 
 
 def test_a_moved_checkout_plans_nothing(finished, tmp_path):

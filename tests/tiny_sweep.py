@@ -80,8 +80,8 @@ def snakemake(
     return subprocess.run(command, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
-# A shipped config end to end (with the tests' cuts): 1000 s or more beside another test worker
-# (scripts/test.sh), so these runs get longer than the per-test default.
+# A shipped config end to end (with the tests' cuts) takes about 5 minutes beside another test worker
+# (scripts/test.sh); twice the per-test default leaves room for a slower machine.
 REPO_CONFIG_TIMEOUT_S = 1800
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from slurm.test_slurm import _read, wait_for
 from slurm.test_slurm_profile import _newest_run_id, _snakemake
-from tiny_sweep import read_json, write_config
+from tiny_sweep import read_json
 from unit.test_cluster import SLURM_TINY
 from upcycling.pipeline.jobs import Inventory
 from upcycling.sweep.load import load_sweep
@@ -26,8 +26,10 @@ from upcycling.sweep.load import load_sweep
 DRIVER_KILLED_TOKENS = 400_000  # ~20 s of training for xs on one CPU: long enough to kill the driver mid-run
 
 
-def _dense_final(tmp_path: Path, d1_tokens: int):
-    config = write_config(
+def _dense_final(make_workdir, tmp_path: Path, d1_tokens: int):
+    """A sweep of one dense run in tmp_path, with the session's tokens in place (the Slurm sweep of
+    test_slurm_profile.py runs the tokens rules): (its config, its inventory, the run's job)."""
+    make_workdir(
         tmp_path,
         {
             "training": {"schedule": "cosine", "checkpoint_every_tokens": 10**9, "log_every_steps": 16},
@@ -37,6 +39,7 @@ def _dense_final(tmp_path: Path, d1_tokens: int):
         },
         base=SLURM_TINY,
     )
+    config = tmp_path / "config.yaml"
     inventory = Inventory(load_sweep(config, base_dir=tmp_path))
     return config, inventory, inventory.find("dense_final", {"size": "xs", "seed": "0", "d1": str(d1_tokens)})
 
@@ -47,8 +50,8 @@ def _live_jobs(run_id: str) -> list[str]:
 
 
 @pytest.mark.slurm
-def test_a_restarted_driver_cancels_the_dead_run_s_job_and_resumes_it(slurm_cluster, tmp_path):
-    config, inventory, job = _dense_final(tmp_path, DRIVER_KILLED_TOKENS)
+def test_a_restarted_driver_cancels_the_dead_run_s_job_and_resumes_it(slurm_cluster, make_workdir, tmp_path):
+    config, inventory, job = _dense_final(make_workdir, tmp_path, DRIVER_KILLED_TOKENS)
     log = Path(job.log)
     driver = _snakemake(tmp_path, config, [job.outputs["metrics"]], "--retries", "0", wait=False)
     run_id = wait_for(lambda: _newest_run_id(tmp_path, set()), 120, "snakemake's SLURM run ID")
@@ -82,8 +85,8 @@ def _slurmctld(running: bool) -> None:
 
 
 @pytest.mark.slurm
-def test_a_controller_outage_at_submission_spends_no_retry(slurm_cluster, tmp_path):
-    config, _, job = _dense_final(tmp_path, 8192)
+def test_a_controller_outage_at_submission_spends_no_retry(slurm_cluster, make_workdir, tmp_path):
+    config, _, job = _dense_final(make_workdir, tmp_path, 8192)
     _slurmctld(running=False)
     try:
         driver = _snakemake(tmp_path, config, [job.outputs["metrics"]], "--retries", "0", wait=False)

@@ -305,12 +305,12 @@ def _total_cpu_seconds(job_id: str) -> float:
 
 
 @pytest.mark.slurm
-def test_a_real_time_limit_checkpoints_and_the_retry_resumes(slurm_cluster, tmp_path):
+def test_a_real_time_limit_checkpoints_and_the_retry_resumes(slurm_cluster, make_workdir, tmp_path):
     """A job whose first attempt cannot finish in its time limit (a fault hook slows it down, as a
     slow node would), with a 20-second warning: Slurm sends USR1 before the limit (or TERM at it); the
     trainer saves and exits 75; Snakemake's job wrapper survives it (the step is not cancelled); the
     profile's retries resume it until it is done, and its attempts log keeps every attempt."""
-    config = write_config(
+    make_workdir(  # the session's tokens in place: this test is about the training job
         tmp_path,
         {
             "training": {"schedule": "cosine", "checkpoint_every_tokens": 10**9, "log_every_steps": 16},
@@ -327,6 +327,7 @@ def test_a_real_time_limit_checkpoints_and_the_retry_resumes(slurm_cluster, tmp_
         },
         base=SLURM_TINY,
     )
+    config = tmp_path / "config.yaml"
     inventory = Inventory(load_sweep(config, base_dir=tmp_path))
     job = inventory.find("dense_final", {"size": "xs", "seed": "0", "d1": str(TIME_LIMITED_TOKENS)})
     assert job_resources(inventory.sweep, job)["runtime"] == 1

@@ -89,9 +89,7 @@ def run_repo_config(workdir: Path, name: str, overrides: dict | None = None) -> 
     """One of the repository's configs (config/<name>.yaml), with overrides merged in section by
     section, through the whole DAG in workdir, with its results in workdir/results; returns that
     directory (the run must succeed)."""
-    cfg = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
-    for section, values in (overrides or {}).items():
-        cfg[section] = {**cfg[section], **values} if isinstance(values, dict) else values
+    cfg = merge_sections(yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text()), overrides)
     cfg["results_dir"] = "results"
     config = workdir / f"{name}.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -100,16 +98,23 @@ def run_repo_config(workdir: Path, name: str, overrides: dict | None = None) -> 
     return workdir / "results"
 
 
+def merge_sections(cfg: dict, overrides: dict | None) -> dict:
+    """cfg with overrides merged in, section by section: a mapping's keys into the section's mapping,
+    anything else in place of the section; returns cfg (changed in place)."""
+    for section, values in (overrides or {}).items():
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+            cfg[section] = {**cfg[section], **values}
+        else:
+            cfg[section] = values
+    return cfg
+
+
 def write_config(workdir: Path, overrides: dict | None = None, base: Path = TINY_CONFIG) -> Path:
     """The tiny config with absolute corpus paths, results under workdir, and overrides merged in."""
     cfg = yaml.safe_load(base.read_text())
     cfg["corpus"]["paths"] = [str(REPO / p) for p in cfg["corpus"]["paths"]]
     cfg["results_dir"] = str(workdir / "results")
-    for section, values in (overrides or {}).items():
-        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
-            cfg[section].update(values)
-        else:
-            cfg[section] = values
+    merge_sections(cfg, overrides)
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tiny_sweep import REPO, TINY_CONFIG
+from tiny_sweep import REPO, TINY_CONFIG, merge_sections
 from upcycling.core import lock
 from upcycling.pipeline.jobs import Inventory
 from upcycling.sweep.load import sweep_from_mapping
@@ -19,10 +19,8 @@ from upcycling.sweep.load import sweep_from_mapping
 
 def inventory(base: Path, results_dir: str, **changes) -> Inventory:
     """The tiny sweep planned from ``base`` (the working directory and where the corpus starts)."""
-    cfg = yaml.safe_load(TINY_CONFIG.read_text())
+    cfg = merge_sections(yaml.safe_load(TINY_CONFIG.read_text()), changes)
     cfg["results_dir"] = results_dir
-    for section, values in changes.items():
-        cfg[section] = {**cfg[section], **values}
     return Inventory(sweep_from_mapping(cfg, base, check_corpus=False), base)
 
 

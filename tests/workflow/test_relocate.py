@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tiny_sweep import REPO, TINY_CONFIG, cli_env
+from tiny_sweep import REPO, TINY_CONFIG, cli_env, merge_sections
 from upcycling.data.tokens import load_tokens
 
 # The tiny sweep cut to one budget per axis, its corpus in 4 shards: every rule runs, the DAG stays small.
@@ -41,8 +41,7 @@ def checkout(root: Path) -> Path:
     for path in cfg["corpus"]["paths"]:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / path, root / path)
-    for section, values in SMALL_SWEEP.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
+    merge_sections(cfg, SMALL_SWEEP)
     cfg["results_dir"] = "results"
     (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return root
@@ -62,9 +61,7 @@ def planned(result) -> str:
 
 
 def with_changes(root: Path, name: str, **sections) -> Path:
-    cfg = yaml.safe_load((root / "config" / "config.yaml").read_text())
-    for section, values in sections.items():
-        cfg[section] = {**cfg[section], **values} if isinstance(values, dict) else values
+    cfg = merge_sections(yaml.safe_load((root / "config" / "config.yaml").read_text()), sections)
     path = root / name
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -23,7 +23,7 @@ METHODS = ("moe_upcycle", "continue", "grow_depth", "grow_width")
 # What config/drop_upcycling.yaml adds to config/bootstrapped.yaml, and the test's cuts: smaller
 # grids (2 D1 x 3 D2 per lineage, 3 D from scratch; halved budgets) and a smaller bootstrap. Most
 # of a job's time here is its start-up, so the cuts are in jobs: 62 instead of the 114 of both configs.
-DROP_UPCYCLING = {
+OVERRIDES = {
     "sweep": {"d1_tokens": [16384, 65536], "d2_tokens": [8192, 16384, 32768], "reinit_ratio": [0, 0.5]},
     "baselines": {"scratch_d_tokens": [8192, 16384, 32768]},
     "training": {"warmup_tokens": 4096, "eval_every_tokens": 16384},
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.timeout(REPO_CONFIG_TIMEOUT_S)
 
 @pytest.fixture(scope="module")
 def stage2_methods(tmp_path_factory):
-    return run_repo_config(tmp_path_factory.mktemp("stage2_methods"), "bootstrapped", DROP_UPCYCLING)
+    return run_repo_config(tmp_path_factory.mktemp("stage2_methods"), "bootstrapped", OVERRIDES)
 
 
 def _hf_loss(export_dir, tokens: torch.Tensor) -> float:

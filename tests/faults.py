@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ NAN_AT_STEP = "UPCYCLING_TEST_NAN_AT_STEP"  # this step's loss is NaN (a weight 
 DISK_FULL_AT_STEP = "UPCYCLING_TEST_DISK_FULL_AT_STEP"  # checkpoint saves after this step meet a full disk
 SLOW_FIRST_ATTEMPT = "UPCYCLING_TEST_SLOW_FIRST_ATTEMPT"  # a marker file: the attempt that creates it is slow
 SLOW_STEP_SECONDS = 0.2
+SIGNALS_AFTER_FILE = "UPCYCLING_TEST_SIGNALS_AFTER_FILE"  # from when this file appears, SIGUSR1 until the trainer exits
 
 
 def signal_at_step():
@@ -27,6 +29,23 @@ def signal_at_step():
     def hook(step, tokens, engine):
         if step == step_to_signal:
             os.kill(os.getpid(), sent)
+
+    return hook
+
+
+def signals_after_file():
+    """From when the file SIGNALS_AFTER_FILE names appears (a run's metrics: its outputs are written)
+    until the trainer exits, a SIGUSR1 every few milliseconds: a Slurm warning that lands as the
+    process shuts down. A shell outside the trainer sends them, since Python stops its own threads
+    before it exits."""
+    watched = os.environ[SIGNALS_AFTER_FILE]
+    watcher = []
+
+    def hook(step, tokens, engine):
+        if not watcher:
+            script = 'while [ ! -e "$1" ]; do sleep 0.01; done; while kill -USR1 "$2" 2>/dev/null; do sleep 0.002; done'
+            command = ["sh", "-c", script, "sh", watched, str(os.getpid())]
+            watcher.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     return hook
 

@@ -203,6 +203,16 @@ class StopFlag:
     def _handle(self, signum, _frame):
         self.signal_name = signal.Signals(signum).name
 
+    @staticmethod
+    def release() -> None:
+        """The steps are over: from here Slurm's warning (up to a minute early, as Slurm's docs say)
+        or the limit's TERM finds nothing to save, and must not kill the process while it writes its
+        outputs or exits. Python resets its own handlers to the default (which kills) as it shuts
+        down, and a finished job killed then lost its outputs to Snakemake; an ignored signal stays
+        ignored. SIGINT keeps its handler: a Ctrl-C at exit still ends the process."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+
 
 def on_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device):
     if device.type != "cuda":

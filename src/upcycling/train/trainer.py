@@ -7,7 +7,7 @@ The pieces it puts together are in :mod:`upcycling.train.loop`, which says how a
 stops on a signal and refuses a diverged loss.
 
 Every rank runs the same sequence of collectives: the loss read-back (log, evaluation and
-checkpoint steps), the stop check (every step, a host tensor), the saves and the export.
+checkpoint steps), the stop check (every step but the last, a host tensor), the saves and the export.
 """
 
 from __future__ import annotations
@@ -212,7 +212,8 @@ class Trainer:
         if loop.crossed(previous, self.tokens, spec.training.eval_every_tokens) and self.tokens < end:
             self.losses.flush()
             self.evaluate()
-        if distributed.any_rank(self.stop.signal_name is not None):
+        # At the last step a stop signal finishes the job: that costs less than a save and a rerun.
+        if self.tokens < end and distributed.any_rank(self.stop.signal_name is not None):
             self.checkpoint(complete=False)
             log.warning(
                 "%s: %s received: checkpoint saved at %d tokens; rerun the job to resume",
@@ -220,6 +221,7 @@ class Trainer:
                 self.stop.signal_name or "stop on another rank",
                 self.tokens,
             )
+            self.stop.release()  # saved: a second signal (the limit's TERM after USR1) must not kill the exit
             raise Preempted(spec.run_id)
         if loop.crossed(previous, self.tokens, options.checkpoint_every_tokens) and self.tokens < end:
             self.checkpoint(complete=False)
@@ -293,6 +295,7 @@ class Trainer:
         """The job's end: the last evaluation; a stable job publishes its complete checkpoint, a
         run's end writes the export (dense), the metrics, and deletes its checkpoint unless kept."""
         spec = self.spec
+        self.stop.release()
         self.losses.flush()
         self.evaluate()
         job_seconds = time.perf_counter() - self.job_start_time

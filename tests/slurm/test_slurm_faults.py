@@ -17,31 +17,10 @@ from pathlib import Path
 import pytest
 
 from slurm.test_slurm import _read, wait_for
-from slurm.test_slurm_profile import _newest_run_id, _snakemake
+from slurm.test_slurm_profile import _newest_run_id, _snakemake, dense_final_sweep
 from tiny_sweep import read_json
-from unit.test_cluster import SLURM_TINY
-from upcycling.pipeline.jobs import Inventory
-from upcycling.sweep.load import load_sweep
 
 DRIVER_KILLED_TOKENS = 400_000  # ~20 s of training for xs on one CPU: long enough to kill the driver mid-run
-
-
-def _dense_final(make_workdir, tmp_path: Path, d1_tokens: int):
-    """A sweep of one dense run in tmp_path, with the session's tokens in place (the Slurm sweep of
-    test_slurm_profile.py runs the tokens rules): (its config, its inventory, the run's job)."""
-    make_workdir(
-        tmp_path,
-        {
-            "training": {"schedule": "cosine", "checkpoint_every_tokens": 10**9, "log_every_steps": 16},
-            "data": {"seq_len": 32, "max_epochs": 100},
-            "sweep": {"d1_tokens": [d1_tokens], "d2_tokens": [8192]},
-            "slurm": {"gpus_per_job": 0},
-        },
-        base=SLURM_TINY,
-    )
-    config = tmp_path / "config.yaml"
-    inventory = Inventory(load_sweep(config, base_dir=tmp_path))
-    return config, inventory, inventory.find("dense_final", {"size": "xs", "seed": "0", "d1": str(d1_tokens)})
 
 
 def _live_jobs(run_id: str) -> list[str]:
@@ -51,7 +30,7 @@ def _live_jobs(run_id: str) -> list[str]:
 
 @pytest.mark.slurm
 def test_a_restarted_driver_cancels_the_dead_run_s_job_and_resumes_it(slurm_cluster, make_workdir, tmp_path):
-    config, inventory, job = _dense_final(make_workdir, tmp_path, DRIVER_KILLED_TOKENS)
+    config, inventory, job = dense_final_sweep(make_workdir, tmp_path, DRIVER_KILLED_TOKENS)
     log = Path(job.log)
     driver = _snakemake(tmp_path, config, [job.outputs["metrics"]], "--retries", "0", wait=False)
     run_id = wait_for(lambda: _newest_run_id(tmp_path, set()), 120, "snakemake's SLURM run ID")
@@ -86,7 +65,7 @@ def _slurmctld(running: bool) -> None:
 
 @pytest.mark.slurm
 def test_a_controller_outage_at_submission_spends_no_retry(slurm_cluster, make_workdir, tmp_path):
-    config, _, job = _dense_final(make_workdir, tmp_path, 8192)
+    config, _, job = dense_final_sweep(make_workdir, tmp_path, 8192)
     _slurmctld(running=False)
     try:
         driver = _snakemake(tmp_path, config, [job.outputs["metrics"]], "--retries", "0", wait=False)

@@ -126,6 +126,25 @@ def _signal_when_training(workdir: Path, log: Path, ignore_logs: set, signal: st
     return job_id, text
 
 
+def dense_final_sweep(make_workdir, tmp_path: Path, d1_tokens: int, slurm: dict | None = None):
+    """A sweep of one dense run (one job: a cosine schedule) in tmp_path, with the session's tokens in
+    place (the sweep below runs the tokens rules), and these slurm settings: (its config, its
+    inventory, the run's job)."""
+    make_workdir(
+        tmp_path,
+        {
+            "training": {"schedule": "cosine", "checkpoint_every_tokens": 10**9, "log_every_steps": 16},
+            "data": {"seq_len": 32, "max_epochs": 100},
+            "sweep": {"d1_tokens": [d1_tokens], "d2_tokens": [8192]},
+            "slurm": {"gpus_per_job": 0, **(slurm or {})},
+        },
+        base=SLURM_TINY,
+    )
+    config = tmp_path / "config.yaml"
+    inventory = Inventory(load_sweep(config, base_dir=tmp_path))
+    return config, inventory, inventory.find("dense_final", {"size": "xs", "seed": "0", "d1": str(d1_tokens)})
+
+
 @pytest.fixture(scope="module")
 def sweep_under_slurm(slurm_cluster, tmp_path_factory):
     """The tiny sweep through `snakemake --profile profiles/slurm`, twice:
@@ -248,24 +267,32 @@ def test_scancel_checkpoints_and_the_rerun_resumes(sweep_under_slurm):
     assert "done," in second["log_after"]
 
 
-@pytest.mark.slurm
-def test_a_cpu_training_job_uses_its_allocation(sweep_under_slurm):
+CPU_MEASURED_TOKENS = 800_000  # ~35 s of training: the few seconds of launch and start-up weigh little
+
+
+@pytest.mark.alone  # other lanes' work beside it would take CPU time from the job it measures
+def test_a_cpu_training_job_uses_its_allocation(slurm_cluster, make_workdir, tmp_path):
     """A CPU job asks slurm.cpu_threads CPUs and trains with as many threads: sacct's TotalCPU over
-    Elapsed x AllocCPUS is at least 90% for the sweep's longest training job."""
-    submitted = set(
-        re.findall(
-            r"submitted with SLURM jobid (\d+)",
-            sweep_under_slurm["first"]["output"] + sweep_under_slurm["second"]["output"],
-        )
-    )
-    job_id, elapsed, cpus = _longest_training_job(submitted)
-    used = _total_cpu_seconds(job_id)
+    Elapsed x AllocCPUS is at least 90% for a training job of about 20 s."""
+    config, inventory, job = dense_final_sweep(make_workdir, tmp_path, CPU_MEASURED_TOKENS)
+    returncode, output = _snakemake(tmp_path, config, [job.outputs["metrics"]], "--retries", "0")
+    assert returncode == 0, output[-4000:]
+    (job_id,) = re.findall(r"submitted with SLURM jobid (\d+)", output)
+    elapsed, cpus, used = wait_for(lambda: _cpu_use(job_id), 60, f"sacct to account job {job_id}")
     print(f"\nCPU job {job_id}: {used:.1f} CPU-s over {elapsed:.1f} s x {cpus} CPUs = {used / (elapsed * cpus):.0%}")
-    assert cpus == run_cpu_threads(sweep_under_slurm) and used / (elapsed * cpus) >= 0.9
+    assert cpus == inventory.sweep.slurm.cpu_threads and used / (elapsed * cpus) >= 0.9
 
 
-def run_cpu_threads(run) -> int:
-    return run["cfg"].slurm.cpu_threads
+def _cpu_use(job_id: str) -> tuple[float, int, float] | None:
+    """(elapsed seconds, allocated CPUs, TotalCPU seconds) of a completed job, once sacct has them.
+    The job's own line sums TotalCPU over its steps (`sacct -X`, the allocation only, leaves it at 0)."""
+    line = subprocess.run(
+        ["sacct", "-n", "-P", "-j", job_id, "-o", "State,ElapsedRaw,AllocCPUS,TotalCPU"], capture_output=True, text=True
+    ).stdout.splitlines()[:1]
+    state, elapsed, cpus, total = (line[0].split("|") + ["", "", "", ""])[:4] if line else ("", "", "", "")
+    if state != "COMPLETED" or not total or _seconds(total) == 0:
+        return None
+    return float(elapsed), int(cpus), _seconds(total)
 
 
 def _seconds(text: str) -> float:
@@ -277,59 +304,20 @@ def _seconds(text: str) -> float:
     return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
-def _longest_training_job(job_ids: set[str]) -> tuple[str, float, int]:
-    """(job id, elapsed seconds, allocated CPUs) of the longest completed training job among job_ids."""
-    out = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-S", "now-1hour", "-o", "JobID,State,ElapsedRaw,AllocCPUS,Comment%200"],
-        capture_output=True,
-        text=True,
-    ).stdout
-    jobs = [line.split("|", 4) for line in out.splitlines() if line.count("|") >= 4]
-    training = [
-        (job_id, float(elapsed), int(cpus))
-        for job_id, state, elapsed, cpus, comment in jobs
-        if job_id in job_ids
-        and state == "COMPLETED"
-        and re.match(r"rule_(dense|upcycled)_(stable|final)_wildcards", comment)
-    ]
-    assert training, out[-3000:]
-    return max(training, key=lambda job: job[1])
-
-
-def _total_cpu_seconds(job_id: str) -> float:
-    """The job's TotalCPU: the sum over its steps, which `sacct -X` (allocation only) leaves at 0."""
-    line = subprocess.run(
-        ["sacct", "-n", "-P", "-j", job_id, "-o", "JobID,TotalCPU"], capture_output=True, text=True
-    ).stdout.splitlines()[0]
-    return _seconds(line.split("|")[1])
-
-
 @pytest.mark.slurm
 def test_a_real_time_limit_checkpoints_and_the_retry_resumes(slurm_cluster, make_workdir, tmp_path):
     """A job whose first attempt cannot finish in its time limit (a fault hook slows it down, as a
     slow node would), with a 20-second warning: Slurm sends USR1 before the limit (or TERM at it); the
     trainer saves and exits 75; Snakemake's job wrapper survives it (the step is not cancelled); the
     profile's retries resume it until it is done, and its attempts log keeps every attempt."""
-    make_workdir(  # the session's tokens in place: this test is about the training job
-        tmp_path,
-        {
-            "training": {"schedule": "cosine", "checkpoint_every_tokens": 10**9, "log_every_steps": 16},
-            "data": {"seq_len": 32, "max_epochs": 100},
-            "sweep": {"d1_tokens": [TIME_LIMITED_TOKENS], "d2_tokens": [8192]},
-            # A 1-minute limit: no throughput estimate (huge), no start-up allowance, a 20 s warning.
-            "slurm": {
-                "gpus_per_job": 0,
-                "throughput_tokens_per_s": {"xs": 1e12},
-                "startup_minutes": 0,
-                "runtime_margin": 1.0,
-                "signal_seconds_before_limit": 20,
-            },
-        },
-        base=SLURM_TINY,
-    )
-    config = tmp_path / "config.yaml"
-    inventory = Inventory(load_sweep(config, base_dir=tmp_path))
-    job = inventory.find("dense_final", {"size": "xs", "seed": "0", "d1": str(TIME_LIMITED_TOKENS)})
+    # A 1-minute limit: no throughput estimate (huge), no start-up allowance, a 20 s warning.
+    slurm = {
+        "throughput_tokens_per_s": {"xs": 1e12},
+        "startup_minutes": 0,
+        "runtime_margin": 1.0,
+        "signal_seconds_before_limit": 20,
+    }
+    config, inventory, job = dense_final_sweep(make_workdir, tmp_path, TIME_LIMITED_TOKENS, slurm)
     assert job_resources(inventory.sweep, job)["runtime"] == 1
     slow = {"UPCYCLING_HOOKS": "faults:slow_first_attempt", faults.SLOW_FIRST_ATTEMPT: str(tmp_path / "first-attempt")}
     returncode, output = _snakemake(

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter
 
 from upcycling.analysis import guidance as guide
-from upcycling.analysis.fitset import DATASET_FAMILY, UPCYCLED_LAWS, FitKey, FitSet
+from upcycling.analysis.fitset import COMPARED_LAWS, DATASET_FAMILY, FitKey, FitSet
 from upcycling.analysis.fitstage import select_runs
 from upcycling.analysis.reinit import ratio_groups, single_ratio_note
 from upcycling.core.layout import REPORT_FIGURES
@@ -172,7 +172,7 @@ def _residuals(path, table, fits: FitSet):
 
 
 def _effective_exponent(path, fits: FitSet):
-    chosen = [fit for _, fit in fits.select(UPCYCLED_LAWS, fitted=True)]
+    chosen = [fit for _, fit in fits.select(COMPARED_LAWS, fitted=True)]
     if not chosen:
         return _empty(path, "no fitted dataset or joint law")
     figure = Figure(figsize=(6.5, 4.2), layout="constrained")

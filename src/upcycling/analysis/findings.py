@@ -26,7 +26,7 @@ import math
 from typing import Any
 
 from upcycling.analysis.fitresult import FitResult
-from upcycling.analysis.fitset import UPCYCLED_LAWS, FitKey, FitSet
+from upcycling.analysis.fitset import COMPARED_LAWS, FitKey, FitSet
 from upcycling.analysis.health import health_findings
 from upcycling.analysis.units import (
     alpha3_identified,
@@ -60,7 +60,7 @@ def _item(topic: str, subject: Any, sentence: str, data: dict, summary: bool = F
 
 def _upcycled_fits(fits: FitSet) -> list[tuple[FitKey, FitResult]]:
     """The fitted dataset and joint laws by method, the joint law first within each."""
-    chosen = fits.select(UPCYCLED_LAWS, fitted=True)
+    chosen = fits.select(COMPARED_LAWS, fitted=True)
     return sorted(chosen, key=lambda item: (item[0].method or "", item[0].law != "joint", str(item[0])))
 
 
@@ -307,7 +307,7 @@ def _methods(fits: FitSet, by_method: dict[str, list[tuple[FitKey, FitResult]]])
 
 def _irreducible(fits: FitSet) -> list[dict]:
     """One line where the E-handling option is not ``free`` (or was asked for and fell back)."""
-    upcycled = [fit for _, fit in fits.select(UPCYCLED_LAWS, fitted=True)]
+    upcycled = [fit for _, fit in fits.select(COMPARED_LAWS, fitted=True)]
     options = sorted({option for fit in upcycled if (option := irreducible_option(fit)) not in (None, "free")})
     notes = sorted({str(fit.context["irreducible_note"]) for fit in upcycled if fit.context.get("irreducible_note")})
     if not options and not notes:

@@ -37,7 +37,7 @@ __all__ = [
     "DATASET_FAMILY",
     "JOINT_FAMILY",
     "PER_SIZE_LAWS",
-    "UPCYCLED_LAWS",
+    "COMPARED_LAWS",
     "FitKey",
     "FitPair",
     "FitSet",
@@ -48,7 +48,7 @@ DATASET_FAMILY = ("dataset", "dataset_no_interaction", "dataset_additive")
 JOINT_FAMILY = ("joint", "joint_no_interaction")
 PER_SIZE_LAWS = (*DATASET_FAMILY, "scratch_power")
 ACROSS_SIZES_LAWS = (*JOINT_FAMILY, "chinchilla_scratch")
-UPCYCLED_LAWS = ("dataset", "joint")  # the laws the guidance compares with training from scratch
+COMPARED_LAWS = ("dataset", "joint")  # the upcycled-MoE laws the report compares with training from scratch
 
 # law -> the segments its key carries after the law's name, in order
 _SEGMENTS: dict[str, tuple[str, ...]] = {
@@ -241,7 +241,7 @@ class FitSet(Mapping[FitKey, FitResult]):
         """Every fitted dataset law, and every fitted joint law at each of its sizes, with the
         from-scratch fit it is compared with; those without one are left out."""
         pairs = []
-        for key, fit in self.select(UPCYCLED_LAWS, fitted=True):
+        for key, fit in self.select(COMPARED_LAWS, fitted=True):
             sizes = fit.context.get("sizes", {})
             for size in [key.size] if key.law == "dataset" else sorted(sizes):
                 scratch = self.scratch_for(key, size) if size in sizes else None

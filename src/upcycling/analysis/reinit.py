@@ -29,7 +29,7 @@ import pandas as pd
 
 from upcycling.analysis.findings import fmt
 from upcycling.analysis.fitresult import FitResult
-from upcycling.analysis.fitset import UPCYCLED_LAWS, FitKey, FitSet, MoeVariant
+from upcycling.analysis.fitset import COMPARED_LAWS, FitKey, FitSet, MoeVariant
 
 __all__ = ["RatioComparison", "RatioGroup", "comparisons", "ratio_findings", "ratio_groups", "single_ratio_note"]
 
@@ -83,7 +83,7 @@ def _ratio(key: FitKey) -> float:
 
 
 def _ratios(fits: FitSet) -> list[float]:
-    return sorted({key.moe.reinit_ratio for key in fits if key.law in UPCYCLED_LAWS and key.moe is not None})
+    return sorted({key.moe.reinit_ratio for key in fits if key.law in COMPARED_LAWS and key.moe is not None})
 
 
 def ratio_groups(fits: FitSet, laws: tuple[str, ...] = ("dataset",)) -> list[RatioGroup]:
@@ -209,7 +209,7 @@ def comparisons(fits: FitSet, guidance: list[dict], table: pd.DataFrame | None =
     first; an r whose law was not fitted reads "not fitted" in every cell."""
     guidance_rows = {(row["upcycled_fit"], row["size"], row["d1"], row["count_sunk_cost"]): row for row in guidance}
     out = []
-    for group in ratio_groups(fits, UPCYCLED_LAWS):
+    for group in ratio_groups(fits, COMPARED_LAWS):
         fitted = [fits.fitted(key) for key in group.keys]
         if group.size is None and not any(fitted):
             continue  # a joint law fitted at no r (e.g. fewer than 3 sizes): the fit table says why

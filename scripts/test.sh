@@ -4,10 +4,9 @@
 #
 # With no selection of its own (no -m, -k or path), the suite runs in two parts:
 #   1. every lane but Slurm on UPCYCLING_TEST_WORKERS processes (pytest-xdist, default 2; --dist
-#      loadfile keeps a file's tests on one worker, so its module fixtures run once; tests/conftest.py
-#      orders the files, longest first), and beside them, in one process of its own, the Slurm lane:
-#      its tests share one local cluster and mostly wait on it (half a core on average, measured),
-#      and its report follows the workers';
+#      loadfile keeps a file's tests on one worker, so its module fixtures run once), and beside
+#      them, in one process of its own, the Slurm lane: its tests share one local cluster and mostly
+#      wait on it (half a core on average, measured); its report follows the workers';
 #   2. alone, the tests marked `alone`, which measure a job's use of the machine's CPUs.
 # With --basetemp, the Slurm lane runs after the workers instead (two sessions would share, and wipe,
 # that directory). With a selection, that selection runs once: on the workers, or in one process
@@ -16,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 source scripts/env.sh
-workers=(-n "${UPCYCLING_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
+workers=(-n "${UPCYCLING_TEST_WORKERS:-2}" --dist loadfile)
 selected=0
 beside=1
 for arg in "$@"; do

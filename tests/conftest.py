@@ -13,7 +13,6 @@ Each lane is a package (its __init__.py), so lanes may hold files of the same na
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,17 +40,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
         for marker in LANE_MARKERS[lane]:
             item.add_marker(marker)
-    # pytest-xdist hands out files in this order (scripts/test.sh turns its own reordering off): the
-    # workflow lane's runs first, then files with slow tests, then the rest, the files with more tests
-    # first within each, so that no long file starts last while the other worker has nothing to do.
-    counts = Counter(item.path for item in items)
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-
-    def run_order(item: pytest.Item) -> tuple[int, int]:
-        group = 0 if item.get_closest_marker("workflow") else 1 if item.path in slow_files else 2
-        return group, -counts[item.path]
-
-    items.sort(key=run_order)  # stable: a file's tests stay together, in their order
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
+import faults
 from slurm.test_slurm import _read, wait_for
 from slurm.test_slurm_profile import _newest_run_id, _snakemake, dense_final_sweep
 from tiny_sweep import read_json
 
-DRIVER_KILLED_TOKENS = 400_000  # ~20 s of training for xs on one CPU: long enough to kill the driver mid-run
+DRIVER_KILLED_TOKENS = 200_000  # its first attempt is slowed (faults:slow_first_attempt): still training when the driver restarts
 
 
 def _live_jobs(run_id: str) -> list[str]:
@@ -32,7 +33,10 @@ def _live_jobs(run_id: str) -> list[str]:
 def test_a_restarted_driver_cancels_the_dead_run_s_job_and_resumes_it(slurm_cluster, make_workdir, tmp_path):
     config, inventory, job = dense_final_sweep(make_workdir, tmp_path, DRIVER_KILLED_TOKENS)
     log = Path(job.log)
-    driver = _snakemake(tmp_path, config, [job.outputs["metrics"]], "--retries", "0", wait=False)
+    # The first attempt sleeps after each step, as on a slow node: however long the restart takes on a
+    # loaded machine, that attempt still trains when the new driver looks; the attempt after it does not.
+    slow = {"UPCYCLING_HOOKS": "faults:slow_first_attempt", faults.SLOW_FIRST_ATTEMPT: str(tmp_path / "first-attempt")}
+    driver = _snakemake(tmp_path, config, [job.outputs["metrics"]], "--retries", "0", wait=False, env=slow)
     run_id = wait_for(lambda: _newest_run_id(tmp_path, set()), 120, "snakemake's SLURM run ID")
     wait_for(lambda: " step " in _read(log), 420, f"{log.name} to show training steps", interval=0.2)
     driver.send_signal(signal.SIGKILL)  # a dropped login session: no chance to clean up

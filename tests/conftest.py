@@ -40,6 +40,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
         for marker in LANE_MARKERS[lane]:
             item.add_marker(marker)
+        if item.get_closest_marker("alone") and lane != "slurm":
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked alone outside tests/slurm/: scripts/test.sh collects `alone` tests "
+                "from the Slurm lane only; move it there, or extend that run"
+            )
 
 
 @pytest.fixture(scope="session")

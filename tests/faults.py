@@ -43,7 +43,11 @@ def signals_after_file():
 
     def hook(step, tokens, engine):
         if not watcher:
-            script = 'while [ ! -e "$1" ]; do sleep 0.01; done; while kill -USR1 "$2" 2>/dev/null; do sleep 0.002; done'
+            # Both loops end with the trainer (kill -0 fails), whether or not the file ever appears.
+            script = (
+                'while [ ! -e "$1" ]; do kill -0 "$2" 2>/dev/null || exit 0; sleep 0.01; done; '
+                'while kill -USR1 "$2" 2>/dev/null; do sleep 0.002; done'
+            )
             command = ["sh", "-c", script, "sh", watched, str(os.getpid())]
             watcher.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 

@@ -21,7 +21,8 @@ from slurm.test_slurm import _read, wait_for
 from slurm.test_slurm_profile import _newest_run_id, _snakemake, dense_final_sweep
 from tiny_sweep import read_json
 
-DRIVER_KILLED_TOKENS = 200_000  # its first attempt is slowed (faults:slow_first_attempt): still training when the driver restarts
+# The first attempt is slowed (faults:slow_first_attempt), so it still trains when the driver restarts.
+DRIVER_KILLED_TOKENS = 200_000
 
 
 def _live_jobs(run_id: str) -> list[str]:

@@ -97,6 +97,11 @@ def slow_first_attempt():
     return hook
 
 
+def slow_first_attempt_env(marker: Path) -> dict[str, str]:
+    """Environment of a run whose first attempt (the one that creates marker) is slow_first_attempt's."""
+    return {"UPCYCLING_HOOKS": "faults:slow_first_attempt", SLOW_FIRST_ATTEMPT: str(marker)}
+
+
 def env(**hooks: int) -> dict[str, str]:
     """Environment of a CLI run with these hooks: env(signal_at_step=5, nan_at_step=3)."""
     variables = {"signal_at_step": SIGNAL_AT_STEP, "nan_at_step": NAN_AT_STEP, "disk_full_at_step": DISK_FULL_AT_STEP}

@@ -36,7 +36,7 @@ def test_a_restarted_driver_cancels_the_dead_run_s_job_and_resumes_it(slurm_clus
     log = Path(job.log)
     # The first attempt sleeps after each step, as on a slow node: however long the restart takes on a
     # loaded machine, that attempt still trains when the new driver looks; the attempt after it does not.
-    slow = {"UPCYCLING_HOOKS": "faults:slow_first_attempt", faults.SLOW_FIRST_ATTEMPT: str(tmp_path / "first-attempt")}
+    slow = faults.slow_first_attempt_env(tmp_path / "first-attempt")
     driver = _snakemake(tmp_path, config, [job.outputs["metrics"]], "--retries", "0", wait=False, env=slow)
     run_id = wait_for(lambda: _newest_run_id(tmp_path, set()), 120, "snakemake's SLURM run ID")
     wait_for(lambda: " step " in _read(log), 420, f"{log.name} to show training steps", interval=0.2)
